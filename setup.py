@@ -1,0 +1,32 @@
+"""lm_align: a JAX framework for language-model training science and alignment."""
+
+import setuptools
+
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "grain>=0.2.12",
+    "ml_collections>=1.0",
+    "numpy",
+    "tensorboardX",
+    "tqdm",
+    "matplotlib",
+]
+SEQIO = ["seqio", "tensorflow-datasets", "sentencepiece"]
+TEST = SEQIO + ["pytest", "pytest-xdist", "rax"]
+DOCS = ["mkdocs", "mkdocs-material", "mkdocstrings[python]"]
+
+setuptools.setup(
+    name="lm_align",
+    version="0.1.0",
+    description="JAX research framework for LM training science and alignment.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["lm_align", "lm_align.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={"seqio": SEQIO, "test": TEST, "docs": DOCS},
+    entry_points={"console_scripts": ["lm-align=lm_align.cli:main"]},
+)
