@@ -1,0 +1,48 @@
+"""Optimizers for lm_align, as plain optax transformations (jax + optax only).
+
+    import jax.numpy as jnp, optax, lm_align.optim as lo
+    params = {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
+    tx = lo.adam_atan2(lo.warmup_then_decay(1e-3, total_steps=1000, warmup_steps=100))
+    state = tx.init(params); grads = {"w": jnp.full((4, 4), 1e-9), "b": jnp.ones(4)}
+    updates, state = tx.update(grads, state, params); params = optax.apply_updates(params, updates)
+
+Contents (one idea per file):
+- adam_atan2.py: ``scale_by_adam_atan2`` / ``adam_atan2``, Adam without epsilon.
+- weight_decay.py: coupled and independent (Wortsman et al.) decay, ``adamw``.
+- schedules.py: ``warmup_then_decay`` (cosine | linear | rsqrt | constant).
+- factory.py: ``make_optimizer(config, total_steps=...)`` and ``DEFAULTS``.
+"""
+
+from lm_align.optim.adam_atan2 import ScaleByAdamAtan2State
+from lm_align.optim.adam_atan2 import adam_atan2
+from lm_align.optim.adam_atan2 import scale_by_adam_atan2
+from lm_align.optim.factory import DEFAULTS
+from lm_align.optim.factory import NAMES
+from lm_align.optim.factory import Optimizer
+from lm_align.optim.factory import make_optimizer
+from lm_align.optim.schedules import DECAYS
+from lm_align.optim.schedules import warmup_then_decay
+from lm_align.optim.weight_decay import AddIndependentWeightDecayState
+from lm_align.optim.weight_decay import add_independent_weight_decay
+from lm_align.optim.weight_decay import adamw
+from lm_align.optim.weight_decay import decay_and_scale_by_learning_rate
+from lm_align.optim.weight_decay import decay_mask_matrices
+from lm_align.optim.weight_decay import independent_schedule_factor
+
+__all__ = [
+    "AddIndependentWeightDecayState",
+    "DECAYS",
+    "DEFAULTS",
+    "NAMES",
+    "Optimizer",
+    "ScaleByAdamAtan2State",
+    "adam_atan2",
+    "adamw",
+    "add_independent_weight_decay",
+    "decay_and_scale_by_learning_rate",
+    "decay_mask_matrices",
+    "independent_schedule_factor",
+    "make_optimizer",
+    "scale_by_adam_atan2",
+    "warmup_then_decay",
+]
