@@ -1,0 +1,56 @@
+"""A Flax NNX model seen as pure functions over a nested dict of parameters.
+
+The train step, optax, orbax and jit shardings all work on plain pytrees:
+
+    model = PureModel(TransformerConfig(...))
+    params = model.init(seed)                       # {'embed': [V, D], 'blocks': ...}
+    logits_BLV = model.apply(params, tokens_BL)
+    model.logical_axes                              # same tree, logical axis names
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm_align.models.transformer import Transformer, TransformerConfig
+
+
+class PureModel:
+    """Wraps `Transformer` as `init(seed) -> params` and `apply(params, ...)`."""
+
+    def __init__(self, cfg: TransformerConfig):
+        self.cfg = cfg
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        self.graphdef, state = nnx.split(abstract)
+        non_params = [p for p, v in nnx.to_flat_state(state) if not issubclass(v.type, nnx.Param)]
+        if non_params:
+            raise TypeError(f"model has non-parameter state at {non_params}; PureModel expects params only")
+        self._state_treedef = jax.tree.structure(state)
+        self.abstract_params = nnx.to_pure_dict(state)  # tree of ShapeDtypeStruct
+        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+        self.logical_axes = jax.tree.map(tuple, specs, is_leaf=is_spec)  # e.g. ('embed', 'mlp')
+        # Pure dicts and nnx.State flatten in the same (sorted-key) order; check once.
+        pure_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]]
+        state_paths = [p for p, _ in nnx.to_flat_state(state)]
+        if [tuple(getattr(k, "key", k) for k in p) for p in pure_paths] != [tuple(p) for p in state_paths]:
+            raise AssertionError("nnx.State and its pure dict flatten in different orders")
+
+    def init(self, seed: int | jax.Array):
+        """Fresh parameters (a nested dict of arrays) from an integer seed or key."""
+        rngs = nnx.Rngs(params=seed)
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, rngs)))
+
+    def bind(self, params) -> Transformer:
+        """The NNX module holding `params` (no copy; usable inside jit)."""
+        state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
+        return nnx.merge(self.graphdef, state)
+
+    def apply(self, params, tokens_BL, **kwargs):
+        """`Transformer.__call__` on `params`: logits [B, L, V] (float32)."""
+        return self.bind(params)(tokens_BL, **kwargs)
+
+    def num_params(self) -> int:
+        return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(self.abstract_params))
