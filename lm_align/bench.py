@@ -1,0 +1,130 @@
+"""`lm-align bench`: how fast is one train step, against what the hardware can do.
+
+Reports (see docs/bench.md):
+  matmul_peak_flops  measured: best median FLOP/s of square matmuls
+                     (float32 on CPU, bfloat16 on GPU/TPU), 2*n^3 FLOPs each
+  compile_time_s     lowering + XLA compilation of the train step
+  step_time_s        median wall time of a step (after warmup), synchronised
+  tokens_per_s       batch_size * seq_len / step_time_s
+  flops_per_token    6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
+  mfu                flops_per_token * tokens_per_s / matmul_peak_flops
+  peak_memory_mb     device peak bytes in use where the runtime reports it,
+                     else XLA's buffer assignment for the step (arguments +
+                     outputs + temporaries, minus donated aliases)
+The data pipeline is not involved: the batch is synthetic and stays on device.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_align import optim, parallel
+from lm_align.models.pure import PureModel
+from lm_align.train.step import build_steps
+from lm_align.train.validate import check_config
+
+
+def _timed(fn, *args, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak_flops(device=None, *, sizes=None, dtype=None, repeats: int = 5) -> float:
+    """Best median FLOP/s over square matmuls of the given sizes on `device`."""
+    device = device or jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    dtype = dtype or (jnp.float32 if on_cpu else jnp.bfloat16)
+    sizes = sizes or ((1024, 2048) if on_cpu else (4096, 8192))
+    best = 0.0
+    for n in sizes:
+        a = jax.device_put(jnp.ones((n, n), dtype), device)
+        b = jax.device_put(jnp.ones((n, n), dtype), device)
+        f = jax.jit(jnp.matmul)
+        jax.block_until_ready(f(a, b))
+        best = max(best, 2.0 * n**3 / statistics.median(_timed(f, a, b, repeats=repeats)))
+    return best
+
+
+def _peak_memory_mb(compiled) -> tuple[float, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return total / 2**20, "XLA buffer assignment (arguments+outputs+temps-aliased)"
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab_size, size=(batch_size, seq_len + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "loss_mask": np.ones((batch_size, seq_len), np.float32),
+        "segment_ids": np.ones((batch_size, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
+    }
+
+
+def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
+    """Compiles and times the experiment's train step; returns the report dict."""
+    devices = jax.devices()
+    model_cfg = check_config(cfg, num_devices=len(devices), process_count=jax.process_count())
+    t = cfg.train
+    seq_len, batch_size = cfg.data.seq_len, t.batch_size
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    model = PureModel(model_cfg)
+    opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
+    built = build_steps(model, opt.tx, opt.schedule, mesh, seed=t.seed, z_loss_coef=t.z_loss_coef,
+                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite)
+    state = built.init_state()
+    host_batch = synthetic_batch(batch_size // jax.process_count(), seq_len, model_cfg.vocab_size)
+    batch = parallel.global_batch(host_batch, built.batch_sharding)
+
+    t0 = time.perf_counter()
+    compiled = built.train_step.lower(state, batch).compile()
+    compile_time = time.perf_counter() - t0
+
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+
+    step_time = statistics.median(times)
+    tokens_per_s = batch_size * seq_len / step_time
+    flops_per_token = model_cfg.flops_per_token(seq_len)
+    peak = matmul_peak_flops(devices[0])
+    mem_mb, mem_source = _peak_memory_mb(compiled)
+    return {
+        "device": f"{len(devices)}x {devices[0].device_kind}",
+        "params": model.num_params(),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "compile_time_s": compile_time,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "achieved_flops": flops_per_token * tokens_per_s,
+        "matmul_peak_flops": peak * len(devices),
+        "mfu": flops_per_token * tokens_per_s / (peak * len(devices)),
+        "peak_memory_mb": mem_mb,
+        "peak_memory_source": mem_source,
+        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss": float(metrics["loss"]),
+    }

@@ -1,0 +1,110 @@
+"""`lm-align` command line.
+
+    lm-align train [--config experiments/default.py[:arg]] [--workdir DIR] [--config.group.field=value ...]
+    lm-align bench [--config experiments/bench.py] [--steps N] [--json] [--config.group.field=value ...]
+
+Without --config, `train` runs experiments/default.py's config (a small model
+on the built-in arithmetic task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_EXPERIMENT = "default"
+
+
+def _default_config_path(name: str) -> str | None:
+    """experiments/<name>.py next to the package (a source checkout), if present."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "experiments", f"{name}.py")
+    return path if os.path.exists(path) else None
+
+
+def _load(args, overrides, default_name: str):
+    from lm_align import config as config_lib
+
+    path = args.config or _default_config_path(default_name)
+    if path is None:
+        raise config_lib.ConfigError(
+            f"no --config given and experiments/{default_name}.py was not found next to the "
+            "package; pass --config path/to/experiment.py")
+    cfg = config_lib.load_config(path)
+    return config_lib.apply_overrides(cfg, overrides), path
+
+
+def _cmd_train(args, overrides) -> int:
+    from lm_align.train.loop import NonFiniteLossError, train
+
+    cfg, path = _load(args, overrides, DEFAULT_EXPERIMENT)
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
+    print(f"lm-align train: {path} -> {workdir}", flush=True)
+    try:
+        result = train(cfg, workdir)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if result.stopped_by:
+        return 0
+    m = result.metrics
+    lines = [f"finished {result.final_step} steps; workdir {workdir}"]
+    if "eval_loss" in m:
+        lines.append(f"final eval loss {m['eval_loss']:.4f} nats/token (unigram baseline "
+                     f"{m['unigram_baseline_loss']:.4f}), token accuracy {m['eval_accuracy']:.3f}")
+    if "answer_exact_match" in m:
+        lines.append(f"held-out exact match (greedy answer after '=') "
+                     f"{m['answer_exact_match']:.3f} on {m['answer_examples']} problems")
+        lines += [f"  {s}" for s in m.get("samples", [])]
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+def _cmd_bench(args, overrides) -> int:
+    from lm_align.bench import run_bench
+
+    cfg, _ = _load(args, overrides, "bench")
+    report = run_bench(cfg, steps=args.steps, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(map(len, report))
+        for k, v in report.items():
+            print(f"{k:<{width}}  {v:,.4g}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from lm_align import config as config_lib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides, rest = config_lib.parse_override_args(argv)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="lm-align", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (or resume) an experiment")
+    p.add_argument("--config", help="experiment file, optionally with :arg (default experiments/default.py)")
+    p.add_argument("--workdir", help="run directory (default runs/<experiment name>)")
+    p.set_defaults(fn=_cmd_train)
+    p = sub.add_parser("bench", help="measure step time, tokens/s, MFU, compile time, memory")
+    p.add_argument("--config", help="experiment file (default experiments/bench.py)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=_cmd_bench)
+    args = parser.parse_args(rest)
+    try:
+        return args.fn(args, overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

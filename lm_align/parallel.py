@@ -1,0 +1,148 @@
+"""Device mesh, logical-axis rules and shardings.
+
+One code path for 1 device, N devices and many hosts: a mesh over the axes
+(data, fsdp, tensor), rules mapping the model's logical axis names to mesh axes,
+and NamedShardings derived from them for params, optimizer state and batches.
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    param_shardings = logical_to_sharding(logical_axes, shapes, mesh)
+
+Default rules (`LOGICAL_RULES`):
+  batch -> (data, fsdp)   embed -> fsdp   vocab, heads, mlp -> tensor
+  head_dim, layers, length -> replicated
+A dimension whose size does not divide by its mesh axes is replicated
+instead (reported by `describe_shardings`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+)
+
+
+def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Mesh sizes for (data, fsdp, tensor); at most one axis may be -1 (= fill).
+
+    Raises ValueError naming the sizes and the device count when they disagree.
+    """
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive or -1 (fill)")
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not divide by "
+                f"the fixed axes' product {known}; change mesh.* so their product divides {num_devices}")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but "
+            f"{num_devices} devices are visible; set the mesh.* sizes so their product is "
+            f"{num_devices} (or one of them to -1 to fill)")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices, all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    # Auto axes: shardings propagate through the jitted step (GSPMD).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules=LOGICAL_RULES) -> P:
+    """PartitionSpec for one array from its logical axis names.
+
+    A mesh axis is used at most once per array; a dim not divisible by its mesh
+    axes' size stays replicated.
+    """
+    if names is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        axes = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def logical_to_sharding(logical_axes: Any, shapes: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """Tree of NamedShardings from matching trees of logical names and shapes."""
+    return jax.tree.map(
+        lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh, rules)),
+        logical_axes, shapes, is_leaf=lambda x: isinstance(x, tuple) or x is None)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dim split over data and fsdp; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def opt_state_shardings(tx, param_shardings: Any, abstract_params: Any, abstract_opt_state: Any, mesh: Mesh):
+    """Shardings for an optax state: leaves shaped like their param share its sharding,
+    everything else (counts, factored moments) is replicated."""
+    import optax  # local: keeps this module importable for mesh-only use
+
+    def per_param(state_leaf, sharding, param):
+        same = getattr(state_leaf, "shape", None) == getattr(param, "shape", None)
+        return sharding if same else replicated(mesh)
+
+    mapped = optax.tree_map_params(
+        tx, per_param, abstract_opt_state, param_shardings, abstract_params,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    # Leaves not reached (e.g. in wrappers optax cannot see through) are replicated.
+    return jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else replicated(mesh), mapped,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Assembles per-process numpy batches into global jax.Arrays with `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def describe_shardings(shardings: Any) -> list[str]:
+    """Human-readable 'path: spec' lines (what `lm-align train` prints at start-up)."""
+    out = []
+    for path, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]:
+        out.append(f"{jax.tree_util.keystr(path)}: {s.spec}")
+    return out

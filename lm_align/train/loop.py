@@ -1,0 +1,213 @@
+"""The training loop: `train(cfg, workdir)`.
+
+Resumes automatically from the newest checkpoint in WORKDIR. SIGTERM/SIGINT
+save a checkpoint at the next step boundary and return cleanly. A non-finite
+loss either halts (default; nothing after the last finite step is saved) or
+drops that update ("skip"). Metrics go to WORKDIR/metrics.jsonl, TensorBoard
+(WORKDIR/tb) and a progress bar.
+
+The host reads each step's metrics one step late, so the device always has
+the next step queued; checkpoints are only written after the losses leading to
+them were checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from lm_align import config as config_lib
+from lm_align import data as data_lib
+from lm_align import optim, parallel
+from lm_align.models import TransformerConfig
+from lm_align.models.pure import PureModel
+from lm_align.train import evaluate
+from lm_align.train.checkpoint import Checkpointer
+from lm_align.train.metrics import MetricWriter, Progress
+from lm_align.train.step import build_steps
+from lm_align.train.validate import check_config
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became non-finite in "halt" mode."""
+
+
+class _StopFlag:
+    """Records SIGTERM/SIGINT so the loop can checkpoint at a step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    stopped_by: str | None  # None (finished), "SIGTERM", "SIGINT"
+    metrics: dict  # the last logged row plus final eval results
+    workdir: str
+    state: Any = None  # the final TrainState (sharded jax.Arrays)
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _per_step_tokens(cfg) -> int:
+    return cfg.train.batch_size * cfg.data.seq_len
+
+
+def train(cfg, workdir: str, *, devices=None) -> TrainResult:
+    """Trains (or resumes) the experiment `cfg` in `workdir`."""
+    devices = list(jax.devices() if devices is None else devices)
+    model_cfg: TransformerConfig = check_config(cfg, num_devices=len(devices),
+                                                process_count=jax.process_count())
+    t = cfg.train
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    model = PureModel(model_cfg)
+    opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
+    steps = build_steps(model, opt.tx, opt.schedule, mesh, seed=t.seed, z_loss_coef=t.z_loss_coef,
+                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite)
+    config_dict = cfg.to_dict()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(cfg))
+
+    seq_len, local_batch = cfg.data.seq_len, t.batch_size // jax.process_count()
+    train_iter = data_lib.make_batch_iterator(
+        cfg.data, split="train", seq_len=seq_len, batch_size=local_batch, seed=t.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+
+    ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state, _ = ckpt.restore(start, steps.abstract_state)
+        train_iter.set_state(data_state)
+        _log(f"resumed from {ckpt.directory}/{start} (step {start} of {t.steps})")
+    else:
+        start = 0
+        state = steps.init_state()
+    _log(f"model: {model.num_params():,} params ({model_cfg.num_params(matmul_only=True):,} in matmuls), "
+         f"{model_cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; mesh {dict(mesh.shape)} "
+         f"on {len(devices)} {devices[0].platform} device(s)")
+
+    writer = MetricWriter(workdir, tensorboard=t.tensorboard, resume_step=start)
+    progress = Progress(total=t.steps, initial=start, enabled=t.progress)
+    tokens_per_step = _per_step_tokens(cfg)
+    last_row: dict[str, Any] = {}
+    pending = None  # (step, device metrics) not yet read on the host
+    interval_start, interval_steps = time.perf_counter(), 0
+    stopped_by = None
+
+    def run_eval(params):
+        return evaluate.eval_loss(steps.eval_step, params, cfg.data, seq_len=seq_len,
+                                  batch_size=local_batch, num_batches=t.eval_batches,
+                                  batch_sharding=steps.batch_sharding, seed=t.seed)
+
+    def is_eval_step(step):
+        return step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
+
+    def drain(params_after=None):
+        """Reads the pending step's metrics on the host: finite check, logging.
+
+        `params_after` (the params after that step) is given exactly when the
+        pending step is drained right after it was dispatched; eval steps are.
+        """
+        nonlocal pending, interval_start, interval_steps, last_row
+        if pending is None:
+            return
+        step, metrics = pending
+        pending = None
+        m = jax.device_get(metrics)
+        if t.nonfinite == "halt" and not bool(m["finite"]):
+            good = ckpt.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); the newest checkpoint ({good if good is not None else 'none'}) "
+                "is untouched. Lower optimizer.lr, raise train.z_loss_coef or enable "
+                "model.qk_layernorm, or set train.nonfinite=skip to drop such updates.")
+        progress.update(1, loss=f"{float(m['loss']):.4f}")
+        evaluating = is_eval_step(step) and params_after is not None
+        if step % t.log_every == 0 or evaluating:
+            elapsed = time.perf_counter() - interval_start
+            row = {k: v for k, v in m.items() if k != "finite"}
+            row["tokens_per_s"] = tokens_per_step * interval_steps / max(elapsed, 1e-9)
+            row["tokens"] = tokens_per_step * step
+            if evaluating:
+                row.update(run_eval(params_after))
+            last_row = writer.write(step, row)
+            eta = (t.steps - step) * elapsed / max(interval_steps, 1)
+            progress.write(
+                f"step {step:>6}/{t.steps}  loss {float(m['loss']):.4f}  acc {float(m['accuracy']):.3f}"
+                f"  lr {float(m['lr']):.2e}  {row['tokens_per_s']:,.0f} tok/s  eta {eta:,.0f}s"
+                + (f"  eval_loss {row['eval_loss']:.4f}" if evaluating else ""))
+            interval_start, interval_steps = time.perf_counter(), 0
+
+    with _StopFlag() as stop:
+        try:
+            for step in range(start + 1, t.steps + 1):
+                batch = parallel.global_batch(next(train_iter), steps.batch_sharding)
+                state, metrics = steps.train_step(state, batch)
+                interval_steps += 1
+                drain()  # the previous step, while this one runs
+                pending = (step, metrics)
+                save_now = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
+                if stop.signal is not None or save_now or is_eval_step(step):
+                    drain(state.params)
+                if stop.signal is not None or save_now:
+                    ckpt.save(step, state, train_iter.get_state(), config_dict)
+                if stop.signal is not None:
+                    stopped_by = stop.signal
+                    _log(f"{stop.signal}: saved checkpoint at step {step}; rerun the same command to resume")
+                    break
+            drain()
+        finally:
+            progress.close()
+            ckpt.close()
+            writer.close()
+
+    final_step = int(jax.device_get(state.step))
+    result = dict(last_row)
+    if stopped_by is None and final_step == t.steps:
+        if t.answer_eval_examples:
+            result.update(evaluate.answer_accuracy(
+                model.apply, state.params, cfg.data, num_examples=t.answer_eval_examples,
+                max_new_tokens=t.answer_max_new_tokens, verbose_examples=4))
+        result["unigram_baseline_loss"] = evaluate.unigram_entropy(cfg.data, seq_len=seq_len)
+        if jax.process_index() == 0:
+            summary = {k: v for k, v in result.items() if k != "samples"}
+            with open(os.path.join(workdir, "final.json"), "w") as f:
+                json.dump({k: _jsonable(v) for k, v in summary.items()}, f, indent=2)
+    return TrainResult(final_step, stopped_by, result, workdir, state)
+
+
+def _jsonable(v):
+    if isinstance(v, (np.generic, np.ndarray)):
+        return np.asarray(v).tolist()
+    return v

@@ -1,0 +1,172 @@
+"""TrainState and the sharded, jitted train and eval steps.
+
+The step is a pure function `(state, batch) -> (state, metrics)` over pytrees:
+params are a nested dict (see `lm_align.models.pure`), the optimizer is any
+optax transformation. `build_steps` jits it with in/out shardings derived from
+the model's logical axes and donates the old state.
+
+Batch dict (each [B, L]): inputs, targets (int32), loss_mask (float32),
+segment_ids, positions (int32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm_align import parallel
+from lm_align.losses.lm import LMLoss, lm_loss
+from lm_align.models.pure import PureModel
+
+NONFINITE_MODES = ("halt", "skip")
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 [], optimizer updates applied so far
+    params: Any  # nested dict of arrays
+    opt_state: Any  # optax state
+    rng: jax.Array  # uint32 [2], raw key data (checkpoint friendly)
+    skipped: jax.Array  # int32 [], updates dropped for a non-finite loss ("skip" mode)
+
+
+def init_state(model: PureModel, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params = model.init(seed)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed + 1)),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def _rms(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+    return jnp.sqrt(total / sum(x.size for x in leaves))
+
+
+def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule: Callable,
+                    *, z_loss_coef: float = 0.0, grad_accum_steps: int = 1,
+                    nonfinite: str = "halt") -> Callable:
+    """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
+
+    With `grad_accum_steps = k` the batch is split into k micro-batches whose
+    gradients are summed with weights (tokens in micro-batch) / (tokens in batch),
+    which is exactly the gradient of the full-batch token-mean loss.
+    In "skip" mode an update whose loss or gradient is non-finite is dropped
+    (params and optimizer state unchanged) and counted in `state.skipped`.
+    """
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
+
+    def loss_fn(params, batch):
+        logits_BLV, diag = model.apply(
+            params, batch["inputs"], positions_BL=batch["positions"],
+            segment_ids_BL=batch["segment_ids"], return_diagnostics=True)
+        out = lm_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
+        return out.loss, (out, diag)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated_grads(params, batch):
+        if grad_accum_steps == 1:
+            (_, (out, diag)), grads = grad_fn(params, batch)
+            return grads, out, diag
+        micro = jax.tree.map(
+            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        def body(carry, mb):
+            (_, (out, diag)), g = grad_fn(params, mb)
+            w = out.num_tokens / total_tokens
+            # Token means combine exactly with weights w; num_tokens is reset below.
+            carry = jax.tree.map(lambda acc, x: acc + w * x, carry, (g, out))
+            return carry, diag
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        out0 = LMLoss(*([jnp.zeros((), jnp.float32)] * len(LMLoss._fields)))
+        (grads, out), diags = jax.lax.scan(body, (zeros, out0), micro)
+        diag = jax.tree.map(lambda d: jnp.max(d, axis=0), diags)
+        return grads, out._replace(num_tokens=total_tokens), diag
+
+    def train_step(state: TrainState, batch):
+        grads, out, diag = accumulated_grads(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(out.loss) & jnp.isfinite(grad_norm)
+        lr = schedule(state.step)
+        new = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped)
+        if nonfinite == "skip":
+            keep = lambda n, o: jnp.where(finite, n, o)
+            new = new._replace(params=jax.tree.map(keep, params, state.params),
+                               opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                               skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics = {
+            "loss": out.loss, "ce": out.ce, "z_loss": out.z_loss, "accuracy": out.accuracy,
+            "grad_norm": grad_norm, "lr": lr, "finite": finite,
+            "param_rms": _rms(state.params), "update_rms": _rms(updates) / jnp.maximum(lr, 1e-30),
+            "output_logit_mean": out.mean_logit, "log_z_mean": out.mean_log_z,
+            "max_attn_logit": diag["max_attn_logit"], "skipped": new.skipped,
+            "num_tokens": out.num_tokens,
+        }
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model: PureModel, *, z_loss_coef: float = 0.0) -> Callable:
+    """`(params, batch) -> sums`: token-weighted sums to aggregate over eval batches."""
+
+    def eval_step(params, batch):
+        logits_BLV = model.apply(params, batch["inputs"], positions_BL=batch["positions"],
+                                 segment_ids_BL=batch["segment_ids"])
+        out = lm_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
+        n = out.num_tokens
+        return {"ce_sum": out.ce * n, "correct_sum": out.accuracy * n, "num_tokens": n}
+
+    return eval_step
+
+
+@dataclasses.dataclass
+class Steps:
+    """Jitted steps and the shardings they were built with."""
+
+    train_step: Callable  # (state, batch) -> (state, metrics), donates state
+    eval_step: Callable  # (params, batch) -> sums
+    init_state: Callable  # () -> TrainState, created directly in its sharding
+    state_shardings: Any
+    batch_sharding: Any
+    abstract_state: Any  # ShapeDtypeStructs with shardings (restore target)
+
+
+def build_steps(model: PureModel, tx: optax.GradientTransformation, schedule: Callable, mesh,
+                *, seed: int, z_loss_coef: float = 0.0, grad_accum_steps: int = 1,
+                nonfinite: str = "halt") -> Steps:
+    """Shards and jits the steps on `mesh` (same code for 1 device and N)."""
+    abstract = jax.eval_shape(lambda: init_state(model, tx, seed))
+    param_sh = parallel.logical_to_sharding(model.logical_axes, abstract.params, mesh)
+    rep = parallel.replicated(mesh)
+    state_sh = TrainState(
+        step=rep, params=param_sh,
+        opt_state=parallel.opt_state_shardings(tx, param_sh, abstract.params, abstract.opt_state, mesh),
+        rng=rep, skipped=rep)
+    batch_sh = parallel.batch_sharding(mesh)
+    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, z_loss_coef=z_loss_coef,
+                        grad_accum_steps=grad_accum_steps, nonfinite=nonfinite),
+        in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, rep), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model, z_loss_coef=z_loss_coef),
+                        in_shardings=(param_sh, batch_shardings), out_shardings=rep)
+    init = jax.jit(lambda: init_state(model, tx, seed), out_shardings=state_sh)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return Steps(train_step, eval_step, init, state_sh, batch_sh, abstract_sharded)

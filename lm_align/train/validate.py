@@ -1,0 +1,80 @@
+"""Config checks that run before anything is compiled.
+
+Every problem is collected (not just the first) and each message names the
+field, its value and the fix.
+"""
+
+from __future__ import annotations
+
+from lm_align import data as data_lib
+from lm_align import optim, parallel
+from lm_align.config import ConfigError
+from lm_align.models import TransformerConfig
+from lm_align.train.step import NONFINITE_MODES
+
+
+def check_config(cfg, *, num_devices: int, process_count: int = 1) -> TransformerConfig:
+    """Raises ConfigError listing every problem; returns the model config."""
+    errors: list[str] = []
+    t = cfg.train
+
+    for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches",
+                 "keep_checkpoints"):
+        if t[name] <= 0:
+            errors.append(f"train.{name}={t[name]} must be positive")
+    for name in ("eval_every", "checkpoint_every", "answer_eval_examples"):
+        if t[name] < 0:
+            errors.append(f"train.{name}={t[name]} must be >= 0 (0 turns it off)")
+    if t.nonfinite not in NONFINITE_MODES:
+        errors.append(f"train.nonfinite={t.nonfinite!r} must be one of {NONFINITE_MODES}")
+
+    model_cfg = None
+    try:
+        model_cfg = TransformerConfig(**dict(cfg.model))
+    except (TypeError, ValueError) as e:
+        errors.append(str(e))
+
+    dp = None
+    try:
+        mesh_shape = parallel.resolve_mesh_shape(cfg.mesh, num_devices)
+        dp = mesh_shape[0] * mesh_shape[1]
+    except ValueError as e:
+        errors.append(str(e))
+
+    if dp and t.batch_size > 0:
+        if t.batch_size % dp:
+            errors.append(
+                f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+                f"mesh.data*mesh.fsdp={dp}; use a multiple of {dp}")
+        elif t.grad_accum_steps > 0 and t.batch_size % (dp * t.grad_accum_steps):
+            errors.append(
+                f"train.batch_size={t.batch_size} must divide into grad_accum_steps="
+                f"{t.grad_accum_steps} micro-batches of a multiple of {dp} sequences; "
+                f"use a multiple of {dp * t.grad_accum_steps}")
+    if t.batch_size > 0 and t.batch_size % process_count:
+        errors.append(f"train.batch_size={t.batch_size} must be divisible by the {process_count} processes")
+
+    try:
+        tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
+        if model_cfg and model_cfg.vocab_size < tokenizer.vocab_size:
+            errors.append(
+                f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}")
+    except ValueError as e:
+        errors.append(str(e))
+    if model_cfg and model_cfg.position == "learned" and cfg.data.seq_len > model_cfg.max_len:
+        errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={model_cfg.max_len} "
+                      "(the learned position table); raise model.max_len")
+    try:
+        data_lib.config.check(cfg.data)
+    except ValueError as e:
+        errors.append(str(e))
+    try:
+        optim.make_optimizer(cfg.optimizer, total_steps=max(t.steps, 1))
+    except (ValueError, TypeError) as e:
+        errors.append(str(e))
+
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return model_cfg
+
