@@ -87,9 +87,12 @@ def _parse_value(key: str, text: Any, current: Any) -> Any:
         try:
             value = int(text)
         except ValueError:
-            as_float = float(text)  # accepts "1e4"
+            try:
+                as_float = float(text)  # accepts "1e4"
+            except ValueError:
+                raise ValueError(f"not an integer: {text!r}") from None
             if not as_float.is_integer():
-                raise
+                raise ValueError(f"not an integer: {text!r}") from None
             value = int(as_float)
     elif isinstance(current, float):
         value = float(text)
@@ -149,8 +152,8 @@ def apply_overrides(
             value = _parse_value(key, text, current)
         except (ValueError, SyntaxError) as e:
             raise ConfigError(
-                f"bad value for {key}: {text!r} ({e}); the field holds a "
-                f"{type(current).__name__} (currently {current!r})"
+                f"bad value for {key}: {text!r} ({e}); the field holds "
+                f"{type(current).__name__} values (currently {current!r})"
             ) from None
         with node.unlocked():
             node[leaf] = value if current is None or value is None else value

@@ -121,6 +121,18 @@ class TransformerConfig:
         return 6.0 * self.num_params(matmul_only=True) + 12.0 * self.n_layers * HK * seq_len
 
 
+def _dense(x_BLI, w, contract: int = 1):
+    """[B, L, I] x w -> [B, L, O]: the first `contract` axes of w (product I) are
+    contracted, the rest (product O) are outputs; one 2-D matmul over B*L tokens.
+
+    (XLA:CPU emits much faster dots, with no transposes in the backward pass,
+    for [tokens, I] x [I, O] than for the equivalent 3-D einsum.)
+    """
+    B, L, _ = x_BLI.shape
+    w_IO = w.reshape(math.prod(w.shape[:contract]), -1)
+    return (x_BLI.reshape(B * L, -1) @ w_IO).reshape(B, L, w_IO.shape[1])
+
+
 def _param(rngs: nnx.Rngs, shape, std: float, names, dtype, *, truncated: bool = False):
     init = (nnx.initializers.truncated_normal(std) if truncated else nnx.initializers.normal(std))
     return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names)
@@ -188,7 +200,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL, mask_B1LM):
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-        qkv_BL3HK = jnp.einsum("BLD,DTHK->BLTHK", x_BLD, self.qkv.value.astype(dt))
+        B, L, D = x_BLD.shape
+        _, _, H, K = self.qkv.value.shape
+        qkv_BL3HK = _dense(x_BLD, self.qkv.value.astype(dt)).reshape(B, L, 3, H, K)
         if self.qkv_bias is not None:
             qkv_BL3HK = qkv_BL3HK + self.qkv_bias.value.astype(dt)
         q_BLHK, k_BMHK, v_BMHK = (qkv_BL3HK[:, :, i] for i in range(3))
@@ -203,7 +217,7 @@ class Attention(nnx.Module):
         max_logit = jnp.max(logits_BHLM)  # masked entries hold finfo.min, never the max
         probs_BHLM = jax.nn.softmax(logits_BHLM, axis=-1).astype(dt)
         ctx_BLHK = jnp.einsum("BHLM,BMHK->BLHK", probs_BHLM, v_BMHK)
-        out_BLD = jnp.einsum("BLHK,HKD->BLD", ctx_BLHK, self.out.value.astype(dt))
+        out_BLD = _dense(ctx_BLHK.reshape(B, L, H * K), self.out.value.astype(dt), contract=2)
         if self.out_bias is not None:
             out_BLD = out_BLD + self.out_bias.value.astype(dt)
         return out_BLD, max_logit
@@ -224,14 +238,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = DTYPES[self.cfg.dtype]
-        h_BLnF = jnp.einsum("BLD,DnF->BLnF", x_BLD, self.w_in.value.astype(dt))
+        B, L, _ = x_BLD.shape
+        _, n, F = self.w_in.value.shape
+        h_BLnF = _dense(x_BLD, self.w_in.value.astype(dt)).reshape(B, L, n, F)
         if self.b_in is not None:
             h_BLnF = h_BLnF + self.b_in.value.astype(dt)
         if self.cfg.activation == "swiglu":
             h_BLF = jax.nn.silu(h_BLnF[:, :, 0]) * h_BLnF[:, :, 1]
         else:
             h_BLF = jax.nn.gelu(h_BLnF[:, :, 0])
-        out_BLD = jnp.einsum("BLF,FD->BLD", h_BLF, self.w_out.value.astype(dt))
+        out_BLD = _dense(h_BLF, self.w_out.value.astype(dt))
         if self.b_out is not None:
             out_BLD = out_BLD + self.b_out.value.astype(dt)
         return out_BLD
@@ -323,7 +339,7 @@ class Transformer(nnx.Module):
 
         x_BLD = self.final_norm(x_BLD)
         readout_DV = self.embed.value.T if cfg.tie_embeddings else self.readout.value
-        logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, readout_DV.astype(dt)).astype(jnp.float32)
+        logits_BLV = _dense(x_BLD, readout_DV.astype(dt)).astype(jnp.float32)
         if return_diagnostics:
             return logits_BLV, {"max_attn_logit": max_logit_N}
         return logits_BLV

@@ -56,14 +56,14 @@ def check_config(cfg, *, num_devices: int, process_count: int = 1) -> Transforme
 
     try:
         tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
-        if model_cfg and model_cfg.vocab_size < tokenizer.vocab_size:
+        if cfg.model.vocab_size < tokenizer.vocab_size:
             errors.append(
-                f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}")
     except ValueError as e:
         errors.append(str(e))
-    if model_cfg and model_cfg.position == "learned" and cfg.data.seq_len > model_cfg.max_len:
-        errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={model_cfg.max_len} "
+    if cfg.model.position == "learned" and cfg.data.seq_len > cfg.model.max_len:
+        errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len} "
                       "(the learned position table); raise model.max_len")
     try:
         data_lib.config.check(cfg.data)
