@@ -36,11 +36,18 @@ def _load(args, overrides, default_name: str):
     return config_lib.apply_overrides(cfg, overrides), path
 
 
+def _default_workdir(config_arg: str) -> str:
+    """runs/<experiment>[_<variant>] for `experiments/<experiment>.py[:<variant>]`."""
+    path, _, variant = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}_{variant}" if variant else name)
+
+
 def _cmd_train(args, overrides) -> int:
     from lm_align.train.loop import NonFiniteLossError, train
 
     cfg, path = _load(args, overrides, DEFAULT_EXPERIMENT)
-    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
+    workdir = args.workdir or _default_workdir(path)
     print(f"lm-align train: {path} -> {workdir}", flush=True)
     try:
         result = train(cfg, workdir)

@@ -141,7 +141,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding)
 
 
 def describe_shardings(shardings: Any) -> list[str]:
-    """Human-readable 'path: spec' lines (what `lm-align train` prints at start-up)."""
+    """Human-readable 'path: spec' lines, e.g. for logs or debugging a mesh."""
     out = []
     for path, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]:
         out.append(f"{jax.tree_util.keystr(path)}: {s.spec}")

@@ -198,3 +198,21 @@ def test_cli_rejects_a_bad_override_before_compiling(tmp_path):
     assert "model.n_heads=3" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (workdir / "checkpoints").exists()
     assert elapsed < 30, f"rejecting a bad config took {elapsed:.1f}s; it should fail before compiling"
+
+
+def test_check_config_rejects_fields_an_experiment_file_misspelt(default_cfg):
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(default_cfg.to_dict())
+    cfg.train.stpes = 5  # an experiment file can add fields; validation must catch typos
+    cfg.mesh.dtaa = 2
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, num_devices=1)
+    assert "unknown train fields ['stpes']" in str(info.value)
+    assert "unknown mesh fields ['dtaa']" in str(info.value)
+
+
+def test_check_config_reports_an_unknown_data_source(default_cfg):
+    cfg = apply_overrides(default_cfg, ["data.source=arithmetik"])
+    with pytest.raises(ConfigError, match="unknown data source 'arithmetik'"):
+        check_config(cfg, num_devices=1)

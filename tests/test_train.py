@@ -130,3 +130,48 @@ def test_metrics_jsonl_documented_keys(tmp_path):
             assert key in r, key
         assert len(r["max_attn_logit"]) == 2  # one per layer
     assert os.path.exists(tmp_path / "config.json")
+
+
+def test_grad_accumulation_matches_full_batch():
+    """k micro-batches weighted by their token counts give the full-batch gradient."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lm_align.models import TransformerConfig
+    from lm_align.models.pure import PureModel
+    from lm_align.train.step import init_state, make_train_step
+
+    model = PureModel(TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32))
+    tx = optax.sgd(0.1)
+    rng = np.random.default_rng(0)
+    B, L = 4, 8
+    tokens = rng.integers(0, 32, size=(B, L + 1)).astype(np.int32)
+    mask = (rng.random((B, L)) < 0.7).astype(np.float32)  # ragged: micro-batches differ in tokens
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
+             "segment_ids": np.ones((B, L), np.int32),
+             "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1))}
+    results = []
+    for k in (1, 2, 4):
+        step = jax.jit(make_train_step(model, tx, lambda s: 0.1, z_loss_coef=1e-3, grad_accum_steps=k))
+        new_state, metrics = step(init_state(model, tx, seed=0), batch)
+        results.append((new_state.params, metrics))
+    (p1, m1), *others = results
+    for pk, mk in others:
+        np.testing.assert_allclose(float(mk["loss"]), float(m1["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(mk["accuracy"]), float(m1["accuracy"]), rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pk, p1)
+    # The update is not trivially zero.
+    p0 = init_state(model, tx, seed=0).params
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0))) > 1e-4
+
+
+def test_rerun_of_finished_run_keeps_results_and_reports_config_changes(tmp_path):
+    run_cli(tmp_path, _tiny_run(3) + ["train.eval_every=3"])
+    final = json.load(open(tmp_path / "final.json"))
+    assert "eval_loss" in final
+    assert all(r["tokens_per_s"] > 0 for r in read_rows(tmp_path))
+    again = run_cli(tmp_path, _tiny_run(3) + ["train.eval_every=3", "optimizer.lr=0.5"])
+    assert "already finished 3 steps" in again.stdout
+    assert "config changed since the checkpoint: optimizer.lr: 0.003 -> 0.5" in again.stdout
+    assert json.load(open(tmp_path / "final.json")) == final

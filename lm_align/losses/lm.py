@@ -23,7 +23,7 @@ class LMLoss(NamedTuple):
     loss: jax.Array  # ce + z_loss, scalar (what is differentiated)
     ce: jax.Array  # mean cross-entropy over masked tokens
     z_loss: jax.Array  # coef * mean (log Z)^2
-    accuracy: jax.Array  # fraction of masked tokens whose argmax is the target
+    accuracy: jax.Array  # fraction of masked tokens whose target is the unique argmax
     num_tokens: jax.Array  # sum of the mask
     mean_logit: jax.Array  # mean output logit over masked tokens and the vocab
     mean_log_z: jax.Array  # mean log Z over masked tokens
@@ -45,8 +45,9 @@ def lm_loss(logits_BLV, targets_BL, mask_BL=None, *, z_loss_coef: float = 0.0) -
     target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
     ce = jnp.sum((log_z_BL - target_logit_BL) * mask_BL) / denom
     z_loss = z_loss_coef * jnp.sum(jnp.square(log_z_BL) * mask_BL) / denom
-    # Correct when the target attains the max logit (ties count as correct).
-    correct_BL = (jax.lax.stop_gradient(target_logit_BL) >= max_BL).astype(jnp.float32)
+    # Correct when the target is the unique max logit (ties count as wrong).
+    num_max_BL = jnp.sum((logits_BLV == max_BL[..., None]).astype(jnp.int32), axis=-1)
+    correct_BL = ((jax.lax.stop_gradient(target_logit_BL) >= max_BL) & (num_max_BL == 1)).astype(jnp.float32)
     accuracy = jnp.sum(correct_BL * mask_BL) / denom
     # Diagnostics carry no gradient.
     mean_logit = jax.lax.stop_gradient(jnp.sum(jnp.mean(logits_BLV, axis=-1) * mask_BL) / denom)

@@ -29,6 +29,7 @@ class PureModel:
             raise TypeError(f"model has non-parameter state at {non_params}; PureModel expects params only")
         self._state_treedef = jax.tree.structure(state)
         self.abstract_params = nnx.to_pure_dict(state)  # tree of ShapeDtypeStruct
+        self._params_treedef = jax.tree.structure(self.abstract_params)
         is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
         specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
         self.logical_axes = jax.tree.map(tuple, specs, is_leaf=is_spec)  # e.g. ('embed', 'mlp')
@@ -45,6 +46,10 @@ class PureModel:
 
     def bind(self, params) -> Transformer:
         """The NNX module holding `params` (no copy; usable inside jit)."""
+        if jax.tree.structure(params) != self._params_treedef:
+            raise ValueError(
+                "params do not match the model's parameter tree (different keys, key types or "
+                f"nesting); expected {self._params_treedef}, got {jax.tree.structure(params)}")
         state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
         return nnx.merge(self.graphdef, state)
 

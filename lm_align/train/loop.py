@@ -107,9 +107,17 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     start = ckpt.latest_step()
     if start is not None:
-        state, data_state, _ = ckpt.restore(start, steps.abstract_state)
+        state, data_state, saved_config = ckpt.restore(start, steps.abstract_state)
         train_iter.set_state(data_state)
         _log(f"resumed from {ckpt.directory}/{start} (step {start} of {t.steps})")
+        for line in _config_changes(saved_config, config_dict):
+            _log(f"  config changed since the checkpoint: {line}")
+        final_path = os.path.join(workdir, "final.json")
+        if start >= t.steps and os.path.exists(final_path):
+            ckpt.close()
+            _log(f"{workdir} already finished {start} steps; raise train.steps to continue")
+            with open(final_path) as f:
+                return TrainResult(start, None, json.load(f), workdir, state)
     else:
         start = 0
         state = steps.init_state()
@@ -145,10 +153,11 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         step, metrics = pending
         pending = None
         m = jax.device_get(metrics)
+        interval_steps += 1
         if t.nonfinite == "halt" and not bool(m["finite"]):
             good = ckpt.latest_step()
             raise NonFiniteLossError(
-                f"non-finite loss at step {step} (loss={float(m['loss'])}, grad_norm="
+                f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
                 f"{float(m['grad_norm'])}); the newest checkpoint ({good if good is not None else 'none'}) "
                 "is untouched. Lower optimizer.lr, raise train.z_loss_coef or enable "
                 "model.qk_layernorm, or set train.nonfinite=skip to drop such updates.")
@@ -174,7 +183,6 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             for step in range(start + 1, t.steps + 1):
                 batch = parallel.global_batch(next(train_iter), steps.batch_sharding)
                 state, metrics = steps.train_step(state, batch)
-                interval_steps += 1
                 drain()  # the previous step, while this one runs
                 pending = (step, metrics)
                 save_now = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
@@ -205,6 +213,18 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             with open(os.path.join(workdir, "final.json"), "w") as f:
                 json.dump({k: _jsonable(v) for k, v in summary.items()}, f, indent=2)
     return TrainResult(final_step, stopped_by, result, workdir, state)
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'group.field: old -> new' for every field that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def _jsonable(v):

@@ -101,7 +101,7 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(out.loss) & jnp.isfinite(grad_norm)
-        lr = schedule(state.step)
+        lr = schedule(state.step - state.skipped)  # the optimizer counts applied updates only
         new = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped)
         if nonfinite == "skip":
             keep = lambda n, o: jnp.where(finite, n, o)

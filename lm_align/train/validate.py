@@ -13,10 +13,20 @@ from lm_align.models import TransformerConfig
 from lm_align.train.step import NONFINITE_MODES
 
 
-def check_config(cfg, *, num_devices: int, process_count: int = 1) -> TransformerConfig:
+def check_config(cfg, *, num_devices: int, process_count: int = 1,
+                 extra_groups_allowed: tuple[str, ...] = ()) -> TransformerConfig:
     """Raises ConfigError listing every problem; returns the model config."""
     errors: list[str] = []
     t = cfg.train
+    from lm_align.train.config import MESH_DEFAULTS, TRAIN_DEFAULTS
+
+    for group, known in (("train", TRAIN_DEFAULTS), ("mesh", MESH_DEFAULTS)):
+        unknown = sorted(set(cfg[group].keys()) - set(known))
+        if unknown:
+            errors.append(f"unknown {group} fields {unknown}; valid: {sorted(known)}")
+    extra_groups = sorted(set(cfg.keys()) - {"train", "mesh", "model", "optimizer", "data"} - set(extra_groups_allowed))
+    if extra_groups:
+        errors.append(f"unknown config groups {extra_groups}; valid: train, mesh, model, optimizer, data")
 
     for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches",
                  "keep_checkpoints"):
@@ -67,6 +77,7 @@ def check_config(cfg, *, num_devices: int, process_count: int = 1) -> Transforme
                       "(the learned position table); raise model.max_len")
     try:
         data_lib.config.check(cfg.data)
+        data_lib.make_source(cfg.data, "train")  # unknown source, missing files
     except ValueError as e:
         errors.append(str(e))
     try:
