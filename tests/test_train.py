@@ -98,7 +98,7 @@ def test_nonfinite_loss_halts_and_keeps_last_finite_checkpoint(tmp_path):
     assert proc.returncode == 3, proc.stdout + proc.stderr
     rows = read_rows(tmp_path)
     bad_step = len(rows) + 1  # rows are written for finite steps only
-    assert f"non-finite loss at step {bad_step}" in proc.stderr
+    assert f"non-finite loss or gradient at step {bad_step}" in proc.stderr
     assert all(np.isfinite(r["loss"]) for r in rows)
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps and steps[-1] == bad_step - 1, (steps, bad_step)

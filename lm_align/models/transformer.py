@@ -168,15 +168,23 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
+def rope_tables(positions_BL, head_dim: int, theta: float):
+    """(sin, cos), each [B, L, 1, K/2]: rotary angles positions * theta^(-2i/K)."""
+    inv_freq_k = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angle_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq_k
+    return jnp.sin(angle_BLk)[:, :, None, :], jnp.cos(angle_BLk)[:, :, None, :]
+
+
+def apply_rope(x_BLHK, sin_BL1k, cos_BL1k):
+    """Rotates (x1, x2) halves of the head dim: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BL1k - x2 * sin_BL1k, x2 * cos_BL1k + x1 * sin_BL1k], axis=-1)
+    return out.astype(x_BLHK.dtype)
+
+
 def rope(x_BLHK, positions_BL, theta: float):
     """Rotary embedding (rotate-half convention) at integer `positions`."""
-    K = x_BLHK.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)  # [K/2]
-    angle_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq
-    sin, cos = jnp.sin(angle_BLk)[:, :, None, :], jnp.cos(angle_BLk)[:, :, None, :]
-    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BLHK.dtype)
+    return apply_rope(x_BLHK, *rope_tables(positions_BL, x_BLHK.shape[-1], theta))
 
 
 class Attention(nnx.Module):
@@ -198,7 +206,8 @@ class Attention(nnx.Module):
             self.q_norm = Norm(K, cfg, ("head_dim",), kind="layernorm", use_bias=False)
             self.k_norm = Norm(K, cfg, ("head_dim",), kind="layernorm", use_bias=False)
 
-    def __call__(self, x_BLD, positions_BL, mask_B1LM):
+    def __call__(self, x_BLD, rope_sincos, mask_B1LM):
+        """`rope_sincos`: `rope_tables(...)` for RoPE models, else None."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         B, L, D = x_BLD.shape
         _, _, H, K = self.qkv.value.shape
@@ -208,14 +217,19 @@ class Attention(nnx.Module):
         q_BLHK, k_BMHK, v_BMHK = (qkv_BL3HK[:, :, i] for i in range(3))
         if cfg.qk_layernorm:
             q_BLHK, k_BMHK = self.q_norm(q_BLHK), self.k_norm(k_BMHK)
-        if cfg.position == "rope":
-            q_BLHK = rope(q_BLHK, positions_BL, cfg.rope_theta)
-            k_BMHK = rope(k_BMHK, positions_BL, cfg.rope_theta)
+        if rope_sincos is not None:
+            q_BLHK = apply_rope(q_BLHK, *rope_sincos)
+            k_BMHK = apply_rope(k_BMHK, *rope_sincos)
         q_BLHK = q_BLHK * (1.0 / math.sqrt(q_BLHK.shape[-1]))
         logits_BHLM = jnp.einsum("BLHK,BMHK->BHLM", q_BLHK, k_BMHK).astype(jnp.float32)
         logits_BHLM = jnp.where(mask_B1LM, logits_BHLM, jnp.finfo(jnp.float32).min)
-        max_logit = jnp.max(logits_BHLM)  # masked entries hold finfo.min, never the max
-        probs_BHLM = jax.nn.softmax(logits_BHLM, axis=-1).astype(dt)
+        # Softmax by hand so its row max also gives the max-logit diagnostic (one
+        # pass over the logits instead of two). Masked entries hold finfo.min and
+        # every row has an unmasked diagonal, so they are never a row's max.
+        row_max_BHL1 = jax.lax.stop_gradient(jnp.max(logits_BHLM, axis=-1, keepdims=True))
+        exp_BHLM = jnp.exp(logits_BHLM - row_max_BHL1)
+        probs_BHLM = (exp_BHLM / jnp.sum(exp_BHLM, axis=-1, keepdims=True)).astype(dt)
+        max_logit = jnp.max(row_max_BHL1)
         ctx_BLHK = jnp.einsum("BHLM,BMHK->BLHK", probs_BHLM, v_BMHK)
         out_BLD = _dense(ctx_BLHK.reshape(B, L, H * K), self.out.value.astype(dt), contract=2)
         if self.out_bias is not None:
@@ -262,8 +276,8 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.d_model, cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, mask_B1LM):
-        attn_BLD, max_logit = self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LM)
+    def __call__(self, x_BLD, rope_sincos, mask_B1LM):
+        attn_BLD, max_logit = self.attn(self.attn_norm(x_BLD), rope_sincos, mask_B1LM)
         x_BLD = x_BLD + attn_BLD
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
         return x_BLD, max_logit
@@ -301,10 +315,17 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.readout = _param(rngs, (D, V), 1 / math.sqrt(D), ("embed", "vocab"), pdt, truncated=True)
 
-    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, return_diagnostics=False):
+    def readout_matrix(self):
+        """[D, V] in the compute dtype: logits = final hidden states @ this."""
+        readout_DV = self.embed.value.T if self.cfg.tie_embeddings else self.readout.value
+        return readout_DV.astype(DTYPES[self.cfg.dtype])
+
+    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, return_diagnostics=False,
+                 return_hidden=False):
         """Logits [B, L, V] in float32; with `return_diagnostics`, also a dict with
         `max_attn_logit` [N]: max pre-softmax attention logit per layer (masked
-        entries excluded)."""
+        entries excluded). With `return_hidden`, the final-normed hidden states
+        [B, L, D] replace the logits (for a fused readout + loss)."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         B, L = tokens_BL.shape
         if positions_BL is None:
@@ -312,6 +333,9 @@ class Transformer(nnx.Module):
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((B, L), dtype=jnp.int32)
         mask_B1LM = attention_mask(segment_ids_BL)
+        # Computed once and shared by every layer.
+        rope_sincos = (rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
+                       if cfg.position == "rope" else None)
 
         x_BLD = jnp.take(self.embed.value, tokens_BL, axis=0).astype(dt)
         if cfg.position == "learned":
@@ -319,7 +343,7 @@ class Transformer(nnx.Module):
 
         def block_fn(block_graph, block_state, x_BLD):
             block = nnx.merge(block_graph, block_state)
-            return block(x_BLD, positions_BL, mask_B1LM)
+            return block(x_BLD, rope_sincos, mask_B1LM)
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
@@ -338,11 +362,10 @@ class Transformer(nnx.Module):
             max_logit_N = jnp.stack(max_logits)
 
         x_BLD = self.final_norm(x_BLD)
-        readout_DV = self.embed.value.T if cfg.tie_embeddings else self.readout.value
-        logits_BLV = _dense(x_BLD, readout_DV.astype(dt)).astype(jnp.float32)
+        out = x_BLD if return_hidden else _dense(x_BLD, self.readout_matrix()).astype(jnp.float32)
         if return_diagnostics:
-            return logits_BLV, {"max_attn_logit": max_logit_N}
-        return logits_BLV
+            return out, {"max_attn_logit": max_logit_N}
+        return out
 
 
 def config_from_dict(model_cfg: Any) -> TransformerConfig:

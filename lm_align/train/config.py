@@ -33,6 +33,7 @@ TRAIN_DEFAULTS = {
     "keep_checkpoints": 3,  # newest checkpoints kept on disk
     "async_checkpointing": True,  # write checkpoints in the background
     "nonfinite": "halt",  # halt | skip: what a non-finite loss or gradient does
+    "loss_chunks": 8,  # fused readout+loss over this many sequence chunks; 0 = full logits
     "answer_eval_examples": 256,  # held-out prompts for greedy exact match at the end (0 = off)
     "answer_max_new_tokens": 8,  # generation budget for those answers
     "progress": True,  # progress bar with ETA on stderr

@@ -93,7 +93,8 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     model = PureModel(model_cfg)
     opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
     steps = build_steps(model, opt.tx, opt.schedule, mesh, seed=t.seed, z_loss_coef=t.z_loss_coef,
-                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite)
+                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite,
+                        loss_chunks=t.loss_chunks)
     config_dict = cfg.to_dict()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from lm_align import parallel
-from lm_align.losses.lm import LMLoss, lm_loss
+from lm_align.losses.lm import LMLoss, fused_readout_lm_loss, lm_loss
 from lm_align.models.pure import PureModel
 
 NONFINITE_MODES = ("halt", "skip")
@@ -53,8 +53,12 @@ def _rms(tree) -> jax.Array:
 
 def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule: Callable,
                     *, z_loss_coef: float = 0.0, grad_accum_steps: int = 1,
-                    nonfinite: str = "halt") -> Callable:
+                    nonfinite: str = "halt", loss_chunks: int = 0) -> Callable:
     """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
+
+    `loss_chunks > 0` computes the readout and loss with
+    `fused_readout_lm_loss` over that many sequence chunks (no [B, L, V] logits
+    in memory); 0 materialises the logits and uses `lm_loss`.
 
     With `grad_accum_steps = k` the batch is split into k micro-batches whose
     gradients are summed with weights (tokens in micro-batch) / (tokens in batch),
@@ -66,10 +70,15 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
         raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
 
     def loss_fn(params, batch):
-        logits_BLV, diag = model.apply(
-            params, batch["inputs"], positions_BL=batch["positions"],
-            segment_ids_BL=batch["segment_ids"], return_diagnostics=True)
-        out = lm_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
+        module = model.bind(params)
+        out_BLX, diag = module(batch["inputs"], positions_BL=batch["positions"],
+                               segment_ids_BL=batch["segment_ids"], return_diagnostics=True,
+                               return_hidden=loss_chunks > 0)
+        if loss_chunks > 0:
+            out = fused_readout_lm_loss(out_BLX, module.readout_matrix(), batch["targets"],
+                                        batch["loss_mask"], z_loss_coef=z_loss_coef, num_chunks=loss_chunks)
+        else:
+            out = lm_loss(out_BLX, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
         return out.loss, (out, diag)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -148,7 +157,7 @@ class Steps:
 
 def build_steps(model: PureModel, tx: optax.GradientTransformation, schedule: Callable, mesh,
                 *, seed: int, z_loss_coef: float = 0.0, grad_accum_steps: int = 1,
-                nonfinite: str = "halt") -> Steps:
+                nonfinite: str = "halt", loss_chunks: int = 0) -> Steps:
     """Shards and jits the steps on `mesh` (same code for 1 device and N)."""
     abstract = jax.eval_shape(lambda: init_state(model, tx, seed))
     param_sh = parallel.logical_to_sharding(model.logical_axes, abstract.params, mesh)
@@ -162,7 +171,7 @@ def build_steps(model: PureModel, tx: optax.GradientTransformation, schedule: Ca
 
     train_step = jax.jit(
         make_train_step(model, tx, schedule, z_loss_coef=z_loss_coef,
-                        grad_accum_steps=grad_accum_steps, nonfinite=nonfinite),
+                        grad_accum_steps=grad_accum_steps, nonfinite=nonfinite, loss_chunks=loss_chunks),
         in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, rep), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(model, z_loss_coef=z_loss_coef),
                         in_shardings=(param_sh, batch_shardings), out_shardings=rep)

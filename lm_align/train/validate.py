@@ -35,6 +35,9 @@ def check_config(cfg, *, num_devices: int, process_count: int = 1,
     for name in ("eval_every", "checkpoint_every", "answer_eval_examples"):
         if t[name] < 0:
             errors.append(f"train.{name}={t[name]} must be >= 0 (0 turns it off)")
+    if t.loss_chunks < 0 or (t.loss_chunks and cfg.data.seq_len % t.loss_chunks):
+        errors.append(f"train.loss_chunks={t.loss_chunks} must be 0 (full logits) or divide "
+                      f"data.seq_len={cfg.data.seq_len}")
     if t.nonfinite not in NONFINITE_MODES:
         errors.append(f"train.nonfinite={t.nonfinite!r} must be one of {NONFINITE_MODES}")
 
