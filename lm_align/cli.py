@@ -48,7 +48,7 @@ def _cmd_train(args, overrides) -> int:
 
     cfg, path = _load(args, overrides, DEFAULT_EXPERIMENT)
     workdir = args.workdir or _default_workdir(path)
-    print(f"lm-align train: {path} -> {workdir}", flush=True)
+    print(f"lm-align train: {os.path.relpath(path)} -> {workdir}", flush=True)
     try:
         result = train(cfg, workdir)
     except NonFiniteLossError as e:
