@@ -25,10 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_align import optim, parallel
-from lm_align.models.pure import PureModel
-from lm_align.train.step import build_steps
-from lm_align.train.validate import check_config
+from lm_align import parallel
+from lm_align.train.setup import build_experiment
 
 
 def _timed(fn, *args, repeats: int) -> list[float]:
@@ -80,15 +78,9 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     """Compiles and times the experiment's train step; returns the report dict."""
     devices = jax.devices()
-    model_cfg = check_config(cfg, num_devices=len(devices), process_count=jax.process_count())
-    t = cfg.train
-    seq_len, batch_size = cfg.data.seq_len, t.batch_size
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    model = PureModel(model_cfg)
-    opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
-    built = build_steps(model, opt.tx, opt.schedule, mesh, seed=t.seed, z_loss_coef=t.z_loss_coef,
-                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite,
-                        loss_chunks=t.loss_chunks)
+    exp = build_experiment(cfg, devices)
+    model_cfg, model, built = exp.model_cfg, exp.model, exp.steps
+    seq_len, batch_size = cfg.data.seq_len, cfg.train.batch_size
     state = built.init_state()
     host_batch = synthetic_batch(batch_size // jax.process_count(), seq_len, model_cfg.vocab_size)
     batch = parallel.global_batch(host_batch, built.batch_sharding)

@@ -25,14 +25,11 @@ import numpy as np
 
 from lm_align import config as config_lib
 from lm_align import data as data_lib
-from lm_align import optim, parallel
-from lm_align.models import TransformerConfig
-from lm_align.models.pure import PureModel
+from lm_align import parallel
 from lm_align.train import evaluate
 from lm_align.train.checkpoint import Checkpointer
 from lm_align.train.metrics import MetricWriter, Progress
-from lm_align.train.step import build_steps
-from lm_align.train.validate import check_config
+from lm_align.train.setup import build_experiment
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,16 +82,10 @@ def _per_step_tokens(cfg) -> int:
 def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     """Trains (or resumes) the experiment `cfg` in `workdir`."""
     devices = list(jax.devices() if devices is None else devices)
-    model_cfg: TransformerConfig = check_config(cfg, num_devices=len(devices),
-                                                process_count=jax.process_count())
+    exp = build_experiment(cfg, devices)
     t = cfg.train
     os.makedirs(workdir, exist_ok=True)
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    model = PureModel(model_cfg)
-    opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
-    steps = build_steps(model, opt.tx, opt.schedule, mesh, seed=t.seed, z_loss_coef=t.z_loss_coef,
-                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite,
-                        loss_chunks=t.loss_chunks)
+    mesh, model, model_cfg, steps = exp.mesh, exp.model, exp.model_cfg, exp.steps
     config_dict = cfg.to_dict()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

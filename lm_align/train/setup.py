@@ -1,0 +1,38 @@
+"""From a validated config to the pieces every command needs: mesh, model,
+optimizer and the sharded jitted steps (shared by `train`, `bench` and tools)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+
+from lm_align import optim, parallel
+from lm_align.models import TransformerConfig
+from lm_align.models.pure import PureModel
+from lm_align.train.step import Steps, build_steps
+from lm_align.train.validate import check_config
+
+
+@dataclasses.dataclass
+class Experiment:
+    model_cfg: TransformerConfig
+    model: PureModel
+    optimizer: optim.Optimizer  # (tx, schedule)
+    mesh: jax.sharding.Mesh
+    steps: Steps
+
+
+def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experiment:
+    """Validates `cfg` (before compiling anything) and builds its train/eval steps on `devices`."""
+    devices = list(jax.devices() if devices is None else devices)
+    model_cfg = check_config(cfg, num_devices=len(devices), process_count=jax.process_count())
+    t = cfg.train
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    model = PureModel(model_cfg)
+    opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
+    steps = build_steps(model, opt.tx, opt.schedule, mesh, seed=t.seed, z_loss_coef=t.z_loss_coef,
+                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite,
+                        loss_chunks=t.loss_chunks)
+    return Experiment(model_cfg, model, opt, mesh, steps)
