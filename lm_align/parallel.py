@@ -8,10 +8,12 @@ and NamedShardings derived from them for params, optimizer state and batches.
     param_shardings = logical_to_sharding(logical_axes, shapes, mesh)
 
 Default rules (`LOGICAL_RULES`):
-  batch -> (data, fsdp)   embed -> fsdp   vocab, heads, mlp -> tensor
+  batch -> (data, fsdp)   embed -> fsdp   heads, mlp -> tensor
+  vocab -> (tensor, fsdp) (the embedding table [V, D] is split by rows;
+           in the readout [D, V] fsdp is taken by `embed`, so vocab -> tensor)
   head_dim, layers, length -> replicated
-A dimension whose size does not divide by its mesh axes is replicated
-instead (reported by `describe_shardings`).
+A dimension is split over the longest prefix of its rule's mesh axes whose
+size divides it (replicated if none does); `describe_shardings` lists the result.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
-    ("vocab", "tensor"),
+    ("vocab", ("tensor", "fsdp")),  # fsdp only where the array's other dims leave it free
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("head_dim", None),
@@ -75,8 +77,8 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
                     rules=LOGICAL_RULES) -> P:
     """PartitionSpec for one array from its logical axis names.
 
-    A mesh axis is used at most once per array; a dim not divisible by its mesh
-    axes' size stays replicated.
+    A mesh axis is used at most once per array (earlier dims first); a dim not
+    divisible by its mesh axes' size stays replicated.
     """
     if names is None:
         return P()
@@ -89,11 +91,11 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
             raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-            used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            spec.append(None)
+        # The longest prefix of the rule's axes whose size divides the dim.
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*spec)
 
 

@@ -51,7 +51,7 @@ def test_sharded_run_matches_one_device(tmp_path):
     np.testing.assert_allclose([many[s] for s in one], [one[s] for s in one], rtol=1e-4)
     assert report["max_rel_diff"] < 1e-3  # elementwise relative, after 6 Adam steps
     # Parameters really are split across devices by the logical-axis rules.
-    assert report["specs"]["['embed']"] == "P('tensor', 'fsdp')"
+    assert report["specs"]["['embed']"] == "P(('tensor', 'fsdp'), None)"  # rows split 4 ways
     assert report["n_shards"]["['embed']"] == 4
     assert report["specs"]["['blocks'][0]['mlp']['w_in']"] == "P('fsdp', None, 'tensor')"
 

@@ -299,7 +299,9 @@ class Transformer(nnx.Module):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
         embed_std = cfg.embed_init_std or (1 / math.sqrt(D) if cfg.tie_embeddings else 1.0)
-        self.embed = _param(rngs, (V, D), embed_std, ("vocab", "embed"), pdt)
+        # Rows sharded (vocab over tensor and fsdp), the model dim whole: a lookup is
+        # then a masked gather + sum, and the activations can stay batch-sharded.
+        self.embed = _param(rngs, (V, D), embed_std, ("vocab", None), pdt)
         if cfg.position == "learned":
             self.pos_embed = _param(rngs, (cfg.max_len, D), embed_std, (None, "embed"), pdt)
         if cfg.scan_layers:
@@ -321,11 +323,14 @@ class Transformer(nnx.Module):
         return readout_DV.astype(DTYPES[self.cfg.dtype])
 
     def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, return_diagnostics=False,
-                 return_hidden=False):
+                 return_hidden=False, constrain_BLD=None):
         """Logits [B, L, V] in float32; with `return_diagnostics`, also a dict with
         `max_attn_logit` [N]: max pre-softmax attention logit per layer (masked
         entries excluded). With `return_hidden`, the final-normed hidden states
-        [B, L, D] replace the logits (for a fused readout + loss)."""
+        [B, L, D] replace the logits (for a fused readout + loss).
+        `constrain_BLD` (e.g. a sharding constraint to batch sharding) is applied
+        to the residual stream after the embedding and after every block."""
+        constrain_BLD = constrain_BLD or (lambda x: x)
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         B, L = tokens_BL.shape
         if positions_BL is None:
@@ -340,10 +345,12 @@ class Transformer(nnx.Module):
         x_BLD = jnp.take(self.embed.value, tokens_BL, axis=0).astype(dt)
         if cfg.position == "learned":
             x_BLD = x_BLD + jnp.take(self.pos_embed.value, positions_BL, axis=0).astype(dt)
+        x_BLD = constrain_BLD(x_BLD)
 
         def block_fn(block_graph, block_state, x_BLD):
             block = nnx.merge(block_graph, block_state)
-            return block(x_BLD, rope_sincos, mask_B1LM)
+            x_BLD, max_logit = block(x_BLD, rope_sincos, mask_B1LM)
+            return constrain_BLD(x_BLD), max_logit
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":

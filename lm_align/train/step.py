@@ -53,12 +53,14 @@ def _rms(tree) -> jax.Array:
 
 def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule: Callable,
                     *, z_loss_coef: float = 0.0, grad_accum_steps: int = 1,
-                    nonfinite: str = "halt", loss_chunks: int = 0) -> Callable:
+                    nonfinite: str = "halt", loss_chunks: int = 0,
+                    constrain_BLD: Callable | None = None) -> Callable:
     """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
 
     `loss_chunks > 0` computes the readout and loss with
     `fused_readout_lm_loss` over that many sequence chunks (no [B, L, V] logits
-    in memory); 0 materialises the logits and uses `lm_loss`.
+    in memory); 0 materialises the logits and uses `lm_loss`. `constrain_BLD`
+    is passed to the model (the sharding of its residual stream).
 
     With `grad_accum_steps = k` the batch is split into k micro-batches whose
     gradients are summed with weights (tokens in micro-batch) / (tokens in batch),
@@ -73,7 +75,7 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
         module = model.bind(params)
         out_BLX, diag = module(batch["inputs"], positions_BL=batch["positions"],
                                segment_ids_BL=batch["segment_ids"], return_diagnostics=True,
-                               return_hidden=loss_chunks > 0)
+                               return_hidden=loss_chunks > 0, constrain_BLD=constrain_BLD)
         if loss_chunks > 0:
             out = fused_readout_lm_loss(out_BLX, module.readout_matrix(), batch["targets"],
                                         batch["loss_mask"], z_loss_coef=z_loss_coef, num_chunks=loss_chunks)
@@ -130,12 +132,13 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def make_eval_step(model: PureModel, *, z_loss_coef: float = 0.0) -> Callable:
+def make_eval_step(model: PureModel, *, z_loss_coef: float = 0.0,
+                   constrain_BLD: Callable | None = None) -> Callable:
     """`(params, batch) -> sums`: token-weighted sums to aggregate over eval batches."""
 
     def eval_step(params, batch):
         logits_BLV = model.apply(params, batch["inputs"], positions_BL=batch["positions"],
-                                 segment_ids_BL=batch["segment_ids"])
+                                 segment_ids_BL=batch["segment_ids"], constrain_BLD=constrain_BLD)
         out = lm_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
         n = out.num_tokens
         return {"ce_sum": out.ce * n, "correct_sum": out.accuracy * n, "num_tokens": n}
@@ -168,12 +171,16 @@ def build_steps(model: PureModel, tx: optax.GradientTransformation, schedule: Ca
         rng=rep, skipped=rep)
     batch_sh = parallel.batch_sharding(mesh)
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+    # Keep the residual stream batch-sharded: otherwise it inherits the embedding
+    # table's sharding at the lookup and XLA falls back to replicating it.
+    constrain_BLD = lambda x: jax.lax.with_sharding_constraint(x, batch_sh)
 
     train_step = jax.jit(
         make_train_step(model, tx, schedule, z_loss_coef=z_loss_coef,
-                        grad_accum_steps=grad_accum_steps, nonfinite=nonfinite, loss_chunks=loss_chunks),
+                        grad_accum_steps=grad_accum_steps, nonfinite=nonfinite, loss_chunks=loss_chunks,
+                        constrain_BLD=constrain_BLD),
         in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, rep), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model, z_loss_coef=z_loss_coef),
+    eval_step = jax.jit(make_eval_step(model, z_loss_coef=z_loss_coef, constrain_BLD=constrain_BLD),
                         in_shardings=(param_sh, batch_shardings), out_shardings=rep)
     init = jax.jit(lambda: init_state(model, tx, seed), out_shardings=state_sh)
     abstract_sharded = jax.tree.map(
