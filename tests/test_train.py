@@ -121,8 +121,10 @@ def test_nonfinite_skip_mode_drops_updates(tmp_path):
 
 
 def test_metrics_jsonl_documented_keys(tmp_path):
-    run_cli(tmp_path, _tiny_run(4) + ["train.log_every=2", "train.eval_every=2"])
+    run_cli(tmp_path, _tiny_run(4) + ["train.log_every=2", "train.eval_every=2", "train.tensorboard=true"])
     rows = read_rows(tmp_path)
+    events = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(tmp_path / "tb" / events[0]) > 0
     assert [r["step"] for r in rows] == [2, 4]
     for r in rows:
         for key in ("step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_accuracy", "z_loss",
