@@ -11,6 +11,8 @@ Contents (one idea per file):
 - weight_decay.py: coupled and independent (Wortsman et al.) decay, ``adamw``.
 - schedules.py: ``warmup_then_decay`` (cosine | linear | rsqrt | constant).
 - factory.py: ``make_optimizer(config, total_steps=...)`` and ``DEFAULTS``.
+- per_layer.py: per-parameter LR scales (``per_layer_lr``, ``scale_by_tree``) and
+  Adam epsilons (``scale_by_adam_per_param_eps``) for any optax optimizer.
 """
 
 from lm_align.optim.adam_atan2 import ScaleByAdamAtan2State
@@ -20,6 +22,9 @@ from lm_align.optim.factory import DEFAULTS
 from lm_align.optim.factory import NAMES
 from lm_align.optim.factory import Optimizer
 from lm_align.optim.factory import make_optimizer
+from lm_align.optim.per_layer import per_layer_lr
+from lm_align.optim.per_layer import scale_by_adam_per_param_eps
+from lm_align.optim.per_layer import scale_by_tree
 from lm_align.optim.schedules import DECAYS
 from lm_align.optim.schedules import warmup_then_decay
 from lm_align.optim.weight_decay import AddIndependentWeightDecayState
@@ -43,6 +48,9 @@ __all__ = [
     "decay_mask_matrices",
     "independent_schedule_factor",
     "make_optimizer",
+    "per_layer_lr",
     "scale_by_adam_atan2",
+    "scale_by_adam_per_param_eps",
+    "scale_by_tree",
     "warmup_then_decay",
 ]
