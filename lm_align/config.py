@@ -123,7 +123,9 @@ def _parse_value(key: str, text: Any, current: Any) -> Any:
 def _unknown_key_error(cfg: ml_collections.ConfigDict, key: str) -> ConfigError:
     close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}.{hint} Keys are defined by the experiment's get_config().")
+    return ConfigError(
+        f"unknown config key {key!r}.{hint} Keys are defined by the experiment's get_config()."
+    )
 
 
 def apply_overrides(
@@ -135,7 +137,9 @@ def apply_overrides(
     float, str, tuple); unknown keys and unparsable values raise ConfigError.
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=True)
-    items = overrides.items() if isinstance(overrides, Mapping) else (_split_item(o) for o in overrides)
+    items = (
+        overrides.items() if isinstance(overrides, Mapping) else (_split_item(o) for o in overrides)
+    )
     for key, text in items:
         *parents, leaf = key.split(".")
         node = cfg
@@ -147,7 +151,9 @@ def apply_overrides(
             raise _unknown_key_error(cfg, key)
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
-            raise ConfigError(f"{key!r} is a group, not a field; set one of its fields, e.g. {key}.{next(iter(current.keys()), 'x')}=...")
+            raise ConfigError(
+                f"{key!r} is a group, not a field; set one of its fields, e.g. {key}.{next(iter(current.keys()), 'x')}=..."
+            )
         try:
             value = _parse_value(key, text, current)
         except (ValueError, SyntaxError) as e:
@@ -175,7 +181,7 @@ def parse_override_args(argv: list[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config."):
-            body = arg[len("--config."):]
+            body = arg[len("--config.") :]
             if "=" in body:
                 overrides.append(body)
             elif i + 1 < len(argv):

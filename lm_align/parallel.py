@@ -55,13 +55,15 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[i
         if num_devices % known:
             raise ValueError(
                 f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not divide by "
-                f"the fixed axes' product {known}; change mesh.* so their product divides {num_devices}")
+                f"the fixed axes' product {known}; change mesh.* so their product divides {num_devices}"
+            )
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
             f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but "
             f"{num_devices} devices are visible; set the mesh.* sizes so their product is "
-            f"{num_devices} (or one of them to -1 to fill)")
+            f"{num_devices} (or one of them to -1 to fill)"
+        )
     return tuple(sizes)
 
 
@@ -70,11 +72,14 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
     # Auto axes: shardings propagate through the jitted step (GSPMD).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
 
 
-def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules=LOGICAL_RULES) -> P:
+def logical_to_spec(
+    names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
+) -> P:
     """PartitionSpec for one array from its logical axis names.
 
     A mesh axis is used at most once per array (earlier dims first); a dim not
@@ -103,7 +108,10 @@ def logical_to_sharding(logical_axes: Any, shapes: Any, mesh: Mesh, rules=LOGICA
     """Tree of NamedShardings from matching trees of logical names and shapes."""
     return jax.tree.map(
         lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh, rules)),
-        logical_axes, shapes, is_leaf=lambda x: isinstance(x, tuple) or x is None)
+        logical_axes,
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple) or x is None,
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -119,7 +127,9 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def opt_state_shardings(tx, param_shardings: Any, abstract_params: Any, abstract_opt_state: Any, mesh: Mesh):
+def opt_state_shardings(
+    tx, param_shardings: Any, abstract_params: Any, abstract_opt_state: Any, mesh: Mesh
+):
     """Shardings for an optax state: leaves shaped like their param share its sharding,
     everything else (counts, factored moments) is replicated."""
     import optax  # local: keeps this module importable for mesh-only use
@@ -129,22 +139,35 @@ def opt_state_shardings(tx, param_shardings: Any, abstract_params: Any, abstract
         return sharding if same else replicated(mesh)
 
     mapped = optax.tree_map_params(
-        tx, per_param, abstract_opt_state, param_shardings, abstract_params,
+        tx,
+        per_param,
+        abstract_opt_state,
+        param_shardings,
+        abstract_params,
         transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
     # Leaves not reached (e.g. in wrappers optax cannot see through) are replicated.
-    return jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else replicated(mesh), mapped,
-                        is_leaf=lambda x: isinstance(x, NamedSharding))
+    return jax.tree.map(
+        lambda x: x if isinstance(x, NamedSharding) else replicated(mesh),
+        mapped,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
     """Assembles per-process numpy batches into global jax.Arrays with `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
 
 
 def describe_shardings(shardings: Any) -> list[str]:
     """Human-readable 'path: spec' lines, e.g. for logs or debugging a mesh."""
     out = []
-    for path, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]:
+    for path, s in jax.tree_util.tree_flatten_with_path(
+        shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+    )[0]:
         out.append(f"{jax.tree_util.keystr(path)}: {s.spec}")
     return out

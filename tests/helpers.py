@@ -10,10 +10,19 @@ DEFAULT_EXPERIMENT = os.path.join(REPO, "experiments", "default.py")
 
 # A model small enough that a run compiles and trains in seconds.
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
-    "data.seq_len=32", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
-    "train.eval_batches=1", "train.answer_eval_examples=0", "train.progress=false",
-    "train.tensorboard=false", "optimizer.warmup_steps=2",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.d_ff=64",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.answer_eval_examples=0",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "optimizer.warmup_steps=2",
 ]
 
 
@@ -25,13 +34,27 @@ def env_with_devices(n: int) -> dict:
 
 
 def cli_args(workdir, overrides, config=DEFAULT_EXPERIMENT):
-    return [sys.executable, "-m", "lm_align.cli", "train", "--config", config, "--workdir", str(workdir),
-            *[f"--config.{o}" for o in overrides]]
+    return [
+        sys.executable,
+        "-m",
+        "lm_align.cli",
+        "train",
+        "--config",
+        config,
+        "--workdir",
+        str(workdir),
+        *[f"--config.{o}" for o in overrides],
+    ]
 
 
 def run_cli(workdir, overrides, *, devices=1, timeout=300, check=True):
-    proc = subprocess.run(cli_args(workdir, overrides), env=env_with_devices(devices),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cli_args(workdir, overrides),
+        env=env_with_devices(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"lm-align failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -1,9 +1,9 @@
 """Tests for experiment configs: loading, typed overrides, validation, and the CLI's early exit.
 
-    cfg = load_config("experiments/default.py")            # or "path.py:variant"
-    cfg = apply_overrides(cfg, ["optimizer.lr=3e-3", "model.n_layers=4"])
-    overrides, rest = parse_override_args(sys.argv[1:])    # --config.a.b=v / --config.a.b v
-    model_cfg = check_config(cfg, num_devices=jax.device_count())   # ConfigError lists every problem
+cfg = load_config("experiments/default.py")            # or "path.py:variant"
+cfg = apply_overrides(cfg, ["optimizer.lr=3e-3", "model.n_layers=4"])
+overrides, rest = parse_override_args(sys.argv[1:])    # --config.a.b=v / --config.a.b v
+model_cfg = check_config(cfg, num_devices=jax.device_count())   # ConfigError lists every problem
 """
 
 import os
@@ -43,13 +43,15 @@ def test_load_config_returns_a_locked_config_dict(default_cfg):
 
 def test_path_colon_arg_is_passed_to_get_config(tmp_path):
     experiment = tmp_path / "widths.py"
-    experiment.write_text(textwrap.dedent("""
+    experiment.write_text(
+        textwrap.dedent("""
         import ml_collections
 
         def get_config(arg=None):
             width = {None: 128, "small": 32, "large": 512}[arg]
             return ml_collections.ConfigDict({"model": {"d_model": width}})
-    """))
+    """)
+    )
     assert load_config(str(experiment)).model.d_model == 128
     assert load_config(f"{experiment}:small").model.d_model == 32
     assert load_config(f"{experiment}:large").model.d_model == 512
@@ -68,10 +70,19 @@ def test_load_config_errors_name_the_file(tmp_path):
 
 
 def test_overrides_are_parsed_to_the_fields_type(default_cfg):
-    cfg = apply_overrides(default_cfg, [
-        "train.steps=2000", "optimizer.lr=3e-3", "optimizer.b1=1", "model.qk_layernorm=false",
-        "model.use_bias=true", "model.activation=swiglu", "train.batch_size=1e2", "model.head_dim=16",
-    ])
+    cfg = apply_overrides(
+        default_cfg,
+        [
+            "train.steps=2000",
+            "optimizer.lr=3e-3",
+            "optimizer.b1=1",
+            "model.qk_layernorm=false",
+            "model.use_bias=true",
+            "model.activation=swiglu",
+            "train.batch_size=1e2",
+            "model.head_dim=16",
+        ],
+    )
     assert cfg.train.steps == 2000 and type(cfg.train.steps) is int
     assert cfg.optimizer.lr == 0.003 and type(cfg.optimizer.lr) is float
     assert cfg.optimizer.b1 == 1.0 and type(cfg.optimizer.b1) is float  # int text, float field
@@ -95,7 +106,9 @@ def test_programmatic_overrides_keep_python_values(default_cfg):
 
 
 def test_unknown_keys_are_errors_with_suggestions(default_cfg):
-    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer\.lrr'.*Did you mean optimizer\.lr\b"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'optimizer\.lrr'.*Did you mean optimizer\.lr\b"
+    ):
         apply_overrides(default_cfg, ["optimizer.lrr=3e-3"])
     with pytest.raises(ConfigError, match=r"'optimiser\.lr'"):
         apply_overrides(default_cfg, ["optimiser.lr=3e-3"])
@@ -105,14 +118,19 @@ def test_unknown_keys_are_errors_with_suggestions(default_cfg):
         apply_overrides(default_cfg, ["train.steps"])
 
 
-@pytest.mark.parametrize("override, key, value", [
-    ("train.steps=abc", "train.steps", "abc"),
-    ("train.steps=2.5", "train.steps", "2.5"),
-    ("model.qk_layernorm=maybe", "model.qk_layernorm", "maybe"),
-    ("optimizer.lr=fast", "optimizer.lr", "fast"),
-    ("train.batch_size=true", "train.batch_size", "true"),
-])
-def test_values_of_the_wrong_type_are_errors_naming_key_and_value(default_cfg, override, key, value):
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("train.steps=abc", "train.steps", "abc"),
+        ("train.steps=2.5", "train.steps", "2.5"),
+        ("model.qk_layernorm=maybe", "model.qk_layernorm", "maybe"),
+        ("optimizer.lr=fast", "optimizer.lr", "fast"),
+        ("train.batch_size=true", "train.batch_size", "true"),
+    ],
+)
+def test_values_of_the_wrong_type_are_errors_naming_key_and_value(
+    default_cfg, override, key, value
+):
     with pytest.raises(ConfigError) as info:
         apply_overrides(default_cfg, [override])
     assert key in str(info.value) and repr(value) in str(info.value)
@@ -126,8 +144,16 @@ def test_apply_overrides_leaves_the_original_unchanged(default_cfg):
 
 
 def test_parse_override_args_splits_config_flags_from_the_rest():
-    argv = ["train", "--config.train.steps=10", "--workdir", "runs/x", "--config.optimizer.lr", "3e-3",
-            "--config", "experiments/default.py:small"]
+    argv = [
+        "train",
+        "--config.train.steps=10",
+        "--workdir",
+        "runs/x",
+        "--config.optimizer.lr",
+        "3e-3",
+        "--config",
+        "experiments/default.py:small",
+    ]
     overrides, rest = parse_override_args(argv)
     assert overrides == ["train.steps=10", "optimizer.lr=3e-3"]
     assert rest == ["train", "--workdir", "runs/x", "--config", "experiments/default.py:small"]
@@ -148,9 +174,16 @@ def test_check_config_accepts_the_shipped_configs(name, default_cfg):
 PROBLEMS = {
     "heads": (["model.n_heads=3"], 1, r"model\.n_heads=3 does not divide model\.d_model=128"),
     "mesh": (["mesh.data=2"], 1, r"mesh data\*fsdp\*tensor = 2\*1\*1 = 2 but 1 devices"),
-    "batch": (["mesh.data=8", "train.batch_size=12"], 8,
-              r"train\.batch_size=12 is not divisible by the data-parallel size"),
-    "vocab": (["model.vocab_size=200"], 1, r"model\.vocab_size=200 is smaller than the tokenizer's vocabulary \(259\)"),
+    "batch": (
+        ["mesh.data=8", "train.batch_size=12"],
+        8,
+        r"train\.batch_size=12 is not divisible by the data-parallel size",
+    ),
+    "vocab": (
+        ["model.vocab_size=200"],
+        1,
+        r"model\.vocab_size=200 is smaller than the tokenizer's vocabulary \(259\)",
+    ),
     "optimizer": (["optimizer.name=lion"], 1, r"[Uu]nknown optimizer name 'lion'"),
     "nonfinite": (["train.nonfinite=ignore"], 1, r"train\.nonfinite='ignore' must be one of"),
 }
@@ -191,13 +224,28 @@ def test_cli_rejects_a_bad_override_before_compiling(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "lm_align.cli", "train", "--config.model.n_heads=3", "--workdir", str(workdir)],
-        capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+        [
+            sys.executable,
+            "-m",
+            "lm_align.cli",
+            "train",
+            "--config.model.n_heads=3",
+            "--workdir",
+            str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr[-2000:])
     assert "model.n_heads=3" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (workdir / "checkpoints").exists()
-    assert elapsed < 30, f"rejecting a bad config took {elapsed:.1f}s; it should fail before compiling"
+    assert elapsed < 30, (
+        f"rejecting a bad config took {elapsed:.1f}s; it should fail before compiling"
+    )
 
 
 def test_check_config_rejects_fields_an_experiment_file_misspelt(default_cfg):

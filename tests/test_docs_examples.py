@@ -67,8 +67,10 @@ def _group_table(group):
     text = _read("configs.md")
     match = re.search(rf"^### {group}\s*$(.*?)(?=^#{{1,3}} |\Z)", text, re.S | re.M)
     assert match, f"docs/configs.md has no '### {group}' section"
-    return {field: (default.strip(), experiment.strip())
-            for field, default, experiment in ROW.findall(match.group(1))}
+    return {
+        field: (default.strip(), experiment.strip())
+        for field, default, experiment in ROW.findall(match.group(1))
+    }
 
 
 def _cell_value(cell):
@@ -87,7 +89,8 @@ def test_configs_md_lists_every_field_with_its_default(group):
     for field, value in defaults.items():
         documented = _cell_value(table[field][0])
         assert documented == value and type(documented) is type(value), (
-            f"{group}.{field}: docs say {table[field][0]}, code default is {value!r}")
+            f"{group}.{field}: docs say {table[field][0]}, code default is {value!r}"
+        )
 
 
 @pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "data"])
@@ -100,10 +103,12 @@ def test_configs_md_default_py_column_matches_the_experiment(group):
         actual = cfg[group][field]
         if experiment_cell:
             assert actual == _cell_value(experiment_cell), (
-                f"{group}.{field}: docs say default.py sets {experiment_cell}, it sets {actual!r}")
+                f"{group}.{field}: docs say default.py sets {experiment_cell}, it sets {actual!r}"
+            )
         else:
             assert actual == defaults[field], (
-                f"{group}.{field}: default.py sets {actual!r}; add it to the default.py column")
+                f"{group}.{field}: default.py sets {actual!r}; add it to the default.py column"
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -124,11 +129,19 @@ def test_metrics_md_documents_every_row_key():
     opt = optim.make_optimizer({}, total_steps=10)
     step_fn = make_train_step(model, opt.tx, opt.schedule)
     state = jax.eval_shape(lambda: init_state(model, opt.tx, 0))
-    batch = {k: jax.ShapeDtypeStruct((2, 4), jnp.float32 if k == "loss_mask" else jnp.int32)
-             for k in BATCH_KEYS}
+    batch = {
+        k: jax.ShapeDtypeStruct((2, 4), jnp.float32 if k == "loss_mask" else jnp.int32)
+        for k in BATCH_KEYS
+    }
     _, metrics = jax.eval_shape(step_fn, state, batch)
     # The loop drops the internal `finite` flag and adds step, throughput and eval keys.
-    keys = (set(metrics) - {"finite"}) | {"step", "tokens_per_s", "tokens", "eval_loss", "eval_accuracy"}
+    keys = (set(metrics) - {"finite"}) | {
+        "step",
+        "tokens_per_s",
+        "tokens",
+        "eval_loss",
+        "eval_accuracy",
+    }
     documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", _read("metrics.md"), re.M))
     missing = sorted(keys - documented)
     assert not missing, f"docs/metrics.md does not document metrics.jsonl keys {missing}"

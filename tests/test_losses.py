@@ -20,7 +20,9 @@ B, L, V = 3, 7, 11
 def random_batch(seed, scale=3.0):
     """Random float32 logits [B, L, V], int targets [B, L] and a 0/1 mask [B, L] (some zeros)."""
     rng = np.random.default_rng(seed)
-    logits = (scale * rng.standard_normal((B, L, V)) + rng.standard_normal((B, L, 1))).astype(np.float32)
+    logits = (scale * rng.standard_normal((B, L, V)) + rng.standard_normal((B, L, 1))).astype(
+        np.float32
+    )
     targets = rng.integers(0, V, (B, L)).astype(np.int32)
     mask = (rng.random((B, L)) < 0.6).astype(np.float32)
     mask[0, 0], mask[0, 1] = 1.0, 0.0
@@ -45,8 +47,12 @@ def test_cross_entropy_matches_numpy_log_softmax_over_masked_tokens():
     np.testing.assert_allclose(out.loss, expected_ce, rtol=1e-5)  # z_loss_coef defaults to 0
     assert out.z_loss == 0.0
     assert out.num_tokens == mask.sum()
-    np.testing.assert_allclose(out.mean_log_z, (log_z_numpy(logits) * mask).sum() / mask.sum(), rtol=1e-5)
-    np.testing.assert_allclose(out.mean_logit, (logits.mean(-1) * mask).sum() / mask.sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        out.mean_log_z, (log_z_numpy(logits) * mask).sum() / mask.sum(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        out.mean_logit, (logits.mean(-1) * mask).sum() / mask.sum(), rtol=1e-5
+    )
 
     # No mask: every token counts.
     out_all = lm_loss(jnp.asarray(logits), jnp.asarray(targets))
@@ -69,8 +75,9 @@ def test_masked_out_tokens_change_nothing_and_get_no_gradient():
     for field in a._fields:
         np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-6, err_msg=field)
 
-    grad = jax.grad(lambda lg: lm_loss(lg, jnp.asarray(targets), jnp.asarray(mask), z_loss_coef=1e-2).loss)(
-        jnp.asarray(logits))
+    grad = jax.grad(
+        lambda lg: lm_loss(lg, jnp.asarray(targets), jnp.asarray(mask), z_loss_coef=1e-2).loss
+    )(jnp.asarray(logits))
     assert np.all(np.asarray(grad)[off] == 0.0)
     assert np.all(np.abs(np.asarray(grad)[~off]).max(-1) > 0)
 
@@ -92,8 +99,9 @@ def test_accuracy_counts_argmax_hits_over_masked_tokens():
 def test_z_loss_gradient_is_two_coef_log_z_softmax_over_num_tokens(coef):
     """d z_loss / d logits_t = 2 * coef * log Z_t * softmax(logits_t) * m_t / T."""
     logits, targets, mask = random_batch(4)
-    grad = jax.grad(lambda lg: lm_loss(lg, jnp.asarray(targets), jnp.asarray(mask), z_loss_coef=coef).z_loss)(
-        jnp.asarray(logits))
+    grad = jax.grad(
+        lambda lg: lm_loss(lg, jnp.asarray(targets), jnp.asarray(mask), z_loss_coef=coef).z_loss
+    )(jnp.asarray(logits))
 
     log_z = log_z_numpy(logits)
     softmax = np.exp(logits.astype(np.float64) - log_z[..., None])
@@ -113,10 +121,12 @@ def test_z_loss_value_and_its_response_to_a_logit_shift():
         return (x * mask).sum() / mask.sum()
 
     out = lm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), z_loss_coef=coef)
-    shifted = lm_loss(jnp.asarray(logits + c), jnp.asarray(targets), jnp.asarray(mask), z_loss_coef=coef)
+    shifted = lm_loss(
+        jnp.asarray(logits + c), jnp.asarray(targets), jnp.asarray(mask), z_loss_coef=coef
+    )
 
-    np.testing.assert_allclose(out.z_loss, coef * masked_mean(log_z ** 2), rtol=1e-5)
-    np.testing.assert_allclose(out.loss, out.ce + coef * masked_mean(log_z ** 2), rtol=1e-5)
+    np.testing.assert_allclose(out.z_loss, coef * masked_mean(log_z**2), rtol=1e-5)
+    np.testing.assert_allclose(out.loss, out.ce + coef * masked_mean(log_z**2), rtol=1e-5)
     np.testing.assert_allclose(shifted.ce, out.ce, rtol=1e-5)
     np.testing.assert_allclose(shifted.z_loss, coef * masked_mean((log_z + c) ** 2), rtol=1e-5)
     assert abs(float(shifted.z_loss) - float(out.z_loss)) > 1e-3  # the shift is visible
@@ -136,16 +146,20 @@ def test_fused_readout_loss_matches_materialised_logits():
         return lm_loss(jnp.einsum("bld,dv->blv", h, w), targets, mask, z_loss_coef=1e-2)
 
     for chunks in (1, 2, 8):
+
         def fused(h, w):
             return fused_readout_lm_loss(h, w, targets, mask, z_loss_coef=1e-2, num_chunks=chunks)
 
         ref, out = full(hidden, readout), jax.jit(fused)(hidden, readout)
         for field in ref._fields:
-            np.testing.assert_allclose(float(getattr(out, field)), float(getattr(ref, field)), rtol=1e-5,
-                                       err_msg=field)
+            np.testing.assert_allclose(
+                float(getattr(out, field)), float(getattr(ref, field)), rtol=1e-5, err_msg=field
+            )
         # Scaled upstream cotangent, as when the loss is one term of a larger objective.
         g_ref = jax.grad(lambda h, w: 3.0 * full(h, w).loss, argnums=(0, 1))(hidden, readout)
-        g_out = jax.jit(jax.grad(lambda h, w: 3.0 * fused(h, w).loss, argnums=(0, 1)))(hidden, readout)
+        g_out = jax.jit(jax.grad(lambda h, w: 3.0 * fused(h, w).loss, argnums=(0, 1)))(
+            hidden, readout
+        )
         for a, b in zip(g_out, g_ref):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="must divide"):

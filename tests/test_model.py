@@ -56,8 +56,12 @@ def test_changing_token_t_never_changes_earlier_logits(position, scan_layers):
     logits_BLV = np.asarray(model.apply(params, jnp.stack(rows)))
 
     for i, t in enumerate(changed, start=1):
-        np.testing.assert_allclose(logits_BLV[i, :t], logits_BLV[0, :t], atol=1e-6,
-                                   err_msg=f"changing token {t} changed logits before it")
+        np.testing.assert_allclose(
+            logits_BLV[i, :t],
+            logits_BLV[0, :t],
+            atol=1e-6,
+            err_msg=f"changing token {t} changed logits before it",
+        )
         # ...while the logits from t on do change (the check above is not vacuous).
         assert np.max(np.abs(logits_BLV[i, t:] - logits_BLV[0, t:])) > 1e-2, t
 
@@ -75,9 +79,13 @@ def test_packed_document_logits_equal_document_alone(position):
     # Row 0: a and b packed. Rows 1, 2: each document alone at the start of an unpacked row
     # (what follows a causal prefix cannot change it). Row 3: packed positions, no segment ids.
     tokens_BL = jnp.stack([a_then_b, a_then_b, b_then_a, a_then_b])
-    positions_BL = jnp.asarray([restarting, list(range(12)), list(range(12)), restarting], jnp.int32)
+    positions_BL = jnp.asarray(
+        [restarting, list(range(12)), list(range(12)), restarting], jnp.int32
+    )
     segment_ids_BL = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12, [1] * 12, [1] * 12], jnp.int32)
-    logits_BLV = model.apply(params, tokens_BL, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL)
+    logits_BLV = model.apply(
+        params, tokens_BL, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL
+    )
 
     np.testing.assert_allclose(logits_BLV[0, :5], logits_BLV[1, :5], atol=1e-5)
     np.testing.assert_allclose(logits_BLV[0, 5:], logits_BLV[2, :7], atol=1e-5)
@@ -106,15 +114,18 @@ def test_qk_layernorm_bounds_attention_logits_by_sqrt_head_dim_times_scales():
     bound_N = math.sqrt(K) * np.abs(scale_q_NK).max(-1) * np.abs(scale_k_NK).max(-1)
 
     model = PureModel(tiny(qk_layernorm=True))
-    params = _with_qk_scales(jax.tree.map(lambda w: 1000.0 * w, model.init(0)), scale_q_NK, scale_k_NK)
+    params = _with_qk_scales(
+        jax.tree.map(lambda w: 1000.0 * w, model.init(0)), scale_q_NK, scale_k_NK
+    )
     _, diag = model.apply(params, tokens_BL, return_diagnostics=True)
     max_logit_N = np.asarray(diag["max_attn_logit"])
     assert max_logit_N.shape == (N,) and np.all(np.isfinite(max_logit_N))
     assert np.all(max_logit_N <= bound_N * (1 + 1e-5)), (max_logit_N, bound_N)
 
     plain = PureModel(tiny(qk_layernorm=False))
-    _, plain_diag = plain.apply(jax.tree.map(lambda w: 1000.0 * w, plain.init(0)), tokens_BL,
-                                return_diagnostics=True)
+    _, plain_diag = plain.apply(
+        jax.tree.map(lambda w: 1000.0 * w, plain.init(0)), tokens_BL, return_diagnostics=True
+    )
     assert np.all(np.asarray(plain_diag["max_attn_logit"]) > 1e3 * bound_N)
 
 
@@ -137,7 +148,7 @@ def test_qk_layernorm_bound_is_attained_when_q_equals_k():
 
 def _layer_norm(x, scale, eps):
     x = x - x.mean(-1, keepdims=True)
-    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * scale
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale
 
 
 def _attention_logits_by_hand(params, cfg, tokens_BL, positions_BL):
@@ -158,11 +169,15 @@ def test_max_attn_logit_is_the_masked_maximum_recomputed_by_hand():
     model = PureModel(cfg)
     params = model.init(4)
     lengths = [[4, 8], [12], [6, 6], [3, 3, 6]]  # documents packed in each of 4 rows of 12
-    segment_ids_BL = jnp.asarray([sum(([i + 1] * n for i, n in enumerate(row)), []) for row in lengths])
+    segment_ids_BL = jnp.asarray(
+        [sum(([i + 1] * n for i, n in enumerate(row)), []) for row in lengths]
+    )
     positions_BL = jnp.asarray([sum((list(range(n)) for n in row), []) for row in lengths])
     L = 12
     seg = np.asarray(segment_ids_BL)
-    allowed_B1LM = (np.tril(np.ones((L, L), bool))[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    allowed_B1LM = (np.tril(np.ones((L, L), bool))[None] & (seg[:, :, None] == seg[:, None, :]))[
+        :, None
+    ]
 
     # Pick a sequence whose largest logit overall sits at a masked pair (in the future or in
     # the other document), so a diagnostic that ignored the mask would fail.
@@ -175,8 +190,13 @@ def test_max_attn_logit_is_the_masked_maximum_recomputed_by_hand():
     else:
         raise AssertionError("no sequence among 50 has its largest attention logit masked")
 
-    _, diag = model.apply(params, tokens_BL, positions_BL=positions_BL,
-                          segment_ids_BL=segment_ids_BL, return_diagnostics=True)
+    _, diag = model.apply(
+        params,
+        tokens_BL,
+        positions_BL=positions_BL,
+        segment_ids_BL=segment_ids_BL,
+        return_diagnostics=True,
+    )
     np.testing.assert_allclose(np.asarray(diag["max_attn_logit"]), [expected], rtol=1e-4)
 
 
@@ -191,8 +211,9 @@ def test_scanned_and_unscanned_layers_agree_on_the_same_params():
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned.abstract_params)
 
     tokens_BL = random_tokens(6)
-    np.testing.assert_allclose(scanned.apply(stacked, tokens_BL), unscanned.apply(params, tokens_BL),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        scanned.apply(stacked, tokens_BL), unscanned.apply(params, tokens_BL), atol=1e-5
+    )
 
 
 def test_full_remat_gives_the_same_logits_and_gradients():
@@ -205,13 +226,16 @@ def test_full_remat_gives_the_same_logits_and_gradients():
         def fn(p):
             logits_BLV = model.apply(p, tokens_BL)
             return jnp.mean(jax.nn.log_softmax(logits_BLV)[..., 3]), logits_BLV
+
         return jax.jit(jax.value_and_grad(fn, has_aux=True))
 
     (loss_a, logits_a), grads_a = loss_and_logits(plain)(params)
     (loss_b, logits_b), grads_b = loss_and_logits(remat)(params)
     np.testing.assert_allclose(logits_b, logits_a, atol=1e-6)
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), grads_a, grads_b)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), grads_a, grads_b
+    )
     assert float(jnp.max(jnp.abs(grads_a["blocks"]["attn"]["qkv"]))) > 0
 
 
@@ -222,8 +246,9 @@ def test_tied_embeddings_read_out_with_the_embedding_transpose():
     # The untied model with readout := embed^T computes x @ embed^T by its own path.
     untied_params = {**params, "readout": params["embed"].T}
     tokens_BL = random_tokens(8)
-    np.testing.assert_allclose(tied.apply(params, tokens_BL), untied.apply(untied_params, tokens_BL),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        tied.apply(params, tokens_BL), untied.apply(untied_params, tokens_BL), atol=1e-5
+    )
 
 
 # --- parameter count, FLOPs, logical axes ----------------------------------------------
@@ -237,8 +262,15 @@ COUNT_CONFIGS = [
     dict(qk_layernorm=True),
     dict(tie_embeddings=True),
     dict(head_dim=8, n_heads=3),
-    dict(scan_layers=True, qk_layernorm=True, use_bias=True, activation="swiglu",
-         position="learned", max_len=24, tie_embeddings=True),
+    dict(
+        scan_layers=True,
+        qk_layernorm=True,
+        use_bias=True,
+        activation="swiglu",
+        position="learned",
+        max_len=24,
+        tie_embeddings=True,
+    ),
 ]
 
 
@@ -269,14 +301,22 @@ LOGICAL_NAMES = {"embed", "vocab", "heads", "head_dim", "mlp", "layers", None}
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_every_param_has_logical_axis_names_of_its_rank(scan_layers):
-    cfg = tiny(scan_layers=scan_layers, qk_layernorm=True, use_bias=True, activation="swiglu",
-               position="learned", max_len=24)
+    cfg = tiny(
+        scan_layers=scan_layers,
+        qk_layernorm=True,
+        use_bias=True,
+        activation="swiglu",
+        position="learned",
+        max_len=24,
+    )
     model = PureModel(cfg)
     sizes = dict(embed=32, vocab=64, heads=2, head_dim=16, mlp=64, layers=2)
     shapes = jax.tree.map(lambda x: x.shape, model.abstract_params)
     is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
     names_with_paths = jax.tree_util.tree_flatten_with_path(model.logical_axes, is_leaf=is_names)[0]
-    shapes_with_paths = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    shapes_with_paths = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )[0]
     assert [p for p, _ in names_with_paths] == [p for p, _ in shapes_with_paths]
     for (path, names), (_, shape) in zip(names_with_paths, shapes_with_paths):
         where = jax.tree_util.keystr(path)
@@ -284,7 +324,10 @@ def test_every_param_has_logical_axis_names_of_its_rank(scan_layers):
         assert set(names) <= LOGICAL_NAMES, (where, names)
         for name, size in zip(names, shape):  # a logical name always labels the same size
             assert name is None or size == sizes[name], (where, names, shape)
-        assert ("layers" in names) == (scan_layers and where.startswith("['blocks']")), (where, names)
+        assert ("layers" in names) == (scan_layers and where.startswith("['blocks']")), (
+            where,
+            names,
+        )
     # The table is split by rows only, so lookups keep activations batch-sharded.
     assert model.logical_axes["embed"] == ("vocab", None)
     assert model.logical_axes["readout"] == ("embed", "vocab")
@@ -300,4 +343,6 @@ def test_invalid_configs_raise_naming_the_field():
         TransformerConfig(activation="relu")
     with pytest.raises(ValueError, match=r"model\.position='alibi'"):
         TransformerConfig(position="alibi")
-    TransformerConfig(d_model=32, n_heads=3, head_dim=8)  # an explicit head_dim lifts the divisibility rule
+    TransformerConfig(
+        d_model=32, n_heads=3, head_dim=8
+    )  # an explicit head_dim lifts the divisibility rule

@@ -9,7 +9,6 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 
 from tests.helpers import REPO, TINY, cli_args, env_with_devices, losses, read_rows, run_cli
 
@@ -38,11 +37,26 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 def test_sharded_run_matches_one_device(tmp_path):
     """8 simulated devices, mesh data=2 fsdp=2 tensor=2, vs 1 device: same losses and params."""
-    overrides = TINY + ["train.steps=6", "optimizer.lr=3e-3", "model.vocab_size=260"]  # 260: even, so vocab shards
+    overrides = TINY + [
+        "train.steps=6",
+        "optimizer.lr=3e-3",
+        "model.vocab_size=260",
+    ]  # 260: even, so vocab shards
     proc = subprocess.run(
-        [sys.executable, "-c", SHARDING_SCRIPT, json.dumps(overrides), str(tmp_path),
-         os.path.join(REPO, "experiments", "default.py")],
-        env=env_with_devices(8), capture_output=True, text=True, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            "-c",
+            SHARDING_SCRIPT,
+            json.dumps(overrides),
+            str(tmp_path),
+            os.path.join(REPO, "experiments", "default.py"),
+        ],
+        env=env_with_devices(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -57,7 +71,11 @@ def test_sharded_run_matches_one_device(tmp_path):
 
 
 def _tiny_run(steps):
-    return TINY + [f"train.steps={steps}", "train.checkpoint_every=1000", "train.async_checkpointing=true"]
+    return TINY + [
+        f"train.steps={steps}",
+        "train.checkpoint_every=1000",
+        "train.async_checkpointing=true",
+    ]
 
 
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
@@ -66,8 +84,13 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
     expected = losses(tmp_path / "straight")
 
     workdir = tmp_path / "interrupted"
-    proc = subprocess.Popen(cli_args(workdir, _tiny_run(steps) + ["train.log_every=1"]),
-                            env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cli_args(workdir, _tiny_run(steps) + ["train.log_every=1"]),
+        env=env_with_devices(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -82,7 +105,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
     assert 5 <= stopped_at < steps, f"stopped at {stopped_at}; make the run longer"
 
     resumed = run_cli(workdir, _tiny_run(steps))
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     got = losses(workdir)
     assert sorted(got) == sorted(expected)
     assert got == expected  # bitwise: JSON floats round-trip exactly
@@ -90,10 +113,16 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
 
 def test_nonfinite_loss_halts_and_keeps_last_finite_checkpoint(tmp_path):
     # Plain SGD with an absurd LR and no clipping overflows within a few steps.
-    overrides = _tiny_run(20) + ["optimizer.name=sgd", "optimizer.lr=1e12", "optimizer.clip_norm=0.0",
-                                 "optimizer.momentum=0.0", "optimizer.warmup_steps=0",
-                                 "optimizer.schedule=constant", "train.checkpoint_every=1",
-                                 "train.async_checkpointing=false"]
+    overrides = _tiny_run(20) + [
+        "optimizer.name=sgd",
+        "optimizer.lr=1e12",
+        "optimizer.clip_norm=0.0",
+        "optimizer.momentum=0.0",
+        "optimizer.warmup_steps=0",
+        "optimizer.schedule=constant",
+        "train.checkpoint_every=1",
+        "train.async_checkpointing=false",
+    ]
     proc = run_cli(tmp_path, overrides, check=False)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     rows = read_rows(tmp_path)
@@ -105,15 +134,25 @@ def test_nonfinite_loss_halts_and_keeps_last_finite_checkpoint(tmp_path):
 
 
 def test_nonfinite_skip_mode_drops_updates(tmp_path):
-    overrides = _tiny_run(8) + ["optimizer.name=sgd", "optimizer.lr=1e12", "optimizer.clip_norm=0.0",
-                                "optimizer.momentum=0.0", "optimizer.schedule=constant",
-                                "optimizer.warmup_steps=0", "train.nonfinite=skip"]
+    overrides = _tiny_run(8) + [
+        "optimizer.name=sgd",
+        "optimizer.lr=1e12",
+        "optimizer.clip_norm=0.0",
+        "optimizer.momentum=0.0",
+        "optimizer.schedule=constant",
+        "optimizer.warmup_steps=0",
+        "train.nonfinite=skip",
+    ]
     run_cli(tmp_path, overrides)
     rows = read_rows(tmp_path)
     assert len(rows) == 8
     assert rows[-1]["skipped"] > 0
     # Every step whose loss or gradient norm was non-finite is counted, and only those.
-    bad = [r["step"] for r in rows if not (np.isfinite(float(r["loss"])) and np.isfinite(float(r["grad_norm"])))]
+    bad = [
+        r["step"]
+        for r in rows
+        if not (np.isfinite(float(r["loss"])) and np.isfinite(float(r["grad_norm"])))
+    ]
     assert bad and rows[-1]["skipped"] == len(bad)
     assert [r["skipped"] for r in rows] == [sum(1 for b in bad if b <= r["step"]) for r in rows]
     # Dropped updates leave the parameters finite: the held-out loss is finite.
@@ -121,14 +160,29 @@ def test_nonfinite_skip_mode_drops_updates(tmp_path):
 
 
 def test_metrics_jsonl_documented_keys(tmp_path):
-    run_cli(tmp_path, _tiny_run(4) + ["train.log_every=2", "train.eval_every=2", "train.tensorboard=true"])
+    run_cli(
+        tmp_path,
+        _tiny_run(4) + ["train.log_every=2", "train.eval_every=2", "train.tensorboard=true"],
+    )
     rows = read_rows(tmp_path)
     events = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
     assert events and os.path.getsize(tmp_path / "tb" / events[0]) > 0
     assert [r["step"] for r in rows] == [2, 4]
     for r in rows:
-        for key in ("step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_accuracy", "z_loss",
-                    "accuracy", "grad_norm", "max_attn_logit", "output_logit_mean", "log_z_mean"):
+        for key in (
+            "step",
+            "loss",
+            "lr",
+            "tokens_per_s",
+            "eval_loss",
+            "eval_accuracy",
+            "z_loss",
+            "accuracy",
+            "grad_norm",
+            "max_attn_logit",
+            "output_logit_mean",
+            "log_z_mean",
+        ):
             assert key in r, key
         assert len(r["max_attn_logit"]) == 2  # one per layer
     assert os.path.exists(tmp_path / "config.json")
@@ -150,12 +204,18 @@ def test_grad_accumulation_matches_full_batch():
     B, L = 4, 8
     tokens = rng.integers(0, 32, size=(B, L + 1)).astype(np.int32)
     mask = (rng.random((B, L)) < 0.7).astype(np.float32)  # ragged: micro-batches differ in tokens
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
-             "segment_ids": np.ones((B, L), np.int32),
-             "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1))}
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": mask,
+        "segment_ids": np.ones((B, L), np.int32),
+        "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
+    }
     results = []
     for k in (1, 2, 4):
-        step = jax.jit(make_train_step(model, tx, lambda s: 0.1, z_loss_coef=1e-3, grad_accum_steps=k))
+        step = jax.jit(
+            make_train_step(model, tx, lambda s: 0.1, z_loss_coef=1e-3, grad_accum_steps=k)
+        )
         new_state, metrics = step(init_state(model, tx, seed=0), batch)
         results.append((new_state.params, metrics))
     (p1, m1), *others = results
@@ -165,7 +225,12 @@ def test_grad_accumulation_matches_full_batch():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pk, p1)
     # The update is not trivially zero.
     p0 = init_state(model, tx, seed=0).params
-    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0))) > 1e-4
+    assert (
+        max(
+            float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0))
+        )
+        > 1e-4
+    )
 
 
 def test_rerun_of_finished_run_keeps_results_and_reports_config_changes(tmp_path):

@@ -48,7 +48,9 @@ def lm_loss(logits_BLV, targets_BL, mask_BL=None, *, z_loss_coef: float = 0.0) -
     z_loss = z_loss_coef * jnp.sum(jnp.square(log_z_BL) * mask_BL) / denom
     # Correct when the target is the unique max logit (ties count as wrong).
     num_max_BL = jnp.sum((logits_BLV == max_BL[..., None]).astype(jnp.int32), axis=-1)
-    correct_BL = ((jax.lax.stop_gradient(target_logit_BL) >= max_BL) & (num_max_BL == 1)).astype(jnp.float32)
+    correct_BL = ((jax.lax.stop_gradient(target_logit_BL) >= max_BL) & (num_max_BL == 1)).astype(
+        jnp.float32
+    )
     accuracy = jnp.sum(correct_BL * mask_BL) / denom
     # Diagnostics carry no gradient.
     mean_logit = jax.lax.stop_gradient(jnp.sum(jnp.mean(logits_BLV, axis=-1) * mask_BL) / denom)
@@ -56,8 +58,15 @@ def lm_loss(logits_BLV, targets_BL, mask_BL=None, *, z_loss_coef: float = 0.0) -
     return LMLoss(ce + z_loss, ce, z_loss, accuracy, num_tokens, mean_logit, mean_log_z)
 
 
-def fused_readout_lm_loss(hidden_BLD, readout_DV, targets_BL, mask_BL=None, *,
-                          z_loss_coef: float = 0.0, num_chunks: int = 8) -> LMLoss:
+def fused_readout_lm_loss(
+    hidden_BLD,
+    readout_DV,
+    targets_BL,
+    mask_BL=None,
+    *,
+    z_loss_coef: float = 0.0,
+    num_chunks: int = 8,
+) -> LMLoss:
     """`lm_loss(hidden @ readout, ...)` without materialising [B, L, V] logits.
 
     The sequence is split into `num_chunks` chunks (batch sharding untouched);
@@ -79,8 +88,15 @@ def fused_readout_lm_loss(hidden_BLD, readout_DV, targets_BL, mask_BL=None, *,
     loss, stats = _fused_loss(hidden_BLD, readout_DV, targets_BL, mask_BL, z_loss_coef, num_chunks)
     ce_sum, z_sum, correct, logit_sum, log_z_sum, num_tokens = stats
     denom = jnp.maximum(num_tokens, 1.0)
-    return LMLoss(loss, ce_sum / denom, z_loss_coef * z_sum / denom, correct / denom,
-                  num_tokens, logit_sum / denom, log_z_sum / denom)
+    return LMLoss(
+        loss,
+        ce_sum / denom,
+        z_loss_coef * z_sum / denom,
+        correct / denom,
+        num_tokens,
+        logit_sum / denom,
+        log_z_sum / denom,
+    )
 
 
 def _chunked(x_BL, num_chunks):
@@ -103,27 +119,41 @@ def _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunk
         exp_NV = jnp.exp(logits_NV - max_N1)
         sum_N1 = jnp.sum(exp_NV, axis=-1, keepdims=True)
         log_z_N1 = max_N1 + jnp.log(sum_N1)
-        is_target_NV = jax.lax.broadcasted_iota(jnp.int32, logits_NV.shape, 1) == y_BC.reshape(-1, 1)
+        is_target_NV = jax.lax.broadcasted_iota(jnp.int32, logits_NV.shape, 1) == y_BC.reshape(
+            -1, 1
+        )
         target_N1 = jnp.sum(jnp.where(is_target_NV, logits_NV, 0.0), axis=-1, keepdims=True)
         m_N1 = m_BC.reshape(-1, 1)
-        unique_max_N1 = jnp.sum((logits_NV == max_N1).astype(jnp.int32), axis=-1, keepdims=True) == 1
-        stats = jnp.stack([
-            jnp.sum((log_z_N1 - target_N1) * m_N1),  # ce
-            jnp.sum(jnp.square(log_z_N1) * m_N1),  # (log Z)^2
-            jnp.sum(((target_N1 >= max_N1) & unique_max_N1) * m_N1),  # correct
-            jnp.sum(jnp.mean(logits_NV, axis=-1, keepdims=True) * m_N1),
-            jnp.sum(log_z_N1 * m_N1),
-        ])
+        unique_max_N1 = (
+            jnp.sum((logits_NV == max_N1).astype(jnp.int32), axis=-1, keepdims=True) == 1
+        )
+        stats = jnp.stack(
+            [
+                jnp.sum((log_z_N1 - target_N1) * m_N1),  # ce
+                jnp.sum(jnp.square(log_z_N1) * m_N1),  # (log Z)^2
+                jnp.sum(((target_N1 >= max_N1) & unique_max_N1) * m_N1),  # correct
+                jnp.sum(jnp.mean(logits_NV, axis=-1, keepdims=True) * m_N1),
+                jnp.sum(log_z_N1 * m_N1),
+            ]
+        )
         w_N1 = m_N1 / denom
-        d_logits_NV = exp_NV * (w_N1 * (1.0 + 2.0 * coef * log_z_N1) / sum_N1) - jnp.where(is_target_NV, w_N1, 0.0)
+        d_logits_NV = exp_NV * (w_N1 * (1.0 + 2.0 * coef * log_z_N1) / sum_N1) - jnp.where(
+            is_target_NV, w_N1, 0.0
+        )
         d_logits_NV = d_logits_NV.astype(h_ND.dtype)
         d_hidden_BCD = (d_logits_NV @ w_DV.T).reshape(h_BCD.shape)
         d_readout_DV = d_readout_DV + (h_ND.T @ d_logits_NV).astype(jnp.float32)
         return d_readout_DV, (stats, d_hidden_BCD)
 
     d_readout_DV, (stats_n5, d_hidden_nBCD) = jax.lax.scan(
-        chunk, jnp.zeros(readout_DV.shape, jnp.float32),
-        (_chunked(hidden_BLD, num_chunks), _chunked(targets_BL, num_chunks), _chunked(mask_BL, num_chunks)))
+        chunk,
+        jnp.zeros(readout_DV.shape, jnp.float32),
+        (
+            _chunked(hidden_BLD, num_chunks),
+            _chunked(targets_BL, num_chunks),
+            _chunked(mask_BL, num_chunks),
+        ),
+    )
     ce_sum, z_sum, correct, logit_sum, log_z_sum = jnp.sum(stats_n5, axis=0)
     loss = (ce_sum + coef * z_sum) / denom
     d_hidden_BLD = jnp.moveaxis(d_hidden_nBCD, 0, 1).reshape(hidden_BLD.shape)

@@ -8,4 +8,10 @@ from lm_align.models.transformer import (
     model_defaults,
 )
 
-__all__ = ["Transformer", "TransformerConfig", "attention_mask", "config_from_dict", "model_defaults"]
+__all__ = [
+    "Transformer",
+    "TransformerConfig",
+    "attention_mask",
+    "config_from_dict",
+    "model_defaults",
+]

@@ -26,7 +26,9 @@ class PureModel:
         self.graphdef, state = nnx.split(abstract)
         non_params = [p for p, v in nnx.to_flat_state(state) if not issubclass(v.type, nnx.Param)]
         if non_params:
-            raise TypeError(f"model has non-parameter state at {non_params}; PureModel expects params only")
+            raise TypeError(
+                f"model has non-parameter state at {non_params}; PureModel expects params only"
+            )
         self._state_treedef = jax.tree.structure(state)
         self.abstract_params = nnx.to_pure_dict(state)  # tree of ShapeDtypeStruct
         self._params_treedef = jax.tree.structure(self.abstract_params)
@@ -36,7 +38,9 @@ class PureModel:
         # Pure dicts and nnx.State flatten in the same (sorted-key) order; check once.
         pure_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]]
         state_paths = [p for p, _ in nnx.to_flat_state(state)]
-        if [tuple(getattr(k, "key", k) for k in p) for p in pure_paths] != [tuple(p) for p in state_paths]:
+        if [tuple(getattr(k, "key", k) for k in p) for p in pure_paths] != [
+            tuple(p) for p in state_paths
+        ]:
             raise AssertionError("nnx.State and its pure dict flatten in different orders")
 
     def init(self, seed: int | jax.Array):
@@ -49,7 +53,8 @@ class PureModel:
         if jax.tree.structure(params) != self._params_treedef:
             raise ValueError(
                 "params do not match the model's parameter tree (different keys, key types or "
-                f"nesting); expected {self._params_treedef}, got {jax.tree.structure(params)}")
+                f"nesting); expected {self._params_treedef}, got {jax.tree.structure(params)}"
+            )
         state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
         return nnx.merge(self.graphdef, state)
 
@@ -58,4 +63,7 @@ class PureModel:
         return self.bind(params)(tokens_BL, **kwargs)
 
     def num_params(self) -> int:
-        return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(self.abstract_params))
+        return sum(
+            int(jnp.size(x)) if hasattr(x, "size") else 0
+            for x in jax.tree.leaves(self.abstract_params)
+        )

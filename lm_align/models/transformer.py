@@ -86,9 +86,14 @@ class TransformerConfig:
                 f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
                 "choose n_heads dividing d_model or set model.head_dim explicitly"
             )
-        choices = [("activation", ACTIVATIONS), ("position", POSITIONS), ("norm", NORMS),
-                   ("remat", tuple(REMAT_POLICIES)), ("dtype", tuple(DTYPES)),
-                   ("param_dtype", tuple(DTYPES))]
+        choices = [
+            ("activation", ACTIVATIONS),
+            ("position", POSITIONS),
+            ("norm", NORMS),
+            ("remat", tuple(REMAT_POLICIES)),
+            ("dtype", tuple(DTYPES)),
+            ("param_dtype", tuple(DTYPES)),
+        ]
         for name, valid in choices:
             if getattr(self, name) not in valid:
                 errs.append(f"model.{name}={getattr(self, name)!r} is not one of {valid}")
@@ -134,7 +139,7 @@ def _dense(x_BLI, w, contract: int = 1):
 
 
 def _param(rngs: nnx.Rngs, shape, std: float, names, dtype, *, truncated: bool = False):
-    init = (nnx.initializers.truncated_normal(std) if truncated else nnx.initializers.normal(std))
+    init = nnx.initializers.truncated_normal(std) if truncated else nnx.initializers.normal(std)
     return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names)
 
 
@@ -149,13 +154,24 @@ def _zeros(shape, names, dtype):
 class Norm(nnx.Module):
     """LayerNorm or RMSNorm over the last axis, with a learnable scale (and bias)."""
 
-    def __init__(self, size: int, cfg: TransformerConfig, names=("embed",), *,
-                 kind: str | None = None, use_bias: bool | None = None):
+    def __init__(
+        self,
+        size: int,
+        cfg: TransformerConfig,
+        names=("embed",),
+        *,
+        kind: str | None = None,
+        use_bias: bool | None = None,
+    ):
         pdt = DTYPES[cfg.param_dtype]
         self.kind = kind or cfg.norm
         self.eps = cfg.norm_eps
         self.scale = _ones((size,), names, pdt)
-        self.bias = _zeros((size,), names, pdt) if (cfg.use_bias if use_bias is None else use_bias) else None
+        self.bias = (
+            _zeros((size,), names, pdt)
+            if (cfg.use_bias if use_bias is None else use_bias)
+            else None
+        )
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -195,11 +211,25 @@ class Attention(nnx.Module):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
         # Fused q/k/v projection: one [D, 3, H, K] matmul.
-        self.qkv = _param(rngs, (D, 3, H, K), 1 / math.sqrt(D), ("embed", None, "heads", "head_dim"),
-                          pdt, truncated=True)
-        self.out = _param(rngs, (H, K, D), 1 / math.sqrt(H * K), ("heads", "head_dim", "embed"),
-                          pdt, truncated=True)
-        self.qkv_bias = _zeros((3, H, K), (None, "heads", "head_dim"), pdt) if cfg.use_bias else None
+        self.qkv = _param(
+            rngs,
+            (D, 3, H, K),
+            1 / math.sqrt(D),
+            ("embed", None, "heads", "head_dim"),
+            pdt,
+            truncated=True,
+        )
+        self.out = _param(
+            rngs,
+            (H, K, D),
+            1 / math.sqrt(H * K),
+            ("heads", "head_dim", "embed"),
+            pdt,
+            truncated=True,
+        )
+        self.qkv_bias = (
+            _zeros((3, H, K), (None, "heads", "head_dim"), pdt) if cfg.use_bias else None
+        )
         self.out_bias = _zeros((D,), ("embed",), pdt) if cfg.use_bias else None
         if cfg.qk_layernorm:
             # One scale of size K shared by all heads, no bias (spec section 3).
@@ -245,7 +275,9 @@ class MLP(nnx.Module):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
         n_in = 2 if cfg.activation == "swiglu" else 1
-        self.w_in = _param(rngs, (D, n_in, F), 1 / math.sqrt(D), ("embed", None, "mlp"), pdt, truncated=True)
+        self.w_in = _param(
+            rngs, (D, n_in, F), 1 / math.sqrt(D), ("embed", None, "mlp"), pdt, truncated=True
+        )
         self.w_out = _param(rngs, (F, D), 1 / math.sqrt(F), ("mlp", "embed"), pdt, truncated=True)
         self.b_in = _zeros((n_in, F), (None, "mlp"), pdt) if cfg.use_bias else None
         self.b_out = _zeros((D,), ("embed",), pdt) if cfg.use_bias else None
@@ -305,6 +337,7 @@ class Transformer(nnx.Module):
         if cfg.position == "learned":
             self.pos_embed = _param(rngs, (cfg.max_len, D), embed_std, (None, "embed"), pdt)
         if cfg.scan_layers:
+
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs):
@@ -315,15 +348,25 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = Norm(D, cfg)
         if not cfg.tie_embeddings:
-            self.readout = _param(rngs, (D, V), 1 / math.sqrt(D), ("embed", "vocab"), pdt, truncated=True)
+            self.readout = _param(
+                rngs, (D, V), 1 / math.sqrt(D), ("embed", "vocab"), pdt, truncated=True
+            )
 
     def readout_matrix(self):
         """[D, V] in the compute dtype: logits = final hidden states @ this."""
         readout_DV = self.embed.value.T if self.cfg.tie_embeddings else self.readout.value
         return readout_DV.astype(DTYPES[self.cfg.dtype])
 
-    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, return_diagnostics=False,
-                 return_hidden=False, constrain_BLD=None):
+    def __call__(
+        self,
+        tokens_BL,
+        *,
+        positions_BL=None,
+        segment_ids_BL=None,
+        return_diagnostics=False,
+        return_hidden=False,
+        constrain_BLD=None,
+    ):
         """Logits [B, L, V] in float32; with `return_diagnostics`, also a dict with
         `max_attn_logit` [N]: max pre-softmax attention logit per layer (masked
         entries excluded). With `return_hidden`, the final-normed hidden states
@@ -339,8 +382,11 @@ class Transformer(nnx.Module):
             segment_ids_BL = jnp.ones((B, L), dtype=jnp.int32)
         mask_B1LM = attention_mask(segment_ids_BL)
         # Computed once and shared by every layer.
-        rope_sincos = (rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
-                       if cfg.position == "rope" else None)
+        rope_sincos = (
+            rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
+            if cfg.position == "rope"
+            else None
+        )
 
         x_BLD = jnp.take(self.embed.value, tokens_BL, axis=0).astype(dt)
         if cfg.position == "learned":
@@ -358,8 +404,7 @@ class Transformer(nnx.Module):
 
         if cfg.scan_layers:
             graph, stacked = nnx.split(self.blocks)
-            x_BLD, max_logit_N = jax.lax.scan(
-                lambda x, s: block_fn(graph, s, x), x_BLD, stacked)
+            x_BLD, max_logit_N = jax.lax.scan(lambda x, s: block_fn(graph, s, x), x_BLD, stacked)
         else:
             max_logits = []
             for block in self.blocks:

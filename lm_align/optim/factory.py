@@ -34,104 +34,110 @@ NAMES = ("adamw", "adam", "adam_atan2", "adafactor", "sgd")
 # Defaults follow the small-scale-proxy setup of Wortsman et al. 2023
 # (AdamW, b2 0.95, clip 1, independent decay 1e-4, cosine to 1e-5).
 DEFAULTS = {
-    "name": "adamw",                    # adamw | adam | adam_atan2 | adafactor | sgd
-    "lr": 1e-3,                         # peak learning rate, reached at the end of warmup
-    "b1": 0.9,                          # first-moment decay (adam, adamw, adam_atan2)
-    "b2": 0.95,                         # second-moment decay (adam, adamw, adam_atan2)
-    "eps": 1e-8,                        # Adam epsilon added to sqrt(v_hat) (adam, adamw)
-    "weight_decay": 1e-4,               # lambda; 0 = off; only ndim >= 2 arrays decay
-    "independent_weight_decay": True,   # True: decay lambda*lr_t/lr per step; False: lr_t*lambda
-    "momentum": 0.9,                    # sgd momentum; 0 or None = plain SGD
-    "nesterov": False,                  # sgd Nesterov momentum
-    "clip_norm": 1.0,                   # global-norm gradient clipping; 0 or None = off
-    "schedule": "cosine",               # cosine | linear | rsqrt | constant (after warmup)
-    "warmup_steps": 0,                  # linear warmup from 0 to lr, in optimizer steps
-    "end_lr": 1e-5,                     # absolute LR floor after warmup (cosine/linear target)
-    "decay_steps": None,                # absolute step where cosine/linear reach end_lr; None = total_steps
-    "atan2_a": 4 / math.pi,             # adam_atan2 output scale (update bound a*pi/2)
-    "atan2_b": 1.0,                     # adam_atan2 denominator scale
-    "adafactor_factored": True,         # adafactor: factor the second moment of matrices
-    "adafactor_decay_rate": 0.8,        # adafactor: b2_t = 1 - t^(-decay_rate)
+    "name": "adamw",  # adamw | adam | adam_atan2 | adafactor | sgd
+    "lr": 1e-3,  # peak learning rate, reached at the end of warmup
+    "b1": 0.9,  # first-moment decay (adam, adamw, adam_atan2)
+    "b2": 0.95,  # second-moment decay (adam, adamw, adam_atan2)
+    "eps": 1e-8,  # Adam epsilon added to sqrt(v_hat) (adam, adamw)
+    "weight_decay": 1e-4,  # lambda; 0 = off; only ndim >= 2 arrays decay
+    "independent_weight_decay": True,  # True: decay lambda*lr_t/lr per step; False: lr_t*lambda
+    "momentum": 0.9,  # sgd momentum; 0 or None = plain SGD
+    "nesterov": False,  # sgd Nesterov momentum
+    "clip_norm": 1.0,  # global-norm gradient clipping; 0 or None = off
+    "schedule": "cosine",  # cosine | linear | rsqrt | constant (after warmup)
+    "warmup_steps": 0,  # linear warmup from 0 to lr, in optimizer steps
+    "end_lr": 1e-5,  # absolute LR floor after warmup (cosine/linear target)
+    "decay_steps": None,  # absolute step where cosine/linear reach end_lr; None = total_steps
+    "atan2_a": 4 / math.pi,  # adam_atan2 output scale (update bound a*pi/2)
+    "atan2_b": 1.0,  # adam_atan2 denominator scale
+    "adafactor_factored": True,  # adafactor: factor the second moment of matrices
+    "adafactor_decay_rate": 0.8,  # adafactor: b2_t = 1 - t^(-decay_rate)
 }
 
 
 class Optimizer(NamedTuple):
-  """What :func:`make_optimizer` returns.
+    """What :func:`make_optimizer` returns.
 
-  Attributes:
-    tx: the optax transformation; its ``update`` needs ``params``.
-    schedule: the learning rate schedule ``step -> lr`` (for logging).
-  """
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
+    Attributes:
+      tx: the optax transformation; its ``update`` needs ``params``.
+      schedule: the learning rate schedule ``step -> lr`` (for logging).
+    """
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
 
 
 def _resolve(config: Any) -> dict[str, Any]:
-  unknown = sorted(set(config.keys()) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(
-        f"Unknown optimizer config key(s) {unknown}; valid keys are "
-        f"{sorted(DEFAULTS)}.")
-  c = {k: config.get(k, v) for k, v in DEFAULTS.items()}
-  if c["name"] not in NAMES:
-    raise ValueError(
-        f"Unknown optimizer name {c['name']!r}; use one of {', '.join(NAMES)}.")
-  return c
+    unknown = sorted(set(config.keys()) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"Unknown optimizer config key(s) {unknown}; valid keys are {sorted(DEFAULTS)}."
+        )
+    c = {k: config.get(k, v) for k, v in DEFAULTS.items()}
+    if c["name"] not in NAMES:
+        raise ValueError(f"Unknown optimizer name {c['name']!r}; use one of {', '.join(NAMES)}.")
+    return c
 
 
 def _direction(c: dict[str, Any]) -> optax.GradientTransformation:
-  """The update direction (before decay and learning rate) for ``c['name']``."""
-  name = c["name"]
-  if name in ("adamw", "adam"):
-    return optax.scale_by_adam(b1=c["b1"], b2=c["b2"], eps=c["eps"])
-  elif name == "adam_atan2":
-    return scale_by_adam_atan2(
-        b1=c["b1"], b2=c["b2"], a=c["atan2_a"], b=c["atan2_b"])
-  elif name == "adafactor":
-    # optax.adafactor's direction (factored RMS, update clipping at block RMS
-    # 1, relative step size) without its LR scaling and weight decay.
-    return optax.chain(
-        optax.scale_by_factored_rms(
-            factored=c["adafactor_factored"],
-            decay_rate=c["adafactor_decay_rate"]),
-        optax.clip_by_block_rms(1.0),
-        optax.scale_by_param_block_rms(),
-    )
-  elif name == "sgd":
-    if not c["momentum"]:
-      return optax.identity()
-    return optax.trace(decay=c["momentum"], nesterov=c["nesterov"])
-  raise ValueError(f"Unknown optimizer name {name!r}; use one of {NAMES}.")
+    """The update direction (before decay and learning rate) for ``c['name']``."""
+    name = c["name"]
+    if name in ("adamw", "adam"):
+        return optax.scale_by_adam(b1=c["b1"], b2=c["b2"], eps=c["eps"])
+    elif name == "adam_atan2":
+        return scale_by_adam_atan2(b1=c["b1"], b2=c["b2"], a=c["atan2_a"], b=c["atan2_b"])
+    elif name == "adafactor":
+        # optax.adafactor's direction (factored RMS, update clipping at block RMS
+        # 1, relative step size) without its LR scaling and weight decay.
+        return optax.chain(
+            optax.scale_by_factored_rms(
+                factored=c["adafactor_factored"], decay_rate=c["adafactor_decay_rate"]
+            ),
+            optax.clip_by_block_rms(1.0),
+            optax.scale_by_param_block_rms(),
+        )
+    elif name == "sgd":
+        if not c["momentum"]:
+            return optax.identity()
+        return optax.trace(decay=c["momentum"], nesterov=c["nesterov"])
+    raise ValueError(f"Unknown optimizer name {name!r}; use one of {NAMES}.")
 
 
 def make_optimizer(config: Any, *, total_steps: int) -> Optimizer:
-  """Build ``Optimizer(tx, schedule)`` from a flat config (see :data:`DEFAULTS`).
+    """Build ``Optimizer(tx, schedule)`` from a flat config (see :data:`DEFAULTS`).
 
-  Args:
-    config: mapping with ``.get`` and ``keys()``; fields as in ``DEFAULTS``.
-    total_steps: number of optimizer updates; sets the default decay length.
+    Args:
+      config: mapping with ``.get`` and ``keys()``; fields as in ``DEFAULTS``.
+      total_steps: number of optimizer updates; sets the default decay length.
 
-  Returns:
-    ``Optimizer(tx, schedule)``.
+    Returns:
+      ``Optimizer(tx, schedule)``.
 
-  Raises:
-    ValueError: unknown ``name``, unknown config keys, or invalid schedule or
-      clipping values.
-  """
-  c = _resolve(config)
-  schedule = warmup_then_decay(
-      c["lr"], total_steps, warmup_steps=c["warmup_steps"],
-      decay=c["schedule"], end_lr=c["end_lr"], decay_steps=c["decay_steps"])
-  parts = []
-  if c["clip_norm"] is not None and c["clip_norm"] < 0:
-    raise ValueError(f"clip_norm must be >= 0 (0 or None = off), got {c['clip_norm']}.")
-  if c["clip_norm"]:
-    parts.append(optax.clip_by_global_norm(c["clip_norm"]))
-  parts.append(_direction(c))
-  parts.append(decay_and_scale_by_learning_rate(
-      schedule,
-      weight_decay=c["weight_decay"],
-      independent_weight_decay=c["independent_weight_decay"],
-      peak_learning_rate=c["lr"],
-  ))
-  return Optimizer(tx=optax.chain(*parts), schedule=schedule)
+    Raises:
+      ValueError: unknown ``name``, unknown config keys, or invalid schedule or
+        clipping values.
+    """
+    c = _resolve(config)
+    schedule = warmup_then_decay(
+        c["lr"],
+        total_steps,
+        warmup_steps=c["warmup_steps"],
+        decay=c["schedule"],
+        end_lr=c["end_lr"],
+        decay_steps=c["decay_steps"],
+    )
+    parts = []
+    if c["clip_norm"] is not None and c["clip_norm"] < 0:
+        raise ValueError(f"clip_norm must be >= 0 (0 or None = off), got {c['clip_norm']}.")
+    if c["clip_norm"]:
+        parts.append(optax.clip_by_global_norm(c["clip_norm"]))
+    parts.append(_direction(c))
+    parts.append(
+        decay_and_scale_by_learning_rate(
+            schedule,
+            weight_decay=c["weight_decay"],
+            independent_weight_decay=c["independent_weight_decay"],
+            peak_learning_rate=c["lr"],
+        )
+    )
+    return Optimizer(tx=optax.chain(*parts), schedule=schedule)

@@ -35,7 +35,8 @@ class DataStateHandler(ocp.CheckpointHandler):
             found = sorted(p.name for p in directory.iterdir())
             raise FileNotFoundError(
                 f"no data-iterator state {path} (found {found}); the checkpoint was written by a "
-                "different number of processes, so the data order cannot be resumed exactly")
+                "different number of processes, so the data order cannot be resumed exactly"
+            )
         return json.loads(path.read_text())
 
     def metadata(self, directory: epath.Path):
@@ -69,11 +70,17 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
-                           "config": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": DataStateHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -81,17 +88,30 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: Any, config_dict: dict, *, force: bool = True) -> None:
+    def save(
+        self, step: int, state, data_state: Any, config_dict: dict, *, force: bool = True
+    ) -> None:
         """Starts an (async) save of `step`; `data_state` is captured now."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataStateSave(data_state),
-            config=ocp.args.JsonSave(config_dict)), force=force)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=DataStateSave(data_state),
+                config=ocp.args.JsonSave(config_dict),
+            ),
+            force=force,
+        )
 
     def restore(self, step: int, abstract_state) -> tuple[Any, Any, dict]:
         """(state, data_state, config_dict) of `step`; arrays get `abstract_state`'s shardings."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore(),
-            config=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=DataStateRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
         return out.state, out.data, out.config
 
     def wait(self) -> None:

@@ -49,10 +49,12 @@ MESH_DEFAULTS = {
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default (unlocked; `load_config` locks it)."""
-    return ml_collections.ConfigDict({
-        "train": dict(TRAIN_DEFAULTS),
-        "mesh": dict(MESH_DEFAULTS),
-        "model": model_defaults(),
-        "optimizer": dict(optim.DEFAULTS),
-        "data": dict(data_lib.DEFAULTS),
-    })
+    return ml_collections.ConfigDict(
+        {
+            "train": dict(TRAIN_DEFAULTS),
+            "mesh": dict(MESH_DEFAULTS),
+            "model": model_defaults(),
+            "optimizer": dict(optim.DEFAULTS),
+            "data": dict(data_lib.DEFAULTS),
+        }
+    )

@@ -93,8 +93,14 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
 
     seq_len, local_batch = cfg.data.seq_len, t.batch_size // jax.process_count()
     train_iter = data_lib.make_batch_iterator(
-        cfg.data, split="train", seq_len=seq_len, batch_size=local_batch, seed=t.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+        cfg.data,
+        split="train",
+        seq_len=seq_len,
+        batch_size=local_batch,
+        seed=t.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
 
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     start = ckpt.latest_step()
@@ -113,9 +119,11 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     else:
         start = 0
         state = steps.init_state()
-    _log(f"model: {model.num_params():,} params ({model_cfg.num_params(matmul_only=True):,} in matmuls), "
-         f"{model_cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; mesh {dict(mesh.shape)} "
-         f"on {len(devices)} {devices[0].platform} device(s)")
+    _log(
+        f"model: {model.num_params():,} params ({model_cfg.num_params(matmul_only=True):,} in matmuls), "
+        f"{model_cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; mesh {dict(mesh.shape)} "
+        f"on {len(devices)} {devices[0].platform} device(s)"
+    )
 
     writer = MetricWriter(workdir, tensorboard=t.tensorboard, resume_step=start)
     progress = Progress(total=t.steps, initial=start, enabled=t.progress)
@@ -126,9 +134,16 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     stopped_by = None
 
     def run_eval(params):
-        return evaluate.eval_loss(steps.eval_step, params, cfg.data, seq_len=seq_len,
-                                  batch_size=local_batch, num_batches=t.eval_batches,
-                                  batch_sharding=steps.batch_sharding, seed=t.seed)
+        return evaluate.eval_loss(
+            steps.eval_step,
+            params,
+            cfg.data,
+            seq_len=seq_len,
+            batch_size=local_batch,
+            num_batches=t.eval_batches,
+            batch_sharding=steps.batch_sharding,
+            seed=t.seed,
+        )
 
     def is_eval_step(step):
         return step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
@@ -152,7 +167,8 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
                 f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
                 f"{float(m['grad_norm'])}); the newest checkpoint ({good if good is not None else 'none'}) "
                 "is untouched. Lower optimizer.lr, raise train.z_loss_coef or enable "
-                "model.qk_layernorm, or set train.nonfinite=skip to drop such updates.")
+                "model.qk_layernorm, or set train.nonfinite=skip to drop such updates."
+            )
         progress.update(1, loss=f"{float(m['loss']):.4f}")
         evaluating = is_eval_step(step) and params_after is not None
         if step % t.log_every == 0 or evaluating:
@@ -167,7 +183,8 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             progress.write(
                 f"step {step:>6}/{t.steps}  loss {float(m['loss']):.4f}  acc {float(m['accuracy']):.3f}"
                 f"  lr {float(m['lr']):.2e}  {row['tokens_per_s']:,.0f} tok/s  eta {eta:,.0f}s"
-                + (f"  eval_loss {row['eval_loss']:.4f}" if evaluating else ""))
+                + (f"  eval_loss {row['eval_loss']:.4f}" if evaluating else "")
+            )
             interval_start, interval_steps = time.perf_counter(), 0
 
     with _StopFlag() as stop:
@@ -177,14 +194,18 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
                 state, metrics = steps.train_step(state, batch)
                 drain()  # the previous step, while this one runs
                 pending = (step, metrics)
-                save_now = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
+                save_now = (
+                    t.checkpoint_every and step % t.checkpoint_every == 0
+                ) or step == t.steps
                 if stop.signal is not None or save_now or is_eval_step(step):
                     drain(state.params)
                 if stop.signal is not None or save_now:
                     ckpt.save(step, state, train_iter.get_state(), config_dict)
                 if stop.signal is not None:
                     stopped_by = stop.signal
-                    _log(f"{stop.signal}: saved checkpoint at step {step}; rerun the same command to resume")
+                    _log(
+                        f"{stop.signal}: saved checkpoint at step {step}; rerun the same command to resume"
+                    )
                     break
             drain()
         finally:
@@ -196,9 +217,16 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     result = dict(last_row)
     if stopped_by is None and final_step == t.steps:
         if t.answer_eval_examples:
-            result.update(evaluate.answer_accuracy(
-                model.apply, state.params, cfg.data, num_examples=t.answer_eval_examples,
-                max_new_tokens=t.answer_max_new_tokens, verbose_examples=4))
+            result.update(
+                evaluate.answer_accuracy(
+                    model.apply,
+                    state.params,
+                    cfg.data,
+                    num_examples=t.answer_eval_examples,
+                    max_new_tokens=t.answer_max_new_tokens,
+                    verbose_examples=4,
+                )
+            )
         result["unigram_baseline_loss"] = evaluate.unigram_entropy(cfg.data, seq_len=seq_len)
         if jax.process_index() == 0:
             summary = {k: v for k, v in result.items() if k != "samples"}
@@ -214,7 +242,9 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += _config_changes(a, b, f"{prefix}{key}.")
-        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (
+            list(b) if isinstance(b, (list, tuple)) else b
+        ):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
 

@@ -95,8 +95,15 @@ class Progress:
         if enabled and jax.process_index() == 0:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            mininterval=1.0, file=sys.stderr, disable=not sys.stderr.isatty())
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                file=sys.stderr,
+                disable=not sys.stderr.isatty(),
+            )
 
     def update(self, n: int = 1, **postfix):
         if self.bar is not None:

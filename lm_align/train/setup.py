@@ -32,7 +32,15 @@ def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experi
     mesh = parallel.make_mesh(cfg.mesh, devices)
     model = PureModel(model_cfg)
     opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
-    steps = build_steps(model, opt.tx, opt.schedule, mesh, seed=t.seed, z_loss_coef=t.z_loss_coef,
-                        grad_accum_steps=t.grad_accum_steps, nonfinite=t.nonfinite,
-                        loss_chunks=t.loss_chunks)
+    steps = build_steps(
+        model,
+        opt.tx,
+        opt.schedule,
+        mesh,
+        seed=t.seed,
+        z_loss_coef=t.z_loss_coef,
+        grad_accum_steps=t.grad_accum_steps,
+        nonfinite=t.nonfinite,
+        loss_chunks=t.loss_chunks,
+    )
     return Experiment(model_cfg, model, opt, mesh, steps)

@@ -51,10 +51,17 @@ def _rms(tree) -> jax.Array:
     return jnp.sqrt(total / sum(x.size for x in leaves))
 
 
-def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule: Callable,
-                    *, z_loss_coef: float = 0.0, grad_accum_steps: int = 1,
-                    nonfinite: str = "halt", loss_chunks: int = 0,
-                    constrain_BLD: Callable | None = None) -> Callable:
+def make_train_step(
+    model: PureModel,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    z_loss_coef: float = 0.0,
+    grad_accum_steps: int = 1,
+    nonfinite: str = "halt",
+    loss_chunks: int = 0,
+    constrain_BLD: Callable | None = None,
+) -> Callable:
     """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
 
     `loss_chunks > 0` computes the readout and loss with
@@ -73,12 +80,23 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
 
     def loss_fn(params, batch):
         module = model.bind(params)
-        out_BLX, diag = module(batch["inputs"], positions_BL=batch["positions"],
-                               segment_ids_BL=batch["segment_ids"], return_diagnostics=True,
-                               return_hidden=loss_chunks > 0, constrain_BLD=constrain_BLD)
+        out_BLX, diag = module(
+            batch["inputs"],
+            positions_BL=batch["positions"],
+            segment_ids_BL=batch["segment_ids"],
+            return_diagnostics=True,
+            return_hidden=loss_chunks > 0,
+            constrain_BLD=constrain_BLD,
+        )
         if loss_chunks > 0:
-            out = fused_readout_lm_loss(out_BLX, module.readout_matrix(), batch["targets"],
-                                        batch["loss_mask"], z_loss_coef=z_loss_coef, num_chunks=loss_chunks)
+            out = fused_readout_lm_loss(
+                out_BLX,
+                module.readout_matrix(),
+                batch["targets"],
+                batch["loss_mask"],
+                z_loss_coef=z_loss_coef,
+                num_chunks=loss_chunks,
+            )
         else:
             out = lm_loss(out_BLX, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
         return out.loss, (out, diag)
@@ -90,7 +108,9 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
             (_, (out, diag)), grads = grad_fn(params, batch)
             return grads, out, diag
         micro = jax.tree.map(
-            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+            batch,
+        )
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def body(carry, mb):
@@ -116,15 +136,25 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
         new = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped)
         if nonfinite == "skip":
             keep = lambda n, o: jnp.where(finite, n, o)
-            new = new._replace(params=jax.tree.map(keep, params, state.params),
-                               opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                               skipped=state.skipped + (~finite).astype(jnp.int32))
+            new = new._replace(
+                params=jax.tree.map(keep, params, state.params),
+                opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                skipped=state.skipped + (~finite).astype(jnp.int32),
+            )
         metrics = {
-            "loss": out.loss, "ce": out.ce, "z_loss": out.z_loss, "accuracy": out.accuracy,
-            "grad_norm": grad_norm, "lr": lr, "finite": finite,
-            "param_rms": _rms(state.params), "update_rms": _rms(updates) / jnp.maximum(lr, 1e-30),
-            "output_logit_mean": out.mean_logit, "log_z_mean": out.mean_log_z,
-            "max_attn_logit": diag["max_attn_logit"], "skipped": new.skipped,
+            "loss": out.loss,
+            "ce": out.ce,
+            "z_loss": out.z_loss,
+            "accuracy": out.accuracy,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "finite": finite,
+            "param_rms": _rms(state.params),
+            "update_rms": _rms(updates) / jnp.maximum(lr, 1e-30),
+            "output_logit_mean": out.mean_logit,
+            "log_z_mean": out.mean_log_z,
+            "max_attn_logit": diag["max_attn_logit"],
+            "skipped": new.skipped,
             "num_tokens": out.num_tokens,
         }
         return new, metrics
@@ -132,13 +162,19 @@ def make_train_step(model: PureModel, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def make_eval_step(model: PureModel, *, z_loss_coef: float = 0.0,
-                   constrain_BLD: Callable | None = None) -> Callable:
+def make_eval_step(
+    model: PureModel, *, z_loss_coef: float = 0.0, constrain_BLD: Callable | None = None
+) -> Callable:
     """`(params, batch) -> sums`: token-weighted sums to aggregate over eval batches."""
 
     def eval_step(params, batch):
-        logits_BLV = model.apply(params, batch["inputs"], positions_BL=batch["positions"],
-                                 segment_ids_BL=batch["segment_ids"], constrain_BLD=constrain_BLD)
+        logits_BLV = model.apply(
+            params,
+            batch["inputs"],
+            positions_BL=batch["positions"],
+            segment_ids_BL=batch["segment_ids"],
+            constrain_BLD=constrain_BLD,
+        )
         out = lm_loss(logits_BLV, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
         n = out.num_tokens
         return {"ce_sum": out.ce * n, "correct_sum": out.accuracy * n, "num_tokens": n}
@@ -158,17 +194,31 @@ class Steps:
     abstract_state: Any  # ShapeDtypeStructs with shardings (restore target)
 
 
-def build_steps(model: PureModel, tx: optax.GradientTransformation, schedule: Callable, mesh,
-                *, seed: int, z_loss_coef: float = 0.0, grad_accum_steps: int = 1,
-                nonfinite: str = "halt", loss_chunks: int = 0) -> Steps:
+def build_steps(
+    model: PureModel,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    mesh,
+    *,
+    seed: int,
+    z_loss_coef: float = 0.0,
+    grad_accum_steps: int = 1,
+    nonfinite: str = "halt",
+    loss_chunks: int = 0,
+) -> Steps:
     """Shards and jits the steps on `mesh` (same code for 1 device and N)."""
     abstract = jax.eval_shape(lambda: init_state(model, tx, seed))
     param_sh = parallel.logical_to_sharding(model.logical_axes, abstract.params, mesh)
     rep = parallel.replicated(mesh)
     state_sh = TrainState(
-        step=rep, params=param_sh,
-        opt_state=parallel.opt_state_shardings(tx, param_sh, abstract.params, abstract.opt_state, mesh),
-        rng=rep, skipped=rep)
+        step=rep,
+        params=param_sh,
+        opt_state=parallel.opt_state_shardings(
+            tx, param_sh, abstract.params, abstract.opt_state, mesh
+        ),
+        rng=rep,
+        skipped=rep,
+    )
     batch_sh = parallel.batch_sharding(mesh)
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}
     # Keep the residual stream batch-sharded: otherwise it inherits the embedding
@@ -176,13 +226,27 @@ def build_steps(model: PureModel, tx: optax.GradientTransformation, schedule: Ca
     constrain_BLD = lambda x: jax.lax.with_sharding_constraint(x, batch_sh)
 
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, z_loss_coef=z_loss_coef,
-                        grad_accum_steps=grad_accum_steps, nonfinite=nonfinite, loss_chunks=loss_chunks,
-                        constrain_BLD=constrain_BLD),
-        in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, rep), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model, z_loss_coef=z_loss_coef, constrain_BLD=constrain_BLD),
-                        in_shardings=(param_sh, batch_shardings), out_shardings=rep)
+        make_train_step(
+            model,
+            tx,
+            schedule,
+            z_loss_coef=z_loss_coef,
+            grad_accum_steps=grad_accum_steps,
+            nonfinite=nonfinite,
+            loss_chunks=loss_chunks,
+            constrain_BLD=constrain_BLD,
+        ),
+        in_shardings=(state_sh, batch_shardings),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(model, z_loss_coef=z_loss_coef, constrain_BLD=constrain_BLD),
+        in_shardings=(param_sh, batch_shardings),
+        out_shardings=rep,
+    )
     init = jax.jit(lambda: init_state(model, tx, seed), out_shardings=state_sh)
     abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
     return Steps(train_step, eval_step, init, state_sh, batch_sh, abstract_sharded)

@@ -13,8 +13,9 @@ from lm_align.models import TransformerConfig
 from lm_align.train.step import NONFINITE_MODES
 
 
-def check_config(cfg, *, num_devices: int, process_count: int = 1,
-                 extra_groups_allowed: tuple[str, ...] = ()) -> TransformerConfig:
+def check_config(
+    cfg, *, num_devices: int, process_count: int = 1, extra_groups_allowed: tuple[str, ...] = ()
+) -> TransformerConfig:
     """Raises ConfigError listing every problem; returns the model config."""
     errors: list[str] = []
     t = cfg.train
@@ -24,20 +25,34 @@ def check_config(cfg, *, num_devices: int, process_count: int = 1,
         unknown = sorted(set(cfg[group].keys()) - set(known))
         if unknown:
             errors.append(f"unknown {group} fields {unknown}; valid: {sorted(known)}")
-    extra_groups = sorted(set(cfg.keys()) - {"train", "mesh", "model", "optimizer", "data"} - set(extra_groups_allowed))
+    extra_groups = sorted(
+        set(cfg.keys())
+        - {"train", "mesh", "model", "optimizer", "data"}
+        - set(extra_groups_allowed)
+    )
     if extra_groups:
-        errors.append(f"unknown config groups {extra_groups}; valid: train, mesh, model, optimizer, data")
+        errors.append(
+            f"unknown config groups {extra_groups}; valid: train, mesh, model, optimizer, data"
+        )
 
-    for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches",
-                 "keep_checkpoints"):
+    for name in (
+        "steps",
+        "batch_size",
+        "grad_accum_steps",
+        "log_every",
+        "eval_batches",
+        "keep_checkpoints",
+    ):
         if t[name] <= 0:
             errors.append(f"train.{name}={t[name]} must be positive")
     for name in ("eval_every", "checkpoint_every", "answer_eval_examples"):
         if t[name] < 0:
             errors.append(f"train.{name}={t[name]} must be >= 0 (0 turns it off)")
     if t.loss_chunks < 0 or (t.loss_chunks and cfg.data.seq_len % t.loss_chunks):
-        errors.append(f"train.loss_chunks={t.loss_chunks} must be 0 (full logits) or divide "
-                      f"data.seq_len={cfg.data.seq_len}")
+        errors.append(
+            f"train.loss_chunks={t.loss_chunks} must be 0 (full logits) or divide "
+            f"data.seq_len={cfg.data.seq_len}"
+        )
     if t.nonfinite not in NONFINITE_MODES:
         errors.append(f"train.nonfinite={t.nonfinite!r} must be one of {NONFINITE_MODES}")
 
@@ -58,26 +73,33 @@ def check_config(cfg, *, num_devices: int, process_count: int = 1,
         if t.batch_size % dp:
             errors.append(
                 f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
-                f"mesh.data*mesh.fsdp={dp}; use a multiple of {dp}")
+                f"mesh.data*mesh.fsdp={dp}; use a multiple of {dp}"
+            )
         elif t.grad_accum_steps > 0 and t.batch_size % (dp * t.grad_accum_steps):
             errors.append(
                 f"train.batch_size={t.batch_size} must divide into grad_accum_steps="
                 f"{t.grad_accum_steps} micro-batches of a multiple of {dp} sequences; "
-                f"use a multiple of {dp * t.grad_accum_steps}")
+                f"use a multiple of {dp * t.grad_accum_steps}"
+            )
     if t.batch_size > 0 and t.batch_size % process_count:
-        errors.append(f"train.batch_size={t.batch_size} must be divisible by the {process_count} processes")
+        errors.append(
+            f"train.batch_size={t.batch_size} must be divisible by the {process_count} processes"
+        )
 
     try:
         tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size < tokenizer.vocab_size:
             errors.append(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                f"vocabulary ({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}")
+                f"vocabulary ({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}"
+            )
     except ValueError as e:
         errors.append(str(e))
     if cfg.model.position == "learned" and cfg.data.seq_len > cfg.model.max_len:
-        errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len} "
-                      "(the learned position table); raise model.max_len")
+        errors.append(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len} "
+            "(the learned position table); raise model.max_len"
+        )
     try:
         data_lib.config.check(cfg.data)
         data_lib.make_source(cfg.data, "train")  # unknown source, missing files
@@ -91,4 +113,3 @@ def check_config(cfg, *, num_devices: int, process_count: int = 1,
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return model_cfg
-
