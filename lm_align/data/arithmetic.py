@@ -43,126 +43,122 @@ _PROMPT_RE = re.compile(r"^\d+([+\-*]\d+)+=$")
 
 
 def evaluate(operands: list[int], ops: list[str]) -> int:
-  """Value of ``o0 op0 o1 op1 ... on`` with ``*`` before ``+``/``-``.
+    """Value of ``o0 op0 o1 op1 ... on`` with ``*`` before ``+``/``-``.
 
-  Multiplications are folded into terms first, then the signed terms summed:
-  e.g. ``2+3*4-5 = 2 + 12 - 5 = 9``.
-  """
-  terms, signs = [operands[0]], [1]
-  for op, x in zip(ops, operands[1:]):
-    if op == "*":
-      terms[-1] *= x
-    else:
-      terms.append(x)
-      signs.append(1 if op == "+" else -1)
-  return sum(s * t for s, t in zip(signs, terms))
+    Multiplications are folded into terms first, then the signed terms summed:
+    e.g. ``2+3*4-5 = 2 + 12 - 5 = 9``.
+    """
+    terms, signs = [operands[0]], [1]
+    for op, x in zip(ops, operands[1:]):
+        if op == "*":
+            terms[-1] *= x
+        else:
+            terms.append(x)
+            signs.append(1 if op == "+" else -1)
+    return sum(s * t for s, t in zip(signs, terms))
 
 
 def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
-  """Splits ``"37+5="`` into operands ``[37, 5]`` and operators ``['+']``."""
-  if not _PROMPT_RE.match(prompt):
-    raise DataError(
-        f"not an arithmetic prompt: {prompt!r}; expected digits joined by "
-        f"operators from {VALID_OPERATORS!r} and ending in '=', e.g. '37+5='."
-    )
-  tokens = re.findall(r"\d+|[+\-*]", prompt[:-1])
-  return [int(t) for t in tokens[0::2]], tokens[1::2]
+    """Splits ``"37+5="`` into operands ``[37, 5]`` and operators ``['+']``."""
+    if not _PROMPT_RE.match(prompt):
+        raise DataError(
+            f"not an arithmetic prompt: {prompt!r}; expected digits joined by "
+            f"operators from {VALID_OPERATORS!r} and ending in '=', e.g. '37+5='."
+        )
+    tokens = re.findall(r"\d+|[+\-*]", prompt[:-1])
+    return [int(t) for t in tokens[0::2]], tokens[1::2]
 
 
 def bucket(prompt: str) -> float:
-  """Stable split hash in [0, 1): ``blake2b(prompt, 8 bytes) / 2**64``."""
-  digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=_HASH_BYTES)
-  return int.from_bytes(digest.digest(), "big") / 2.0 ** (8 * _HASH_BYTES)
+    """Stable split hash in [0, 1): ``blake2b(prompt, 8 bytes) / 2**64``."""
+    digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=_HASH_BYTES)
+    return int.from_bytes(digest.digest(), "big") / 2.0 ** (8 * _HASH_BYTES)
 
 
 class ArithmeticTask:
-  """Index-addressable arithmetic problems with a verifier.
+    """Index-addressable arithmetic problems with a verifier.
 
-  Args:
-    seed: record stream seed (train and eval streams both depend on it).
-    num_digits: operands have 1..num_digits digits (1..18).
-    operators: characters from "+-*", each drawn with equal probability.
-    num_terms: operands per problem (>= 2).
-    eval_fraction: fraction of the problem space reserved for eval, in (0, 1).
-  """
+    Args:
+      seed: record stream seed (train and eval streams both depend on it).
+      num_digits: operands have 1..num_digits digits (1..18).
+      operators: characters from "+-*", each drawn with equal probability.
+      num_terms: operands per problem (>= 2).
+      eval_fraction: fraction of the problem space reserved for eval, in (0, 1).
+    """
 
-  def __init__(
-      self,
-      seed: int = 0,
-      num_digits: int = 2,
-      operators: str = "+",
-      num_terms: int = 2,
-      eval_fraction: float = 0.1,
-  ):
-    if not 1 <= num_digits <= _MAX_DIGITS:
-      raise DataError(
-          f"num_digits={num_digits}; use an integer in [1, {_MAX_DIGITS}]."
-      )
-    if not operators or set(operators) - set(VALID_OPERATORS):
-      raise DataError(
-          f"operators={operators!r}; use a non-empty subset of "
-          f"{VALID_OPERATORS!r}, e.g. '+-'."
-      )
-    if num_terms < 2:
-      raise DataError(f"num_terms={num_terms}; use an integer >= 2.")
-    if not 0.0 < eval_fraction < 1.0:
-      raise DataError(
-          f"eval_fraction={eval_fraction}; use a value in (0, 1), e.g. 0.1."
-      )
-    if seed < 0:
-      raise DataError(f"seed={seed}; use a non-negative integer.")
-    self.seed = int(seed)
-    self.num_digits = int(num_digits)
-    self.operators = "".join(sorted(set(operators), key=operators.index))
-    self.num_terms = int(num_terms)
-    self.eval_fraction = float(eval_fraction)
+    def __init__(
+        self,
+        seed: int = 0,
+        num_digits: int = 2,
+        operators: str = "+",
+        num_terms: int = 2,
+        eval_fraction: float = 0.1,
+    ):
+        if not 1 <= num_digits <= _MAX_DIGITS:
+            raise DataError(f"num_digits={num_digits}; use an integer in [1, {_MAX_DIGITS}].")
+        if not operators or set(operators) - set(VALID_OPERATORS):
+            raise DataError(
+                f"operators={operators!r}; use a non-empty subset of "
+                f"{VALID_OPERATORS!r}, e.g. '+-'."
+            )
+        if num_terms < 2:
+            raise DataError(f"num_terms={num_terms}; use an integer >= 2.")
+        if not 0.0 < eval_fraction < 1.0:
+            raise DataError(f"eval_fraction={eval_fraction}; use a value in (0, 1), e.g. 0.1.")
+        if seed < 0:
+            raise DataError(f"seed={seed}; use a non-negative integer.")
+        self.seed = int(seed)
+        self.num_digits = int(num_digits)
+        self.operators = "".join(sorted(set(operators), key=operators.index))
+        self.num_terms = int(num_terms)
+        self.eval_fraction = float(eval_fraction)
 
-  def __repr__(self) -> str:
-    return (
-        f"ArithmeticTask(seed={self.seed}, num_digits={self.num_digits}, "
-        f"operators={self.operators!r}, num_terms={self.num_terms}, "
-        f"eval_fraction={self.eval_fraction})"
-    )
+    def __repr__(self) -> str:
+        return (
+            f"ArithmeticTask(seed={self.seed}, num_digits={self.num_digits}, "
+            f"operators={self.operators!r}, num_terms={self.num_terms}, "
+            f"eval_fraction={self.eval_fraction})"
+        )
 
-  def _draw_operand(self, rng: np.random.Generator) -> int:
-    # Scalar draws: ~2us each, 4x faster than one vectorised draw of 5 values.
-    digits = int(rng.integers(1, self.num_digits + 1))
-    low = 0 if digits == 1 else 10 ** (digits - 1)
-    return int(rng.integers(low, 10**digits))
+    def _draw_operand(self, rng: np.random.Generator) -> int:
+        # Scalar draws: ~2us each, 4x faster than one vectorised draw of 5 values.
+        digits = int(rng.integers(1, self.num_digits + 1))
+        low = 0 if digits == 1 else 10 ** (digits - 1)
+        return int(rng.integers(low, 10**digits))
 
-  def _draw_prompt(self, rng: np.random.Generator) -> str:
-    parts = [str(self._draw_operand(rng))]
-    for _ in range(self.num_terms - 1):
-      parts.append(self.operators[int(rng.integers(len(self.operators)))])
-      parts.append(str(self._draw_operand(rng)))
-    return "".join(parts) + "="
+    def _draw_prompt(self, rng: np.random.Generator) -> str:
+        parts = [str(self._draw_operand(rng))]
+        for _ in range(self.num_terms - 1):
+            parts.append(self.operators[int(rng.integers(len(self.operators)))])
+            parts.append(str(self._draw_operand(rng)))
+        return "".join(parts) + "="
 
-  def in_split(self, prompt: str, split: str) -> bool:
-    """True iff ``prompt`` belongs to ``split`` (eval iff bucket < fraction)."""
-    return (bucket(prompt) < self.eval_fraction) == (split == "eval")
+    def in_split(self, prompt: str, split: str) -> bool:
+        """True iff ``prompt`` belongs to ``split`` (eval iff bucket < fraction)."""
+        return (bucket(prompt) < self.eval_fraction) == (split == "eval")
 
-  def record(self, split: str, index: int) -> dict[str, str]:
-    """Problem ``index`` of ``split``: ``{"prompt": "37+5=", "completion": "42"}``."""
-    if split not in SPLIT_IDS:
-      raise DataError(f"split={split!r}; valid splits: {sorted(SPLIT_IDS)}.")
-    if index < 0:
-      raise DataError(f"index={index}; use a non-negative integer.")
-    rng = np.random.default_rng([self.seed, SPLIT_IDS[split], int(index)])
-    for _ in range(_MAX_DRAWS):
-      prompt = self._draw_prompt(rng)
-      if self.in_split(prompt, split):
-        return {"prompt": prompt, "completion": self.solve(prompt)}
-    raise DataError(
-        f"{self!r} found no {split!r} problem in {_MAX_DRAWS} draws; the "
-        "problem space is too small for this eval_fraction. Increase "
-        "num_digits/num_terms or move eval_fraction away from 0 or 1."
-    )
+    def record(self, split: str, index: int) -> dict[str, str]:
+        """Problem ``index`` of ``split``: ``{"prompt": "37+5=", "completion": "42"}``."""
+        if split not in SPLIT_IDS:
+            raise DataError(f"split={split!r}; valid splits: {sorted(SPLIT_IDS)}.")
+        if index < 0:
+            raise DataError(f"index={index}; use a non-negative integer.")
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[split], int(index)])
+        for _ in range(_MAX_DRAWS):
+            prompt = self._draw_prompt(rng)
+            if self.in_split(prompt, split):
+                return {"prompt": prompt, "completion": self.solve(prompt)}
+        raise DataError(
+            f"{self!r} found no {split!r} problem in {_MAX_DRAWS} draws; the "
+            "problem space is too small for this eval_fraction. Increase "
+            "num_digits/num_terms or move eval_fraction away from 0 or 1."
+        )
 
-  @staticmethod
-  def solve(prompt: str) -> str:
-    """The true completion of ``prompt``: ``str(evaluate(parse_prompt(p)))``."""
-    return str(evaluate(*parse_prompt(prompt)))
+    @staticmethod
+    def solve(prompt: str) -> str:
+        """The true completion of ``prompt``: ``str(evaluate(parse_prompt(p)))``."""
+        return str(evaluate(*parse_prompt(prompt)))
 
-  def score(self, prompt: str, completion: str) -> int:
-    """Exact-match reward: 1 iff ``completion.strip() == solve(prompt)``, else 0."""
-    return int(completion.strip() == self.solve(prompt))
+    def score(self, prompt: str, completion: str) -> int:
+        """Exact-match reward: 1 iff ``completion.strip() == solve(prompt)``, else 0."""
+        return int(completion.strip() == self.solve(prompt))

@@ -6,4 +6,4 @@
 
 
 class DataError(ValueError):
-  """Bad data configuration or malformed input data (names the value and fix)."""
+    """Bad data configuration or malformed input data (names the value and fix)."""
