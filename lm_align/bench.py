@@ -13,6 +13,10 @@ Reports (see docs/bench.md):
                      else XLA's buffer assignment for the step (arguments +
                      outputs + temporaries, minus donated aliases)
 The data pipeline is not involved: the batch is synthetic and stays on device.
+
+`lm-align bench --data-only` (`run_data_bench`) times the input pipeline
+alone instead: the experiment's train split through `make_batch_iterator`
+(its data config, batch size, seq_len and grain_workers), no model.
 """
 
 from __future__ import annotations
@@ -59,8 +63,12 @@ def _peak_memory_mb(compiled) -> tuple[float, str]:
     if "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
     m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
     return total / 2**20, "XLA buffer assignment (arguments+outputs+temps-aliased)"
 
 
@@ -68,10 +76,13 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, vocab_size, size=(batch_size, seq_len + 1), dtype=np.int32)
     return {
-        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
         "loss_mask": np.ones((batch_size, seq_len), np.float32),
         "segment_ids": np.ones((batch_size, seq_len), np.int32),
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
+        "positions": np.broadcast_to(
+            np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)
+        ).copy(),
     }
 
 
@@ -124,4 +135,64 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
         "peak_memory_source": mem_source,
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss": float(metrics["loss"]),
+    }
+
+
+def run_data_bench(cfg, *, batches: int = 50) -> dict:
+    """Times the train-split input pipeline alone; returns the report dict.
+
+    first_batch_s       iterator construction (source, workers) + first batch
+    batches_per_s       `batches` further batches / their wall time
+    examples_per_s      documents per second (a document starts where
+                        positions == 0 inside a segment)
+    tokens_per_s        non-padding tokens (segment_ids > 0) per second
+    total_tokens_per_s  batch_size * seq_len * batches_per_s (with padding)
+    padding_fraction    1 - tokens_per_s / total_tokens_per_s
+    """
+    from lm_align import data as data_lib
+
+    if batches < 1:
+        raise ValueError(f"batches={batches}; time at least 1 batch")
+    seq_len, batch_size = cfg.data.seq_len, cfg.train.batch_size // jax.process_count()
+    t0 = time.perf_counter()
+    it = data_lib.make_batch_iterator(
+        cfg.data,
+        split="train",
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=cfg.train.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    try:
+        next(it)
+        first_batch_s = time.perf_counter() - t0
+        docs = tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            batch = next(it)
+            in_doc = batch["segment_ids"] > 0
+            docs += int(np.sum(in_doc & (batch["positions"] == 0)))
+            tokens += int(np.sum(in_doc))
+        elapsed = time.perf_counter() - t0
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    total = batches * batch_size * seq_len
+    return {
+        "source": cfg.data.source,
+        "tokenizer": cfg.data.tokenizer,
+        "packing": cfg.data.packing,
+        "grain_workers": cfg.data.grain_workers,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "batches": batches,
+        "first_batch_s": first_batch_s,
+        "batches_per_s": batches / elapsed,
+        "examples_per_s": docs / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "total_tokens_per_s": total / elapsed,
+        "tokens_per_example": tokens / max(docs, 1),
+        "padding_fraction": 1.0 - tokens / total,
     }

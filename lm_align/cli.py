@@ -2,6 +2,8 @@
 
     lm-align train [--config experiments/default.py[:arg]] [--workdir DIR] [--config.group.field=value ...]
     lm-align bench [--config experiments/bench.py] [--steps N] [--json] [--config.group.field=value ...]
+    lm-align bench --data-only [--config ...] [--batches N] [--json]      # input pipeline alone
+    lm-align tokenizer train [--config ...] --vocab-size N --output PREFIX [--max-documents M]
 
 Without --config, `train` runs experiments/default.py's config (a small model
 on the built-in arithmetic task).
@@ -31,7 +33,8 @@ def _load(args, overrides, default_name: str):
     if path is None:
         raise config_lib.ConfigError(
             f"no --config given and experiments/{default_name}.py was not found next to the "
-            "package; pass --config path/to/experiment.py")
+            "package; pass --config path/to/experiment.py"
+        )
     cfg = config_lib.load_config(path)
     return config_lib.apply_overrides(cfg, overrides), path
 
@@ -59,27 +62,94 @@ def _cmd_train(args, overrides) -> int:
     m = result.metrics
     lines = [f"finished {result.final_step} steps; workdir {workdir}"]
     if "eval_loss" in m:
-        lines.append(f"final eval loss {m['eval_loss']:.4f} nats/token (unigram baseline "
-                     f"{m['unigram_baseline_loss']:.4f}), token accuracy {m['eval_accuracy']:.3f}")
+        lines.append(
+            f"final eval loss {m['eval_loss']:.4f} nats/token (unigram baseline "
+            f"{m['unigram_baseline_loss']:.4f}), token accuracy {m['eval_accuracy']:.3f}"
+        )
     if "answer_exact_match" in m:
-        lines.append(f"held-out exact match (greedy answer after '=') "
-                     f"{m['answer_exact_match']:.3f} on {m['answer_examples']} problems")
+        lines.append(
+            f"held-out exact match (greedy answer after '=') "
+            f"{m['answer_exact_match']:.3f} on {m['answer_examples']} problems"
+        )
         lines += [f"  {s}" for s in m.get("samples", [])]
     print("\n".join(lines), flush=True)
     return 0
 
 
 def _cmd_bench(args, overrides) -> int:
-    from lm_align.bench import run_bench
+    from lm_align.bench import run_bench, run_data_bench
+    from lm_align.data import DataError
 
+    if args.data_only and args.batches < 1:
+        print(f"error: --batches={args.batches}; time at least 1 batch", file=sys.stderr)
+        return 2
     cfg, _ = _load(args, overrides, "bench")
-    report = run_bench(cfg, steps=args.steps, warmup=args.warmup)
+    try:
+        report = (
+            run_data_bench(cfg, batches=args.batches)
+            if args.data_only
+            else run_bench(cfg, steps=args.steps, warmup=args.warmup)
+        )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report))
     else:
         width = max(map(len, report))
         for k, v in report.items():
-            print(f"{k:<{width}}  {v:,.4g}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}")
+            print(
+                f"{k:<{width}}  {v:,.4g}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}"
+            )
+    return 0
+
+
+def _tokenizer_training_texts(source, max_documents: int):
+    """Texts of `max_documents` records spread evenly over `source` (prompt and
+    completion count as two texts)."""
+    n = min(len(source), max_documents)
+    for i in range(n):
+        record = source[i * len(source) // n]
+        if "text" in record:
+            yield record["text"]
+        else:
+            yield record["prompt"]
+            yield record["completion"]
+
+
+def _cmd_tokenizer_train(args, overrides) -> int:
+    from lm_align import data as data_lib
+
+    cfg, path = _load(args, overrides, DEFAULT_EXPERIMENT)
+    try:
+        data_lib.config.check(cfg.data)
+        source = data_lib.make_source(cfg.data, "train")
+        tok = data_lib.train_sentencepiece(
+            _tokenizer_training_texts(source, args.max_documents),
+            args.output,
+            args.vocab_size,
+            model_type=args.model_type,
+            byte_fallback=args.byte_fallback,
+        )
+    except data_lib.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = os.path.abspath(tok.model_path)
+    shown = os.path.relpath(path)
+    shown = path if shown.startswith("..") else shown
+    print(
+        f"wrote {model} (vocab_size {tok.vocab_size}; pad/bos/eos/unk = "
+        f"{tok.pad_id}/{tok.bos_id}/{tok.eos_id}/{tok.unk_id}) from "
+        f"{min(len(source), args.max_documents)} documents of the train split of "
+        f"{cfg.data.source!r}",
+        flush=True,
+    )
+    print(
+        "train with it:\n"
+        f"  lm-align train --config {shown} "
+        f"--config.data.tokenizer=sentencepiece:{model} --config.model.vocab_size={tok.vocab_size}",
+        flush=True,
+    )
     return 0
 
 
@@ -92,11 +162,14 @@ def main(argv=None) -> int:
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="lm-align", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lm-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (or resume) an experiment")
-    p.add_argument("--config", help="experiment file, optionally with :arg (default experiments/default.py)")
+    p.add_argument(
+        "--config", help="experiment file, optionally with :arg (default experiments/default.py)"
+    )
     p.add_argument("--workdir", help="run directory (default runs/<experiment name>)")
     p.set_defaults(fn=_cmd_train)
     p = sub.add_parser("bench", help="measure step time, tokens/s, MFU, compile time, memory")
@@ -104,7 +177,41 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--data-only",
+        action="store_true",
+        help="time the train-split input pipeline alone (examples/s, tokens/s)",
+    )
+    p.add_argument("--batches", type=int, default=50, help="--data-only: timed batches")
     p.set_defaults(fn=_cmd_bench)
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    p = tok_sub.add_parser(
+        "train", help="train a SentencePiece model on the configured source's train split"
+    )
+    p.add_argument(
+        "--config",
+        help="experiment file whose data config is read (default experiments/default.py)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, required=True, help="pieces in the model, specials included"
+    )
+    p.add_argument(
+        "--output", required=True, help="model prefix: writes PREFIX.model and PREFIX.vocab"
+    )
+    p.add_argument(
+        "--max-documents",
+        type=int,
+        default=100_000,
+        help="documents read, spread evenly over the train split",
+    )
+    p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
+    p.add_argument(
+        "--byte-fallback",
+        action="store_true",
+        help="encode unseen characters as UTF-8 byte pieces instead of unk",
+    )
+    p.set_defaults(fn=_cmd_tokenizer_train)
     args = parser.parse_args(rest)
     try:
         return args.fn(args, overrides)

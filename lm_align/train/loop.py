@@ -124,6 +124,8 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         f"{model_cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; mesh {dict(mesh.shape)} "
         f"on {len(devices)} {devices[0].platform} device(s)"
     )
+    if jax.process_index() == 0:
+        _log("data: " + data_lib.describe_source(cfg.data, seq_len=seq_len).replace("\n", "\n  "))
 
     writer = MetricWriter(workdir, tensorboard=t.tensorboard, resume_step=start)
     progress = Progress(total=t.steps, initial=start, enabled=t.progress)
