@@ -62,43 +62,43 @@ def scale_by_adam_atan2(
 ) -> optax.GradientTransformation:
     r"""Rescale updates with the Adam-atan2 rule (the direction, no learning rate).
 
-  At step :math:`t = 1, 2, \dots` with gradient :math:`g_t`:
+    At step :math:`t = 1, 2, \dots` with gradient :math:`g_t`:
 
-  .. math::
+    .. math::
 
-    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
-    v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
-    \hat m_t &= m_t / (1 - \beta_1^t), \qquad \hat v_t = v_t / (1 - \beta_2^t) \\
-    u_t &= a \cdot \operatorname{atan2}\!\big(\hat m_t,\; b \sqrt{\hat v_t}\big)
+      m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+      v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+      \hat m_t &= m_t / (1 - \beta_1^t), \qquad \hat v_t = v_t / (1 - \beta_2^t) \\
+      u_t &= a \cdot \operatorname{atan2}\!\big(\hat m_t,\; b \sqrt{\hat v_t}\big)
 
-  There is no epsilon. Properties (all tested): scaling every gradient by any
-  :math:`c > 0` leaves :math:`u_t` unchanged; :math:`|u_t| \le a \pi / 2`;
-  :math:`u_1 = a \arctan(1/b)\, \operatorname{sign}(g_1)` (``sign(g_1)`` with the
-  defaults); and :math:`u_t \approx (a/b)\, \hat m_t / \sqrt{\hat v_t}` (Adam with
-  ``eps=0``) when :math:`|\hat m_t| \ll b \sqrt{\hat v_t}`.
+    There is no epsilon. Properties (all tested): scaling every gradient by any
+    :math:`c > 0` leaves :math:`u_t` unchanged; :math:`|u_t| \le a \pi / 2`;
+    :math:`u_1 = a \arctan(1/b)\, \operatorname{sign}(g_1)` (``sign(g_1)`` with the
+    defaults); and :math:`u_t \approx (a/b)\, \hat m_t / \sqrt{\hat v_t}` (Adam with
+    ``eps=0``) when :math:`|\hat m_t| \ll b \sqrt{\hat v_t}`.
 
-  Finite precision: ``v`` holds :math:`g^2`, so in float32 the invariance holds
-  while :math:`g^2 (1 - \beta_2)` stays a normal number, roughly
-  ``1e-17 < |g| < 1e19``; below, ``v`` flushes to 0 and the update saturates at
-  ``a*pi/2``; above, ``v`` overflows and the update is 0.
+    Finite precision: ``v`` holds :math:`g^2`, so in float32 the invariance holds
+    while :math:`g^2 (1 - \beta_2)` stays a normal number, roughly
+    ``1e-17 < |g| < 1e19``; below, ``v`` flushes to 0 and the update saturates at
+    ``a*pi/2``; above, ``v`` overflows and the update is 0.
 
-  Args:
-    b1: decay of the first-moment EMA. Default 0.9.
-    b2: decay of the second-moment EMA. Default 0.999.
-    a: output scale; the update is bounded by ``a * pi / 2``. Default ``4/pi``
-      (about 1.27), so that the first step is exactly ``sign(g)`` when ``b=1``.
-    b: scale of the denominator; larger ``b`` widens the regime where the rule
-      equals Adam with learning rate multiplied by ``a/b``. Default 1.0.
-    mu_dtype: dtype of the first-moment accumulator; ``None`` infers it from
-      the params. Default None.
+    Args:
+      b1: decay of the first-moment EMA. Default 0.9.
+      b2: decay of the second-moment EMA. Default 0.999.
+      a: output scale; the update is bounded by ``a * pi / 2``. Default ``4/pi``
+        (about 1.27), so that the first step is exactly ``sign(g)`` when ``b=1``.
+      b: scale of the denominator; larger ``b`` widens the regime where the rule
+        equals Adam with learning rate multiplied by ``a/b``. Default 1.0.
+      mu_dtype: dtype of the first-moment accumulator; ``None`` infers it from
+        the params. Default None.
 
-  Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamAtan2State`.
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleByAdamAtan2State`.
 
-  References:
-    Everett et al., 2024, "Scaling Exponents Across Parameterizations and
-    Optimizers", https://arxiv.org/abs/2407.05872 (Adam-atan2).
-  """
+    References:
+      Everett et al., 2024, "Scaling Exponents Across Parameterizations and
+      Optimizers", https://arxiv.org/abs/2407.05872 (Adam-atan2).
+    """
     if mu_dtype is not None:
         mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
 

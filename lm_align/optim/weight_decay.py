@@ -200,36 +200,36 @@ def adamw(
 ) -> optax.GradientTransformation:
     r"""AdamW with coupled or independent weight decay.
 
-  .. math::
+    .. math::
 
-    d_t = \hat m_t / (\sqrt{\hat v_t} + \epsilon) \quad\text{(optax.scale\_by\_adam)}, \\
-    \Delta\theta_t = -\eta_t (d_t + \lambda \theta_t) \;\text{(coupled)}
-    \quad\text{or}\quad
-    -\eta_t d_t - \lambda s_t \theta_t \;\text{(independent)},
+      d_t = \hat m_t / (\sqrt{\hat v_t} + \epsilon) \quad\text{(optax.scale\_by\_adam)}, \\
+      \Delta\theta_t = -\eta_t (d_t + \lambda \theta_t) \;\text{(coupled)}
+      \quad\text{or}\quad
+      -\eta_t d_t - \lambda s_t \theta_t \;\text{(independent)},
 
-  with :math:`s_t = \eta_t / \eta_{peak}`.
+    with :math:`s_t = \eta_t / \eta_{peak}`.
 
-  Args:
-    learning_rate: float or optax schedule.
-    b1: first-moment decay. Default 0.9.
-    b2: second-moment decay. Default 0.999.
-    eps: added to :math:`\sqrt{\hat v_t}`. Default 1e-8.
-    weight_decay: :math:`\lambda`. Default 1e-4.
-    independent_weight_decay: decay by :math:`\lambda s_t` instead of
-      :math:`\eta_t \lambda`. Default False.
-    peak_learning_rate: required with independent decay and a schedule.
-      Default None.
-    mask: pytree of bools or callable; None decays only ``ndim >= 2`` arrays
-      (note: optax.adamw decays everything by default). Default None.
+    Args:
+      learning_rate: float or optax schedule.
+      b1: first-moment decay. Default 0.9.
+      b2: second-moment decay. Default 0.999.
+      eps: added to :math:`\sqrt{\hat v_t}`. Default 1e-8.
+      weight_decay: :math:`\lambda`. Default 1e-4.
+      independent_weight_decay: decay by :math:`\lambda s_t` instead of
+        :math:`\eta_t \lambda`. Default False.
+      peak_learning_rate: required with independent decay and a schedule.
+        Default None.
+      mask: pytree of bools or callable; None decays only ``ndim >= 2`` arrays
+        (note: optax.adamw decays everything by default). Default None.
 
-  Returns:
-    An ``optax.GradientTransformation``.
+    Returns:
+      An ``optax.GradientTransformation``.
 
-  References:
-    Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization",
-    https://arxiv.org/abs/1711.05101;
-    Wortsman et al., 2023, https://arxiv.org/abs/2309.14322.
-  """
+    References:
+      Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization",
+      https://arxiv.org/abs/1711.05101;
+      Wortsman et al., 2023, https://arxiv.org/abs/2309.14322.
+    """
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         decay_and_scale_by_learning_rate(
