@@ -49,7 +49,7 @@ def test_optim_md_example_runs(index):
 
 
 def _group_defaults():
-    from lm_align import data, optim
+    from lm_align import data, optim, parameterization
     from lm_align.models import TransformerConfig
     from lm_align.train.config import MESH_DEFAULTS, TRAIN_DEFAULTS
 
@@ -58,6 +58,7 @@ def _group_defaults():
         "mesh": dict(MESH_DEFAULTS),
         "model": {f.name: f.default for f in dataclasses.fields(TransformerConfig)},
         "optimizer": dict(optim.DEFAULTS),
+        "param": dict(parameterization.DEFAULTS),
         "data": dict(data.DEFAULTS),
     }
 
@@ -78,7 +79,7 @@ def _cell_value(cell):
     return eval(cell.strip("`"), {"math": math})  # noqa: S307 - our own docs
 
 
-@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "data"])
+@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "param", "data"])
 def test_configs_md_lists_every_field_with_its_default(group):
     defaults = _group_defaults()[group]
     table = _group_table(group)
@@ -93,7 +94,7 @@ def test_configs_md_lists_every_field_with_its_default(group):
         )
 
 
-@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "data"])
+@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "param", "data"])
 def test_configs_md_default_py_column_matches_the_experiment(group):
     from lm_align import config as config_lib
 
@@ -142,6 +143,9 @@ def test_metrics_md_documents_every_row_key():
         "eval_loss",
         "eval_accuracy",
     }
+    # Per-parameter keys (`param_rms/blocks.attn.qkv`) are documented as `param_rms/<param>`.
+    keys = {k.split("/")[0] + "/<param>" if "/" in k else k for k in keys}
+    assert {"param_rms/<param>", "grad_rms/<param>", "update_rms/<param>"} <= keys
     documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", _read("metrics.md"), re.M))
     missing = sorted(keys - documented)
     assert not missing, f"docs/metrics.md does not document metrics.jsonl keys {missing}"

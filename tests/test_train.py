@@ -1,6 +1,7 @@
 """The training engine end to end: sharding, resume, non-finite handling, metrics."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -167,8 +168,11 @@ def test_metrics_jsonl_documented_keys(tmp_path):
     rows = read_rows(tmp_path)
     events = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
     assert events and os.path.getsize(tmp_path / "tb" / events[0]) > 0
-    assert [r["step"] for r in rows] == [2, 4]
-    for r in rows:
+    # Step 1 is always logged (the loss at initialisation), then every log_every steps.
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    # At init every output logit is small, so the first loss is near log(vocab_size).
+    assert abs(rows[0]["ce"] - math.log(259)) < 0.5, rows[0]["ce"]
+    for r in rows[1:]:
         for key in (
             "step",
             "loss",
@@ -185,6 +189,10 @@ def test_metrics_jsonl_documented_keys(tmp_path):
         ):
             assert key in r, key
         assert len(r["max_attn_logit"]) == 2  # one per layer
+        for key in ("param_rms", "grad_rms", "update_rms"):
+            per_layer = r[f"{key}/blocks.attn.qkv"]
+            assert len(per_layer) == 2 and all(v > 0 for v in per_layer), (key, per_layer)
+            assert r[f"{key}/readout"] > 0
     assert os.path.exists(tmp_path / "config.json")
 
 

@@ -15,14 +15,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm_align.models.transformer import Transformer, TransformerConfig
+from lm_align.parameterization import Parameterization
 
 
 class PureModel:
     """Wraps `Transformer` as `init(seed) -> params` and `apply(params, ...)`."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, param: Parameterization | None = None):
+        """`param`: init stds and forward multipliers (None: standard at base width)."""
         self.cfg = cfg
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        self.param = param
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), param))
         self.graphdef, state = nnx.split(abstract)
         non_params = [p for p, v in nnx.to_flat_state(state) if not issubclass(v.type, nnx.Param)]
         if non_params:
@@ -46,7 +49,7 @@ class PureModel:
     def init(self, seed: int | jax.Array):
         """Fresh parameters (a nested dict of arrays) from an integer seed or key."""
         rngs = nnx.Rngs(params=seed)
-        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, rngs)))
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, rngs, self.param)))
 
     def bind(self, params) -> Transformer:
         """The NNX module holding `params` (no copy; usable inside jit)."""

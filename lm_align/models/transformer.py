@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm_align.parameterization import Parameterization, fan_in, role_of
+
 # Variables are created abstractly and sharded by `lm_align.parallel`, never eagerly.
 flax.config.update("flax_always_shard_variable", False)
 
@@ -138,17 +140,58 @@ def _dense(x_BLI, w, contract: int = 1):
     return (x_BLI.reshape(B * L, -1) @ w_IO).reshape(B, L, w_IO.shape[1])
 
 
-def _param(rngs: nnx.Rngs, shape, std: float, names, dtype, *, truncated: bool = False):
-    init = nnx.initializers.truncated_normal(std) if truncated else nnx.initializers.normal(std)
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names)
+class _Params:
+    """Creates parameters with the init std and forward multiplier of their role.
+
+    The role (embedding, hidden, readout) and fan-in come from the logical axis
+    names (:func:`lm_align.parameterization.role_of`), the numbers from the
+    :class:`~lm_align.parameterization.Parameterization`: the model holds no
+    copy of them. The multiplier is stored in the parameter's metadata and
+    applied by :func:`_weight` in the forward pass.
+    """
+
+    def __init__(self, cfg: TransformerConfig, param: Parameterization):
+        self.dtype = DTYPES[cfg.param_dtype]
+        self.param = param
+
+    def _role(self, shape, names):
+        role = role_of(names, names)
+        return role, (None if role == "embedding" else fan_in(names, shape, names))
+
+    def normal(self, rngs: nnx.Rngs, shape, names, *, base_std: float = 1.0, truncated=False):
+        """Gaussian (or truncated) init with std ``base_std * init_std(role)``."""
+        role, f_in = self._role(shape, names)
+        std = base_std * self.param.init_std(role, f_in)
+        init = nnx.initializers.truncated_normal(std) if truncated else nnx.initializers.normal(std)
+        return nnx.Param(
+            init(rngs.params(), shape, self.dtype),
+            sharding_names=names,
+            multiplier=self.param.multiplier(role, f_in),
+        )
+
+    def const(self, shape, names, value: float):
+        """Constant init (norm scales 1, biases 0) times the role's init factor."""
+        role, f_in = self._role(shape, names)
+        value = value * self.param.init_std(role, f_in) if value else 0.0
+        return nnx.Param(
+            jnp.full(shape, value, self.dtype),
+            sharding_names=names,
+            multiplier=self.param.multiplier(role, f_in),
+        )
 
 
-def _ones(shape, names, dtype):
-    return nnx.Param(jnp.ones(shape, dtype), sharding_names=names)
+def _weight(p: nnx.Param, dtype):
+    """The forward weight ``multiplier * w`` in ``dtype``."""
+    m = p.get_metadata().get("multiplier", 1.0)
+    w = p.get_value().astype(dtype)
+    return w if m == 1.0 else w * jnp.asarray(m, dtype)
 
 
-def _zeros(shape, names, dtype):
-    return nnx.Param(jnp.zeros(shape, dtype), sharding_names=names)
+def _lookup(p: nnx.Param, ids, dtype):
+    """Rows ``ids`` of the embedding-type table ``p``, times its multiplier."""
+    m = p.get_metadata().get("multiplier", 1.0)
+    x = jnp.take(p.get_value(), ids, axis=0).astype(dtype)
+    return x if m == 1.0 else x * jnp.asarray(m, dtype)
 
 
 class Norm(nnx.Module):
@@ -158,17 +201,17 @@ class Norm(nnx.Module):
         self,
         size: int,
         cfg: TransformerConfig,
+        mk: _Params,
         names=("embed",),
         *,
         kind: str | None = None,
         use_bias: bool | None = None,
     ):
-        pdt = DTYPES[cfg.param_dtype]
         self.kind = kind or cfg.norm
         self.eps = cfg.norm_eps
-        self.scale = _ones((size,), names, pdt)
+        self.scale = mk.const((size,), names, 1.0)
         self.bias = (
-            _zeros((size,), names, pdt)
+            mk.const((size,), names, 0.0)
             if (cfg.use_bias if use_bias is None else use_bias)
             else None
         )
@@ -178,9 +221,9 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        y = y * self.scale.value.astype(jnp.float32)
+        y = y * _weight(self.scale, jnp.float32)
         if self.bias is not None:
-            y = y + self.bias.value.astype(jnp.float32)
+            y = y + _weight(self.bias, jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -206,44 +249,31 @@ def rope(x_BLHK, positions_BL, theta: float):
 class Attention(nnx.Module):
     """Multi-head causal self-attention with optional qk-layernorm."""
 
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, mk: _Params):
         D, H, K = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
-        pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
         # Fused q/k/v projection: one [D, 3, H, K] matmul.
-        self.qkv = _param(
-            rngs,
-            (D, 3, H, K),
-            1 / math.sqrt(D),
-            ("embed", None, "heads", "head_dim"),
-            pdt,
-            truncated=True,
+        self.qkv = mk.normal(
+            rngs, (D, 3, H, K), ("embed", None, "heads", "head_dim"), truncated=True
         )
-        self.out = _param(
-            rngs,
-            (H, K, D),
-            1 / math.sqrt(H * K),
-            ("heads", "head_dim", "embed"),
-            pdt,
-            truncated=True,
-        )
+        self.out = mk.normal(rngs, (H, K, D), ("heads", "head_dim", "embed"), truncated=True)
         self.qkv_bias = (
-            _zeros((3, H, K), (None, "heads", "head_dim"), pdt) if cfg.use_bias else None
+            mk.const((3, H, K), (None, "heads", "head_dim"), 0.0) if cfg.use_bias else None
         )
-        self.out_bias = _zeros((D,), ("embed",), pdt) if cfg.use_bias else None
+        self.out_bias = mk.const((D,), ("embed",), 0.0) if cfg.use_bias else None
         if cfg.qk_layernorm:
             # One scale of size K shared by all heads, no bias (spec section 3).
-            self.q_norm = Norm(K, cfg, ("head_dim",), kind="layernorm", use_bias=False)
-            self.k_norm = Norm(K, cfg, ("head_dim",), kind="layernorm", use_bias=False)
+            self.q_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
+            self.k_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
 
     def __call__(self, x_BLD, rope_sincos, mask_B1LM):
         """`rope_sincos`: `rope_tables(...)` for RoPE models, else None."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-        B, L, D = x_BLD.shape
-        _, _, H, K = self.qkv.value.shape
-        qkv_BL3HK = _dense(x_BLD, self.qkv.value.astype(dt)).reshape(B, L, 3, H, K)
+        B, L, _ = x_BLD.shape
+        _, _, H, K = self.qkv.shape
+        qkv_BL3HK = _dense(x_BLD, _weight(self.qkv, dt)).reshape(B, L, 3, H, K)
         if self.qkv_bias is not None:
-            qkv_BL3HK = qkv_BL3HK + self.qkv_bias.value.astype(dt)
+            qkv_BL3HK = qkv_BL3HK + _weight(self.qkv_bias, dt)
         q_BLHK, k_BMHK, v_BMHK = (qkv_BL3HK[:, :, i] for i in range(3))
         if cfg.qk_layernorm:
             q_BLHK, k_BMHK = self.q_norm(q_BLHK), self.k_norm(k_BMHK)
@@ -261,57 +291,58 @@ class Attention(nnx.Module):
         probs_BHLM = (exp_BHLM / jnp.sum(exp_BHLM, axis=-1, keepdims=True)).astype(dt)
         max_logit = jnp.max(row_max_BHL1)
         ctx_BLHK = jnp.einsum("BHLM,BMHK->BLHK", probs_BHLM, v_BMHK)
-        out_BLD = _dense(ctx_BLHK.reshape(B, L, H * K), self.out.value.astype(dt), contract=2)
+        out_BLD = _dense(ctx_BLHK.reshape(B, L, H * K), _weight(self.out, dt), contract=2)
         if self.out_bias is not None:
-            out_BLD = out_BLD + self.out_bias.value.astype(dt)
+            out_BLD = out_BLD + _weight(self.out_bias, dt)
         return out_BLD, max_logit
 
 
 class MLP(nnx.Module):
     """GeLU MLP, or SwiGLU (silu(x W_gate) * x W_up) W_out."""
 
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, mk: _Params):
         D, F = cfg.d_model, cfg.d_ff
-        pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
         n_in = 2 if cfg.activation == "swiglu" else 1
-        self.w_in = _param(
-            rngs, (D, n_in, F), 1 / math.sqrt(D), ("embed", None, "mlp"), pdt, truncated=True
-        )
-        self.w_out = _param(rngs, (F, D), 1 / math.sqrt(F), ("mlp", "embed"), pdt, truncated=True)
-        self.b_in = _zeros((n_in, F), (None, "mlp"), pdt) if cfg.use_bias else None
-        self.b_out = _zeros((D,), ("embed",), pdt) if cfg.use_bias else None
+        self.w_in = mk.normal(rngs, (D, n_in, F), ("embed", None, "mlp"), truncated=True)
+        self.w_out = mk.normal(rngs, (F, D), ("mlp", "embed"), truncated=True)
+        self.b_in = mk.const((n_in, F), (None, "mlp"), 0.0) if cfg.use_bias else None
+        self.b_out = mk.const((D,), ("embed",), 0.0) if cfg.use_bias else None
 
     def __call__(self, x_BLD):
         dt = DTYPES[self.cfg.dtype]
         B, L, _ = x_BLD.shape
-        _, n, F = self.w_in.value.shape
-        h_BLnF = _dense(x_BLD, self.w_in.value.astype(dt)).reshape(B, L, n, F)
+        _, n, F = self.w_in.shape
+        h_BLnF = _dense(x_BLD, _weight(self.w_in, dt)).reshape(B, L, n, F)
         if self.b_in is not None:
-            h_BLnF = h_BLnF + self.b_in.value.astype(dt)
+            h_BLnF = h_BLnF + _weight(self.b_in, dt)
         if self.cfg.activation == "swiglu":
             h_BLF = jax.nn.silu(h_BLnF[:, :, 0]) * h_BLnF[:, :, 1]
         else:
             h_BLF = jax.nn.gelu(h_BLnF[:, :, 0])
-        out_BLD = _dense(h_BLF, self.w_out.value.astype(dt))
+        out_BLD = _dense(h_BLF, _weight(self.w_out, dt))
         if self.b_out is not None:
-            out_BLD = out_BLD + self.b_out.value.astype(dt)
+            out_BLD = out_BLD + _weight(self.b_out, dt)
         return out_BLD
 
 
 class Block(nnx.Module):
     """Pre-LN Transformer block."""
 
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg.d_model, cfg)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg)
-        self.mlp = MLP(cfg, rngs)
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, mk: _Params):
+        self.attn_norm = Norm(cfg.d_model, cfg, mk)
+        self.attn = Attention(cfg, rngs, mk)
+        self.mlp_norm = Norm(cfg.d_model, cfg, mk)
+        self.mlp = MLP(cfg, rngs, mk)
 
-    def __call__(self, x_BLD, rope_sincos, mask_B1LM):
+    def __call__(self, x_BLD, rope_sincos, mask_B1LM, *, return_activations=False):
+        """(x, max attention logit[, {"attn": attn out, "mlp": MLP out}])."""
         attn_BLD, max_logit = self.attn(self.attn_norm(x_BLD), rope_sincos, mask_B1LM)
         x_BLD = x_BLD + attn_BLD
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        mlp_BLD = self.mlp(self.mlp_norm(x_BLD))
+        x_BLD = x_BLD + mlp_BLD
+        if return_activations:
+            return x_BLD, max_logit, {"attn": attn_BLD, "mlp": mlp_BLD}
         return x_BLD, max_logit
 
 
@@ -326,36 +357,44 @@ def attention_mask(segment_ids_BL):
 class Transformer(nnx.Module):
     """Decoder-only LM: tokens [B, L] -> logits [B, L, V] (float32)."""
 
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: TransformerConfig, rngs: nnx.Rngs, param: Parameterization | None = None
+    ):
+        """`param` sets every parameter's init std and forward multiplier
+        (:mod:`lm_align.parameterization`); None is standard parameterization at
+        its base width (embedding std 1, matrices 1/sqrt(fan_in), multipliers 1)."""
         D, V = cfg.d_model, cfg.vocab_size
-        pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
+        param = param or Parameterization(width=D, base_width=D)
+        if param.width != D:
+            raise ValueError(f"parameterization width {param.width} != model.d_model {D}")
+        if cfg.tie_embeddings:
+            param.check_tied_embeddings()
+        mk = _Params(cfg, param)
         embed_std = cfg.embed_init_std or (1 / math.sqrt(D) if cfg.tie_embeddings else 1.0)
         # Rows sharded (vocab over tensor and fsdp), the model dim whole: a lookup is
         # then a masked gather + sum, and the activations can stay batch-sharded.
-        self.embed = _param(rngs, (V, D), embed_std, ("vocab", None), pdt)
+        self.embed = mk.normal(rngs, (V, D), ("vocab", None), base_std=embed_std)
         if cfg.position == "learned":
-            self.pos_embed = _param(rngs, (cfg.max_len, D), embed_std, (None, "embed"), pdt)
+            self.pos_embed = mk.normal(rngs, (cfg.max_len, D), (None, "embed"), base_std=embed_std)
         if cfg.scan_layers:
 
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs):
-                return Block(cfg, rngs)
+                return Block(cfg, rngs, mk)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = Norm(D, cfg)
+            self.blocks = nnx.List([Block(cfg, rngs, mk) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(D, cfg, mk)
         if not cfg.tie_embeddings:
-            self.readout = _param(
-                rngs, (D, V), 1 / math.sqrt(D), ("embed", "vocab"), pdt, truncated=True
-            )
+            self.readout = mk.normal(rngs, (D, V), ("embed", "vocab"), truncated=True)
 
     def readout_matrix(self):
         """[D, V] in the compute dtype: logits = final hidden states @ this."""
-        readout_DV = self.embed.value.T if self.cfg.tie_embeddings else self.readout.value
-        return readout_DV.astype(DTYPES[self.cfg.dtype])
+        dt = DTYPES[self.cfg.dtype]
+        return _weight(self.embed, dt).T if self.cfg.tie_embeddings else _weight(self.readout, dt)
 
     def __call__(
         self,
@@ -365,12 +404,16 @@ class Transformer(nnx.Module):
         segment_ids_BL=None,
         return_diagnostics=False,
         return_hidden=False,
+        return_activations=False,
         constrain_BLD=None,
     ):
         """Logits [B, L, V] in float32; with `return_diagnostics`, also a dict with
         `max_attn_logit` [N]: max pre-softmax attention logit per layer (masked
         entries excluded). With `return_hidden`, the final-normed hidden states
-        [B, L, D] replace the logits (for a fused readout + loss).
+        [B, L, D] replace the logits (for a fused readout + loss). With
+        `return_activations`, the diagnostics also hold every layer's output:
+        `embedding` [B, L, D], `attn` and `mlp` [N, B, L, D] (each block's branch
+        outputs before the residual add) and `logits` [B, L, V] (coordinate checks).
         `constrain_BLD` (e.g. a sharding constraint to batch sharding) is applied
         to the residual stream after the embedding and after every block."""
         constrain_BLD = constrain_BLD or (lambda x: x)
@@ -388,15 +431,19 @@ class Transformer(nnx.Module):
             else None
         )
 
-        x_BLD = jnp.take(self.embed.value, tokens_BL, axis=0).astype(dt)
+        x_BLD = _lookup(self.embed, tokens_BL, dt)
         if cfg.position == "learned":
-            x_BLD = x_BLD + jnp.take(self.pos_embed.value, positions_BL, axis=0).astype(dt)
+            x_BLD = x_BLD + _lookup(self.pos_embed, positions_BL, dt)
         x_BLD = constrain_BLD(x_BLD)
+
+        embedding_BLD = x_BLD
 
         def block_fn(block_graph, block_state, x_BLD):
             block = nnx.merge(block_graph, block_state)
-            x_BLD, max_logit = block(x_BLD, rope_sincos, mask_B1LM)
-            return constrain_BLD(x_BLD), max_logit
+            x_BLD, *rest = block(
+                x_BLD, rope_sincos, mask_B1LM, return_activations=return_activations
+            )
+            return constrain_BLD(x_BLD), tuple(rest)
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
@@ -404,19 +451,26 @@ class Transformer(nnx.Module):
 
         if cfg.scan_layers:
             graph, stacked = nnx.split(self.blocks)
-            x_BLD, max_logit_N = jax.lax.scan(lambda x, s: block_fn(graph, s, x), x_BLD, stacked)
+            x_BLD, per_layer = jax.lax.scan(lambda x, s: block_fn(graph, s, x), x_BLD, stacked)
         else:
-            max_logits = []
+            outs = []
             for block in self.blocks:
                 graph, state = nnx.split(block)
-                x_BLD, m = block_fn(graph, state, x_BLD)
-                max_logits.append(m)
-            max_logit_N = jnp.stack(max_logits)
+                x_BLD, rest = block_fn(graph, state, x_BLD)
+                outs.append(rest)
+            per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
         x_BLD = self.final_norm(x_BLD)
-        out = x_BLD if return_hidden else _dense(x_BLD, self.readout_matrix()).astype(jnp.float32)
+        if return_hidden and not return_activations:
+            out = x_BLD
+        else:
+            logits_BLV = _dense(x_BLD, self.readout_matrix()).astype(jnp.float32)
+            out = x_BLD if return_hidden else logits_BLV
+        if return_activations:
+            diag = {"max_attn_logit": per_layer[0], "embedding": embedding_BLD, **per_layer[1]}
+            return out, {**diag, "logits": logits_BLV}
         if return_diagnostics:
-            return out, {"max_attn_logit": max_logit_N}
+            return out, {"max_attn_logit": per_layer[0]}
         return out
 
 

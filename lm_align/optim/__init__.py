@@ -15,24 +15,18 @@ Contents (one idea per file):
   Adam epsilons (``scale_by_adam_per_param_eps``) for any optax optimizer.
 """
 
-from lm_align.optim.adam_atan2 import ScaleByAdamAtan2State
-from lm_align.optim.adam_atan2 import adam_atan2
-from lm_align.optim.adam_atan2 import scale_by_adam_atan2
-from lm_align.optim.factory import DEFAULTS
-from lm_align.optim.factory import NAMES
-from lm_align.optim.factory import Optimizer
-from lm_align.optim.factory import make_optimizer
-from lm_align.optim.per_layer import per_layer_lr
-from lm_align.optim.per_layer import scale_by_adam_per_param_eps
-from lm_align.optim.per_layer import scale_by_tree
-from lm_align.optim.schedules import DECAYS
-from lm_align.optim.schedules import warmup_then_decay
-from lm_align.optim.weight_decay import AddIndependentWeightDecayState
-from lm_align.optim.weight_decay import add_independent_weight_decay
-from lm_align.optim.weight_decay import adamw
-from lm_align.optim.weight_decay import decay_and_scale_by_learning_rate
-from lm_align.optim.weight_decay import decay_mask_matrices
-from lm_align.optim.weight_decay import independent_schedule_factor
+from lm_align.optim.adam_atan2 import ScaleByAdamAtan2State, adam_atan2, scale_by_adam_atan2
+from lm_align.optim.factory import DEFAULTS, NAMES, Optimizer, make_optimizer
+from lm_align.optim.per_layer import per_layer_lr, scale_by_adam_per_param_eps, scale_by_tree
+from lm_align.optim.schedules import DECAYS, warmup_then_decay
+from lm_align.optim.weight_decay import (
+    AddIndependentWeightDecayState,
+    adamw,
+    add_independent_weight_decay,
+    decay_and_scale_by_learning_rate,
+    decay_mask_matrices,
+    independent_schedule_factor,
+)
 
 __all__ = [
     "AddIndependentWeightDecayState",

@@ -8,7 +8,8 @@
 an ``ml_collections.ConfigDict``); missing fields take their value from
 :data:`DEFAULTS`, unknown fields raise. The chain is
 
-    clip_by_global_norm -> direction -> coupled decay -> -lr_t -> independent decay
+    clip_by_global_norm -> direction -> coupled decay -> per-layer LR scales -> -lr_t
+        -> independent decay
 
 where the direction is Adam, Adam-atan2, Adafactor or SGD momentum. Weight
 decay is the same orthogonal knob for every optimizer (``weight_decay=0`` turns
@@ -26,6 +27,7 @@ from typing import Any, NamedTuple
 import optax
 
 from lm_align.optim.adam_atan2 import scale_by_adam_atan2
+from lm_align.optim.per_layer import scale_by_adam_per_param_eps
 from lm_align.optim.schedules import warmup_then_decay
 from lm_align.optim.weight_decay import decay_and_scale_by_learning_rate
 
@@ -79,10 +81,17 @@ def _resolve(config: Any) -> dict[str, Any]:
     return c
 
 
-def _direction(c: dict[str, Any]) -> optax.GradientTransformation:
+def _direction(c: dict[str, Any], eps: Any = None) -> optax.GradientTransformation:
     """The update direction (before decay and learning rate) for ``c['name']``."""
     name = c["name"]
+    if eps is not None and name not in ("adamw", "adam"):
+        raise ValueError(
+            f"a per-parameter epsilon applies to adam/adamw only, not {name!r} "
+            "(set param.per_layer_eps=false)."
+        )
     if name in ("adamw", "adam"):
+        if eps is not None:
+            return scale_by_adam_per_param_eps(b1=c["b1"], b2=c["b2"], eps=eps)
         return optax.scale_by_adam(b1=c["b1"], b2=c["b2"], eps=c["eps"])
     elif name == "adam_atan2":
         return scale_by_adam_atan2(b1=c["b1"], b2=c["b2"], a=c["atan2_a"], b=c["atan2_b"])
@@ -103,12 +112,20 @@ def _direction(c: dict[str, Any]) -> optax.GradientTransformation:
     raise ValueError(f"Unknown optimizer name {name!r}; use one of {NAMES}.")
 
 
-def make_optimizer(config: Any, *, total_steps: int) -> Optimizer:
+def make_optimizer(
+    config: Any, *, total_steps: int, lr_scales: Any = None, eps: Any = None
+) -> Optimizer:
     """Build ``Optimizer(tx, schedule)`` from a flat config (see :data:`DEFAULTS`).
 
     Args:
       config: mapping with ``.get`` and ``keys()``; fields as in ``DEFAULTS``.
       total_steps: number of optimizer updates; sets the default decay length.
+      lr_scales: optional pytree of floats with the params' structure: each
+        parameter's LR is ``lr_t * lr_scales[l]`` (e.g.
+        :meth:`lm_align.parameterization.Parameterization.lr_scales`). Coupled
+        decay follows it, independent decay does not.
+      eps: optional pytree of per-parameter Adam epsilons replacing
+        ``config['eps']`` (adam/adamw only).
 
     Returns:
       ``Optimizer(tx, schedule)``.
@@ -131,13 +148,14 @@ def make_optimizer(config: Any, *, total_steps: int) -> Optimizer:
         raise ValueError(f"clip_norm must be >= 0 (0 or None = off), got {c['clip_norm']}.")
     if c["clip_norm"]:
         parts.append(optax.clip_by_global_norm(c["clip_norm"]))
-    parts.append(_direction(c))
+    parts.append(_direction(c, eps))
     parts.append(
         decay_and_scale_by_learning_rate(
             schedule,
             weight_decay=c["weight_decay"],
             independent_weight_decay=c["independent_weight_decay"],
             peak_learning_rate=c["lr"],
+            lr_scales=lr_scales,
         )
     )
     return Optimizer(tx=optax.chain(*parts), schedule=schedule)

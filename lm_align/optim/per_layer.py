@@ -82,11 +82,14 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     scales = _as_static(scales)
 
     def init_fn(params):
-        _check_structure("scales", scales, params)
+        # optax.tree_utils.tree_map_params initialises with a placeholder, not params.
+        if jax.tree.leaves(params):
+            _check_structure("scales", scales, params)
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
         del params
+        _check_structure("scales", scales, updates)
 
         def mul(u, s):
             if u is None or s is None:

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm_align.optim.per_layer import scale_by_tree
+
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
 
@@ -143,15 +145,18 @@ def decay_and_scale_by_learning_rate(
     independent_weight_decay: bool = False,
     peak_learning_rate: Optional[float] = None,
     mask: MaskOrFn = None,
+    lr_scales: Any = None,
 ) -> optax.GradientTransformation:
     r"""Turn a direction :math:`d_t` into a parameter change, with weight decay.
 
     .. math::
 
-      u_t = -\eta_t (d_t + \lambda \theta_t) \quad\text{(coupled)}, \qquad
-      u_t = -\eta_t d_t - \lambda s_t \theta_t \quad\text{(independent)},
+      u_t = -\eta_t c_l (d_t + \lambda \theta_t) \quad\text{(coupled)}, \qquad
+      u_t = -\eta_t c_l d_t - \lambda s_t \theta_t \quad\text{(independent)},
 
-    with :math:`s_t = \eta_t / \eta_{peak}`. This is the tail that
+    with :math:`s_t = \eta_t / \eta_{peak}` and :math:`c_l` the per-parameter
+    LR factor (``lr_scales``, default 1): coupled decay follows the layer's
+    LR, independent decay stays independent of it. This is the tail that
     :func:`adamw`, :func:`~lm_align.optim.adam_atan2` and
     :func:`~lm_align.optim.make_optimizer` share.
 
@@ -164,6 +169,8 @@ def decay_and_scale_by_learning_rate(
         with a schedule. Default None.
       mask: pytree of bools or callable; None decays only ``ndim >= 2`` arrays.
         Default None.
+      lr_scales: pytree of floats with the params' structure (per-layer LR
+        factors, :func:`~lm_align.optim.scale_by_tree`); None = 1 everywhere.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -174,18 +181,15 @@ def decay_and_scale_by_learning_rate(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     mask = _resolve_mask(mask)
+    lr = optax.scale_by_learning_rate(learning_rate)
+    if lr_scales is not None:
+        lr = optax.chain(scale_by_tree(lr_scales), lr)
     if not weight_decay:
-        return optax.scale_by_learning_rate(learning_rate)
+        return lr
     if not independent_weight_decay:
-        return optax.chain(
-            optax.add_decayed_weights(weight_decay, mask=mask),
-            optax.scale_by_learning_rate(learning_rate),
-        )
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=mask), lr)
     factor = independent_schedule_factor(learning_rate, peak_learning_rate)
-    return optax.chain(
-        optax.scale_by_learning_rate(learning_rate),
-        add_independent_weight_decay(weight_decay, factor, mask=mask),
-    )
+    return optax.chain(lr, add_independent_weight_decay(weight_decay, factor, mask=mask))
 
 
 def adamw(

@@ -8,8 +8,8 @@ Experiments start from `base_config()` and set what they study:
         return cfg
 
 Groups: train, mesh, model (lm_align.models.TransformerConfig), optimizer
-(lm_align.optim.DEFAULTS), data (lm_align.data.DEFAULTS). docs/configs.md
-lists every field.
+(lm_align.optim.DEFAULTS), param (lm_align.parameterization.DEFAULTS), data
+(lm_align.data.DEFAULTS). docs/configs.md lists every field.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from lm_align import data as data_lib
-from lm_align import optim
+from lm_align import optim, parameterization
 from lm_align.models import model_defaults
 
 TRAIN_DEFAULTS = {
@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
             "mesh": dict(MESH_DEFAULTS),
             "model": model_defaults(),
             "optimizer": dict(optim.DEFAULTS),
+            "param": dict(parameterization.DEFAULTS),
             "data": dict(data_lib.DEFAULTS),
         }
     )

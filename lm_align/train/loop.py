@@ -173,7 +173,8 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             )
         progress.update(1, loss=f"{float(m['loss']):.4f}")
         evaluating = is_eval_step(step) and params_after is not None
-        if step % t.log_every == 0 or evaluating:
+        # Step 1 is always logged: its loss is the loss at initialisation.
+        if step % t.log_every == 0 or step == 1 or evaluating:
             elapsed = time.perf_counter() - interval_start
             row = {k: v for k, v in m.items() if k != "finite"}
             row["tokens_per_s"] = tokens_per_step * interval_steps / max(elapsed, 1e-9)

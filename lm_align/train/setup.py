@@ -11,13 +11,15 @@ import jax
 from lm_align import optim, parallel
 from lm_align.models import TransformerConfig
 from lm_align.models.pure import PureModel
+from lm_align.parameterization import Parameterization
 from lm_align.train.step import Steps, build_steps
-from lm_align.train.validate import check_config
+from lm_align.train.validate import check_config, make_parameterization
 
 
 @dataclasses.dataclass
 class Experiment:
     model_cfg: TransformerConfig
+    param: Parameterization
     model: PureModel
     optimizer: optim.Optimizer  # (tx, schedule)
     mesh: jax.sharding.Mesh
@@ -30,8 +32,15 @@ def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experi
     model_cfg = check_config(cfg, num_devices=len(devices), process_count=jax.process_count())
     t = cfg.train
     mesh = parallel.make_mesh(cfg.mesh, devices)
-    model = PureModel(model_cfg)
-    opt = optim.make_optimizer(cfg.optimizer, total_steps=t.steps)
+    param = make_parameterization(cfg, model_cfg)
+    model = PureModel(model_cfg, param)
+    abstract, axes = model.abstract_params, model.logical_axes
+    opt = optim.make_optimizer(
+        cfg.optimizer,
+        total_steps=t.steps,
+        lr_scales=param.lr_scales(abstract, axes),
+        eps=param.adam_eps(cfg.optimizer.eps, abstract, axes) if param.per_layer_eps else None,
+    )
     steps = build_steps(
         model,
         opt.tx,
@@ -43,4 +52,4 @@ def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experi
         nonfinite=t.nonfinite,
         loss_chunks=t.loss_chunks,
     )
-    return Experiment(model_cfg, model, opt, mesh, steps)
+    return Experiment(model_cfg, param, model, opt, mesh, steps)

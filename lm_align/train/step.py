@@ -51,6 +51,35 @@ def _rms(tree) -> jax.Array:
     return jnp.sqrt(total / sum(x.size for x in leaves))
 
 
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "idx", k)))
+
+
+def per_layer_rms(tree, stacked: bool) -> dict[str, jax.Array]:
+    """RMS of every parameter, named by its path without the layer index.
+
+    Parameters under ``blocks`` give one value per layer ([n_layers]), whether
+    the layers are stacked (``stacked=True``: scan, leading layer axis) or a list
+    (``blocks/<i>/...``); any other parameter gives a scalar. Keys look like
+    ``blocks.attn.qkv``, ``embed``, ``final_norm.scale``.
+    """
+    out: dict[str, Any] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [_key_name(k) for k in path]
+        x2 = jnp.square(x.astype(jnp.float32))
+        if names[0] == "blocks" and stacked:
+            out[".".join(names)] = jnp.sqrt(jnp.mean(x2.reshape(x.shape[0], -1), axis=1))
+        elif names[0] == "blocks":
+            layer, name = int(names[1]), ".".join(["blocks", *names[2:]])
+            out.setdefault(name, {})[layer] = jnp.sqrt(jnp.mean(x2))
+        else:
+            out[".".join(names)] = jnp.sqrt(jnp.mean(x2))
+    return {
+        k: jnp.stack([v[i] for i in sorted(v)]) if isinstance(v, dict) else v
+        for k, v in out.items()
+    }
+
+
 def make_train_step(
     model: PureModel,
     tx: optax.GradientTransformation,
@@ -61,6 +90,7 @@ def make_train_step(
     nonfinite: str = "halt",
     loss_chunks: int = 0,
     constrain_BLD: Callable | None = None,
+    per_layer_diagnostics: bool = True,
 ) -> Callable:
     """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
 
@@ -74,6 +104,8 @@ def make_train_step(
     which is exactly the gradient of the full-batch token-mean loss.
     In "skip" mode an update whose loss or gradient is non-finite is dropped
     (params and optimizer state unchanged) and counted in `state.skipped`.
+    `per_layer_diagnostics` adds `param_rms/<name>`, `grad_rms/<name>` and
+    `update_rms/<name>` (update / lr) for every parameter (see `per_layer_rms`).
     """
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
@@ -150,6 +182,7 @@ def make_train_step(
             "lr": lr,
             "finite": finite,
             "param_rms": _rms(state.params),
+            "grad_rms": _rms(grads),
             "update_rms": _rms(updates) / jnp.maximum(lr, 1e-30),
             "output_logit_mean": out.mean_logit,
             "log_z_mean": out.mean_log_z,
@@ -157,6 +190,15 @@ def make_train_step(
             "skipped": new.skipped,
             "num_tokens": out.num_tokens,
         }
+        if per_layer_diagnostics:
+            unscaled = jax.tree.map(lambda u: u / jnp.maximum(lr, 1e-30), updates)
+            for prefix, tree in (
+                ("param_rms", state.params),
+                ("grad_rms", grads),
+                ("update_rms", unscaled),
+            ):
+                for name, value in per_layer_rms(tree, model.cfg.scan_layers).items():
+                    metrics[f"{prefix}/{name}"] = value
         return new, metrics
 
     return train_step

@@ -10,7 +10,17 @@ from lm_align import data as data_lib
 from lm_align import optim, parallel
 from lm_align.config import ConfigError
 from lm_align.models import TransformerConfig
+from lm_align.parameterization import Parameterization
 from lm_align.train.step import NONFINITE_MODES
+
+GROUPS = ("train", "mesh", "model", "optimizer", "param", "data")
+
+
+def make_parameterization(cfg, model_cfg: TransformerConfig) -> Parameterization:
+    """The `param` group at the model's width, for the configured optimizer."""
+    return Parameterization.from_config(
+        cfg.param, optimizer=cfg.optimizer.name, width=model_cfg.d_model
+    )
 
 
 def check_config(
@@ -25,14 +35,13 @@ def check_config(
         unknown = sorted(set(cfg[group].keys()) - set(known))
         if unknown:
             errors.append(f"unknown {group} fields {unknown}; valid: {sorted(known)}")
-    extra_groups = sorted(
-        set(cfg.keys())
-        - {"train", "mesh", "model", "optimizer", "data"}
-        - set(extra_groups_allowed)
-    )
+    extra_groups = sorted(set(cfg.keys()) - set(GROUPS) - set(extra_groups_allowed))
     if extra_groups:
+        errors.append(f"unknown config groups {extra_groups}; valid: {', '.join(GROUPS)}")
+    if "param" not in cfg:
         errors.append(
-            f"unknown config groups {extra_groups}; valid: train, mesh, model, optimizer, data"
+            "config has no `param` group; start get_config() from "
+            "lm_align.train.base_config() (or add param=dict(lm_align.parameterization.DEFAULTS))"
         )
 
     for name in (
@@ -109,6 +118,18 @@ def check_config(
         optim.make_optimizer(cfg.optimizer, total_steps=max(t.steps, 1))
     except (ValueError, TypeError) as e:
         errors.append(str(e))
+    if model_cfg is not None and "param" in cfg:
+        try:
+            param = make_parameterization(cfg, model_cfg)
+            if model_cfg.tie_embeddings:
+                param.check_tied_embeddings()
+            if param.per_layer_eps and cfg.optimizer.name not in ("adam", "adamw"):
+                errors.append(
+                    f"param.per_layer_eps=true needs optimizer.name adam or adamw (Adam's "
+                    f"epsilon), not {cfg.optimizer.name!r}; set param.per_layer_eps=false"
+                )
+        except ValueError as e:
+            errors.append(str(e))
 
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
