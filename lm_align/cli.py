@@ -4,6 +4,9 @@
     lm-align bench [--config experiments/bench.py] [--steps N] [--json] [--config.group.field=value ...]
     lm-align bench --data-only [--config ...] [--batches N] [--json]      # input pipeline alone
     lm-align tokenizer train [--config ...] --vocab-size N --output PREFIX [--max-documents M]
+    lm-align coordcheck [--config ...] [--widths 64,128,256,512] [--steps N] [--out PNG] [--json]
+    lm-align sweep --config experiments/x.py[:arg] --workdir DIR [--parallel N] [--max-runs N] [--dry-run] [--config.group.field=value ...]
+    lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY] [--metric eval_loss] [--out DIR]
 
 Without --config, `train` runs experiments/default.py's config (a small model
 on the built-in arithmetic task).
@@ -15,6 +18,9 @@ import argparse
 import json
 import os
 import sys
+
+from lm_align.coordcheck import add_parser as add_coordcheck_parser
+from lm_align.sweeps.commands import add_parsers as add_sweep_parsers
 
 DEFAULT_EXPERIMENT = "default"
 
@@ -212,6 +218,8 @@ def main(argv=None) -> int:
         help="encode unseen characters as UTF-8 byte pieces instead of unk",
     )
     p.set_defaults(fn=_cmd_tokenizer_train)
+    add_sweep_parsers(sub)
+    add_coordcheck_parser(sub)
     args = parser.parse_args(rest)
     try:
         return args.fn(args, overrides)

@@ -1,0 +1,182 @@
+"""`lm-align sweep` and `lm-align plot`.
+
+    lm-align sweep --config experiments/x.py[:arg] --workdir DIR [--parallel N] [--max-runs N]
+                   [--dry-run] [--config.group.field=value ...]
+    lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY]
+                  [--metric eval_loss] [--out DIR]
+
+`sweep` exits 0 when no run failed (every run finished or diverged, or was
+left for a later call by --max-runs), 1 when a run failed, 2 on a config
+error (nothing started), and 128 + the signal number when stopped by
+SIGTERM/SIGINT/SIGHUP (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+
+NONE = "none"  # --group none / --compare none: do not split by a key
+
+
+def add_parsers(subparsers) -> None:
+    """Registers the `sweep` and `plot` subcommands on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "sweep", help="run the experiment's get_sweep() runs, one train process each (resumable)"
+    )
+    p.add_argument("--config", required=True, help="experiment file with get_sweep(), [:arg]")
+    p.add_argument("--workdir", required=True, help="sweep directory: one subdirectory per run")
+    p.add_argument("--parallel", type=int, default=1, help="runs alive at once (default 1)")
+    p.add_argument("--max-runs", type=int, help="start at most N runs now (rerun to continue)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = subparsers.add_parser("plot", help="loss vs LR, optimal LR per width, LR sensitivity")
+    p.add_argument("--sweep", required=True, help="a sweep's --workdir (reads summary.jsonl)")
+    p.add_argument("--x", help="LR key (default: the varying override key ending in 'lr')")
+    p.add_argument("--group", help="one curve per value (default: another varying key; 'none')")
+    p.add_argument("--compare", help="solid vs dashed per value (default: a varying boolean key)")
+    p.add_argument("--metric", default="eval_loss", help="summary column to plot")
+    p.add_argument("--out", help="output directory (default: the sweep directory)")
+    p.set_defaults(fn=cmd_plot)
+
+
+def cmd_sweep(args, overrides) -> int:
+    from lm_align.sweeps import runner
+
+    if args.parallel < 1:
+        print(f"error: --parallel={args.parallel}; use 1 or more", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        runs = runner.plan_sweep(args.config, args.workdir, overrides)
+        runner.check_workdir(args.workdir, runs)
+        print(f"{len(runs)} runs of {args.config} in {args.workdir} (dry run: nothing started)")
+        for line in runner.describe_runs(runs):
+            print(f"  {line}")
+        return 0
+    print(f"lm-align sweep: {args.config} -> {args.workdir}", flush=True)
+    result = runner.run_sweep(
+        args.config,
+        args.workdir,
+        parallel=args.parallel,
+        extra_overrides=overrides,
+        max_runs=args.max_runs,
+    )
+    counts = ", ".join(
+        f"{result.count(s)} {s}"
+        for s in ("finished", "diverged", "failed", "interrupted", "pending")
+        if result.count(s)
+    )
+    print(f"sweep: {counts}; summary {os.path.join(args.workdir, 'summary.csv')}", flush=True)
+    for name in result.failed:
+        print(f"  failed: {name} (see {os.path.join(args.workdir, name, 'stderr.log')})")
+    if result.stopped_by:
+        print(
+            f"{result.stopped_by}: running runs were asked to save a checkpoint and stop; "
+            "rerun the same command to resume",
+            flush=True,
+        )
+        return 128 + int(getattr(signal, result.stopped_by))
+    if result.failed:
+        return 1
+    left = result.count("pending") + result.count("interrupted")
+    if left:
+        print(f"{left} runs not done; rerun the same command to continue")
+    return 0
+
+
+def _override_keys(sweep_dir: str, rows) -> list[str]:
+    from lm_align.sweeps import runner, summary
+
+    record = summary.read_json(os.path.join(sweep_dir, runner.SWEEP_JSON))
+    if record is not None:
+        return list(dict.fromkeys(k for r in record["runs"] for k in r["overrides"]))
+    fixed = {"name", "index", "status", *summary.METRIC_COLUMNS}
+    return [k for k in (rows[0] if rows else {}) if k not in fixed]
+
+
+def _choose(value, inferred):
+    if value is None:
+        return inferred
+    return None if value.lower() == NONE else value
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows, columns, headers=None) -> list[str]:
+    """Lines of a plain-text table: `columns` of each row, left-aligned."""
+    headers = list(headers or columns)
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return lines
+
+
+def cmd_plot(args, overrides) -> int:
+    from lm_align.config import ConfigError
+    from lm_align.sweeps import analysis, plots, summary
+
+    if overrides:
+        raise ConfigError(f"plot takes no --config.* overrides (got {overrides})")
+    try:
+        rows = summary.load_summary(args.sweep)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keys = _override_keys(args.sweep, rows)
+    inferred = analysis.infer_axes(rows, keys)
+    x = args.x or inferred["x"]
+    if x is None:
+        print(
+            f"error: no varying override key ends in 'lr' (keys: {keys}); name the LR key with --x",
+            file=sys.stderr,
+        )
+        return 2
+    group = _choose(args.group, inferred["group"])
+    compare = _choose(args.compare, inferred["compare"])
+    out = args.out or args.sweep
+    try:
+        report = plots.plot_sweep(
+            rows,
+            out,
+            x=x,
+            group=group,
+            compare=compare,
+            metric=args.metric,
+            title=os.path.basename(os.path.normpath(args.sweep)),
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    split = [k for k in (compare, group) if k]
+    names = {"compare": compare, "group": group}
+    key_cols = [c for c in ("compare", "group") if names[c]]
+    headers = [plots.short(names[c]) for c in key_cols]
+    print(f"x {x}, group {group}, compare {compare}, metric {args.metric}")
+    print(f"\noptimal {x} per {' x '.join(split) or 'sweep'}:")
+    cols = ["optimal_lr", "grid_index", "shift", "best_loss", "runs", "nonfinite"]
+    for line in format_table(report.transfer, key_cols + cols, headers + cols):
+        print(f"  {line}")
+    if group:
+        for cmp_value, steps in report.shift.items():
+            where = f" ({plots.short(compare)}={cmp_value})" if compare else ""
+            print(f"optimal-LR shift across {plots.short(group)}{where}: {_fmt(steps)} grid steps")
+    print(f"\nLR sensitivity (mean of min({args.metric}, init_loss) - best over the LR grid):")
+    cols = ["lr_sensitivity", "init_loss", "best_loss", "runs", "nonfinite"]
+    for line in format_table(report.sensitivity, key_cols + cols, headers + cols):
+        print(f"  {line}")
+    if any(math.isnan(r["init_loss"]) for r in report.sensitivity):
+        print(
+            "  (nan: no run of that curve logged step 1, whose loss is the loss at initialisation)"
+        )
+    print("\nwrote " + ", ".join(report.files))
+    return 0
