@@ -1,0 +1,83 @@
+"""LR transfer across widths under different parameterizations (Everett et al. 2024).
+
+Each variant sweeps width x peak LR for one parameterization; `lm-align plot`
+then finds the optimal LR per width and how many grid steps it moves:
+
+    lm-align sweep --config experiments/transfer.py:mup --workdir runs/transfer_mup
+    lm-align sweep --config experiments/transfer.py:sp  --workdir runs/transfer_sp
+    lm-align plot  --sweep runs/transfer_mup
+    lm-align plot  --sweep runs/transfer_sp
+
+Variants (the `param` group; widths 32, 64, 128 with head_dim 16, d_ff = 4 d):
+- `sp`: standard parameterization, one LR for every layer and width (what most
+  code does; `param.base_width = None`, so nothing depends on width).
+- `sp_per_layer`: standard with Everett et al.'s per-layer Adam exponents
+  (embedding 0, hidden 1, readout 1), base width 32.
+- `mup`, `ntk`, `mfp`: those parameterizations with their table LR exponents,
+  base width 32 (the smallest model is the tuned proxy).
+Any optimizer can be swept the same way, e.g. `--config.optimizer.name=adam_atan2`.
+"""
+
+from lm_align.train.config import base_config
+
+WIDTHS = (32, 64, 128)
+# Factor-2 grid: fine enough to see a 4x width change move the SP optimum.
+LR_GRID = tuple(round(1e-3 * 2**k, 6) for k in range(8))  # 0.001 ... 0.128
+HEAD_DIM = 16
+VARIANTS = ("sp", "sp_per_layer", "mup", "ntk", "mfp")
+
+
+def get_config(arg=None):
+    variant = arg or "mup"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    cfg = base_config()
+
+    cfg.train.steps = 200
+    cfg.train.batch_size = 16
+    cfg.train.log_every = 25
+    cfg.train.eval_every = 0
+    cfg.train.eval_batches = 4
+    cfg.train.checkpoint_every = 0
+    cfg.train.answer_eval_examples = 0
+    cfg.train.z_loss_coef = 1e-4
+
+    cfg.model.d_model = WIDTHS[0]
+    cfg.model.n_layers = 2
+    cfg.model.head_dim = HEAD_DIM
+    cfg.model.n_heads = WIDTHS[0] // HEAD_DIM
+    cfg.model.d_ff = 4 * WIDTHS[0]
+    cfg.model.qk_layernorm = True
+
+    cfg.optimizer.name = "adamw"
+    cfg.optimizer.lr = 1e-2
+    cfg.optimizer.b2 = 0.95
+    cfg.optimizer.clip_norm = 1.0
+    cfg.optimizer.weight_decay = 1e-4
+    cfg.optimizer.warmup_steps = 20
+    cfg.optimizer.schedule = "cosine"
+
+    cfg.data.seq_len = 64
+    cfg.data.arithmetic_digits = 3
+    cfg.data.arithmetic_operators = "+*"
+
+    if variant == "sp":
+        cfg.param.name = "standard"
+        cfg.param.base_width = None
+    else:
+        cfg.param.name = "standard" if variant == "sp_per_layer" else variant
+        cfg.param.base_width = WIDTHS[0]
+    return cfg
+
+
+def get_sweep(arg=None):
+    return [
+        {
+            "model.d_model": w,
+            "model.n_heads": w // HEAD_DIM,
+            "model.d_ff": 4 * w,
+            "optimizer.lr": lr,
+        }
+        for w in WIDTHS
+        for lr in LR_GRID
+    ]
