@@ -54,7 +54,13 @@ def _as_static(scales: Any) -> Any:
 
 
 def _check_structure(name: str, tree: Any, params: Any) -> None:
-    """Raise a readable error unless ``tree`` has a leaf (or None) per param."""
+    """Raise a readable error unless ``tree`` has a leaf (or None) per param.
+
+    ``params`` without leaves (optax.tree_utils.tree_map_params initialises
+    with a placeholder) is not checked.
+    """
+    if not jax.tree.leaves(params):
+        return
     try:
         jax.tree.map(lambda p, s: None, params, tree)
     except (ValueError, TypeError) as e:
@@ -82,9 +88,7 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     scales = _as_static(scales)
 
     def init_fn(params):
-        # optax.tree_utils.tree_map_params initialises with a placeholder, not params.
-        if jax.tree.leaves(params):
-            _check_structure("scales", scales, params)
+        _check_structure("scales", scales, params)
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
