@@ -178,3 +178,36 @@ def test_nan_is_not_a_grid_optimum():
     (entry,) = analysis.transfer_table(rows)
     assert entry["optimal_lr"] == 3e-3 and entry["nonfinite"] == 1
     assert math.isclose(analysis.sensitivity_table(rows)[0]["lr_sensitivity"], (5.5 - 4.0) / 2)
+
+
+def test_fitted_optimal_lr_finds_the_vertex_between_grid_points():
+    grid = [1e-3 * 2**k for k in range(8)]  # 0.001 ... 0.128
+    # loss = 1 + (ln lr - ln 0.02)^2: the optimum 0.02 is not a grid point.
+    losses = [1 + (math.log(lr) - math.log(0.02)) ** 2 for lr in grid]
+    assert analysis.optimal_lr(grid, losses) == 0.016
+    assert analysis.fitted_optimal_lr(grid, losses) == pytest.approx(0.02, rel=1e-9)
+    assert analysis.grid_ratio(grid) == pytest.approx(2.0)
+    # A diverged point is ignored; a monotone curve falls back to the argmin (an edge).
+    losses[-1] = float("nan")
+    assert analysis.fitted_optimal_lr(grid, losses) == pytest.approx(0.02, rel=1e-9)
+    assert analysis.fitted_optimal_lr(grid, [10 - k for k in range(8)]) == 0.128
+
+
+def test_transfer_table_fitted_shift_is_in_grid_steps():
+    grid = [1e-3 * 2**k for k in range(8)]
+    rows = []
+    for width, opt in ((32, 0.02), (128, 0.005)):  # the optimum moves 2 grid steps down
+        for lr in grid:
+            loss = 1 + (math.log(lr) - math.log(opt)) ** 2
+            rows.append(
+                {
+                    "status": "finished",
+                    "optimizer.lr": lr,
+                    "model.d_model": width,
+                    "eval_loss": loss,
+                    "init_loss": 6.0,
+                }
+            )
+    table = analysis.transfer_table(rows)
+    assert [r["fitted_lr"] for r in table] == pytest.approx([0.02, 0.005])
+    assert [r["fitted_shift"] for r in table] == pytest.approx([0.0, -2.0])

@@ -74,6 +74,42 @@ def optimal_lr(lrs: Sequence[Any], losses: Sequence[Any]) -> float | None:
     return as_float(lrs[int(np.argmin(np.where(finite, values, np.inf)))])
 
 
+def fitted_optimal_lr(lrs: Sequence[Any], losses: Sequence[Any], points: int = 5) -> float | None:
+    """The vertex of a parabola in log(LR) through the `points` grid points nearest the argmin.
+
+    On a fine grid the loss near the optimum is flat to within run-to-run
+    noise, so the argmin can jump between neighbours whose losses differ by a
+    few thousandths; the fitted vertex uses the shape of the whole basin.
+    Falls back to the argmin when fewer than 3 finite points surround it or the
+    parabola is not convex, and never leaves the range of the points used.
+    """
+    best = optimal_lr(lrs, losses)
+    if best is None:
+        return None
+    pairs = sorted(
+        (as_float(x), as_float(y))
+        for x, y in zip(lrs, losses)
+        if as_float(x) > 0 and math.isfinite(as_float(y))
+    )
+    xs = np.log([x for x, _ in pairs])
+    ys = np.array([y for _, y in pairs])
+    i = int(np.argmin(ys))
+    lo = max(0, min(i - points // 2, len(xs) - points))
+    xs, ys = xs[lo : lo + points], ys[lo : lo + points]
+    if len(xs) < 3:
+        return best
+    a, b, _ = np.polyfit(xs, ys, 2)
+    if a <= 0:
+        return best
+    return float(np.exp(np.clip(-b / (2 * a), xs.min(), xs.max())))
+
+
+def grid_ratio(grid: Sequence[float]) -> float:
+    """The median ratio between consecutive LRs of a (geometric) grid."""
+    g = sorted(v for v in grid if v > 0)
+    return float(np.median(np.array(g[1:]) / np.array(g[:-1]))) if len(g) > 1 else math.nan
+
+
 def sort_key(value: Any):
     """Orders numbers numerically, then strings, then None."""
     if value is None:
@@ -154,18 +190,28 @@ def transfer_table(
     `compare`, `group`, `optimal_lr` (argmin of the finite `metric`; None if
     none is finite), `grid_index` (its position in the sorted LRs of the whole
     sweep), `shift` (`grid_index` minus that of the first group with the same
-    compare value), `best_loss`, `runs` (grid points) and `nonfinite` (how
-    many of them diverged or have no finite metric).
+    compare value), `fitted_lr` (:func:`fitted_optimal_lr`), `fitted_shift`
+    (log(fitted_lr / that of the first group) / log(grid ratio): the move in
+    grid steps, a float), `best_loss`, `runs` (grid points) and `nonfinite`
+    (how many of them diverged or have no finite metric).
     """
     points = grid_points(rows, x, group, metric, compare)
     grid = sorted({p["x"] for p in points if math.isfinite(p["x"])})
-    table, first_index = [], {}
+    table, first_index, first_fit = [], {}, {}
+    ratio = grid_ratio(grid)
     for (cmp_value, group_value), curve in _curves(points).items():
         lr = optimal_lr([p["x"] for p in curve], [p["loss"] for p in curve])
+        fit = fitted_optimal_lr([p["x"] for p in curve], [p["loss"] for p in curve])
         index = grid.index(lr) if lr is not None else None
         if index is not None:
             first_index.setdefault(cmp_value, index)
+            first_fit.setdefault(cmp_value, fit)
         shift = None if index is None else index - first_index[cmp_value]
+        fitted_shift = (
+            None
+            if fit is None or not math.isfinite(ratio)
+            else math.log(fit / first_fit[cmp_value]) / math.log(ratio)
+        )
         finite = [p["loss"] for p in curve if math.isfinite(p["loss"])]
         table.append(
             {
@@ -174,6 +220,8 @@ def transfer_table(
                 "optimal_lr": lr,
                 "grid_index": index,
                 "shift": shift,
+                "fitted_lr": fit,
+                "fitted_shift": fitted_shift,
                 "best_loss": min(finite) if finite else None,
                 "runs": len(curve),
                 "nonfinite": len(curve) - len(finite),

@@ -163,13 +163,28 @@ def cmd_plot(args, overrides) -> int:
     headers = [plots.short(names[c]) for c in key_cols]
     print(f"x {x}, group {group}, compare {compare}, metric {args.metric}")
     print(f"\noptimal {x} per {' x '.join(split) or 'sweep'}:")
-    cols = ["optimal_lr", "grid_index", "shift", "best_loss", "runs", "nonfinite"]
+    cols = [
+        "optimal_lr",
+        "grid_index",
+        "shift",
+        "fitted_lr",
+        "fitted_shift",
+        "best_loss",
+        "runs",
+        "nonfinite",
+    ]
     for line in format_table(report.transfer, key_cols + cols, headers + cols):
         print(f"  {line}")
     if group:
         for cmp_value, steps in report.shift.items():
             where = f" ({plots.short(compare)}={cmp_value})" if compare else ""
-            print(f"optimal-LR shift across {plots.short(group)}{where}: {_fmt(steps)} grid steps")
+            fitted = [r["fitted_shift"] for r in report.transfer if r["compare"] == cmp_value]
+            fitted = [f for f in fitted if f is not None]
+            span = f"{max(fitted) - min(fitted):.2f}" if fitted else "n/a"
+            print(
+                f"optimal-LR shift across {plots.short(group)}{where}: {_fmt(steps)} grid steps "
+                f"(argmin), {span} grid steps (fitted)"
+            )
     print(f"\nLR sensitivity (mean of min({args.metric}, init_loss) - best over the LR grid):")
     cols = ["lr_sensitivity", "init_loss", "best_loss", "runs", "nonfinite"]
     for line in format_table(report.sensitivity, key_cols + cols, headers + cols):

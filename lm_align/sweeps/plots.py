@@ -299,7 +299,8 @@ def plot_sweep(
     write_csv(
         csv_paths[1],
         [renamed(r) for r in transfer],
-        [*key_columns, "optimal_lr", "grid_index", "shift", "best_loss", "runs", "nonfinite"],
+        [*key_columns, "optimal_lr", "grid_index", "shift", "fitted_lr", "fitted_shift"]
+        + ["best_loss", "runs", "nonfinite"],
     )
     write_csv(
         csv_paths[2],
