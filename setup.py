@@ -13,9 +13,10 @@ CORE = [
     "tensorboardX",
     "tqdm",
     "matplotlib",
+    "rax",  # listwise ranking losses (lm_align.losses.listwise)
 ]
 SEQIO = ["seqio", "tensorflow-datasets", "sentencepiece"]
-TEST = SEQIO + ["pytest", "pytest-xdist", "rax"]
+TEST = SEQIO + ["pytest", "pytest-xdist"]
 DOCS = ["mkdocs", "mkdocs-material", "mkdocstrings[python]"]
 
 setuptools.setup(
