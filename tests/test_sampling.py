@@ -72,3 +72,91 @@ def test_bad_settings_are_rejected():
         process_logits(_logits([0.5, 0.5]), top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):
         process_logits(_logits([0.5, 0.5]), top_k=-1)
+
+
+# ----------------------------------------------------------------------------
+# generate: KV-cache decoding
+# ----------------------------------------------------------------------------
+
+from lm_align.models import TransformerConfig  # noqa: E402
+from lm_align.models.pure import PureModel  # noqa: E402
+from lm_align.sampling import generate  # noqa: E402
+
+PROMPTS = [[1, 50, 51, 52, 53], [1, 60], [1, 70, 71]]
+
+
+def _model(**kw):
+    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=97, **kw)
+    model = PureModel(cfg)
+    # Larger weights than at init, so greedy decoding does not repeat one token.
+    params = jax.tree.map(lambda x: x * 3.0, model.init(0))
+    return model, params
+
+
+def _logits_of(model, params, tokens, length=16):
+    """Full-sequence logits without a cache; right padding (one compile) does
+    not change the logits of earlier positions of a causal model."""
+    padded = jnp.asarray([list(tokens) + [0] * (length - len(tokens))], jnp.int32)
+    return jax.jit(model.apply)(params, padded)[0, : len(tokens)]
+
+
+def _greedy_without_cache(model, params, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(jnp.argmax(_logits_of(model, params, tokens)[-1])))
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"scan_layers": True}, {"position": "learned", "qk_layernorm": True}]
+)
+def test_greedy_with_the_cache_equals_step_by_step_decoding(kw):
+    model, params = _model(**kw)
+    out = generate(model, params, PROMPTS, max_new_tokens=6, greedy=True)
+    for i, prompt in enumerate(PROMPTS):
+        want = _greedy_without_cache(model, params, prompt, 6)
+        assert np.asarray(out.tokens[i]).tolist() == want, (i, kw)
+    assert len({tuple(np.asarray(t).tolist()) for t in out.tokens}) > 1  # not degenerate
+
+
+def test_sample_logprobs_equal_one_forward_rescoring():
+    model, params = _model()
+    out = generate(
+        model, params, PROMPTS, max_new_tokens=5, num_samples=2, temperature=0.8, top_k=5, rng=3
+    )
+    assert out.tokens.shape == (6, 5)
+    for row in range(6):
+        prompt = PROMPTS[int(out.prompt_index[row])]
+        completion = np.asarray(out.tokens[row]).tolist()
+        logps = jax.nn.log_softmax(_logits_of(model, params, prompt + completion), axis=-1)
+        want = [float(logps[len(prompt) - 1 + t, tok]) for t, tok in enumerate(completion)]
+        np.testing.assert_allclose(out.logps[row], want, rtol=1e-4, atol=1e-5)
+
+
+def test_top_k_sampling_stays_in_the_top_k_of_the_model():
+    model, params = _model()
+    out = generate(model, params, PROMPTS[:1], max_new_tokens=4, num_samples=16, top_k=3, rng=1)
+    for row in range(16):
+        seq = [*PROMPTS[0], *np.asarray(out.tokens[row]).tolist()]
+        logits = _logits_of(model, params, seq)
+        for t in range(4):
+            top3 = np.argsort(-np.asarray(logits[len(PROMPTS[0]) - 1 + t]))[:3]
+            assert int(out.tokens[row, t]) in top3
+
+
+def test_stop_tokens_seeds_and_lengths():
+    model, params = _model()
+    free = generate(model, params, PROMPTS, max_new_tokens=6, greedy=True)
+    stop = int(free.tokens[0, 2])  # the third token of row 0 becomes a stop token
+    out = generate(model, params, PROMPTS, max_new_tokens=6, greedy=True, stop_tokens=[stop])
+    first = np.asarray(free.tokens[0]).tolist().index(stop)
+    assert int(out.lengths[0]) == first + 1
+    assert np.all(np.asarray(out.tokens[0, first + 1 :]) == 0)
+    assert np.all(np.asarray(out.logps[0, first + 1 :]) == 0)
+    a = generate(model, params, PROMPTS, max_new_tokens=6, rng=7, temperature=1.0)
+    b = generate(model, params, PROMPTS, max_new_tokens=6, rng=7, temperature=1.0)
+    c = generate(model, params, PROMPTS, max_new_tokens=6, rng=8, temperature=1.0)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, params, [[]], max_new_tokens=2)

@@ -266,21 +266,26 @@ class Attention(nnx.Module):
             self.q_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
             self.k_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
 
-    def __call__(self, x_BLD, rope_sincos, mask_B1LM):
-        """`rope_sincos`: `rope_tables(...)` for RoPE models, else None."""
+    def project(self, x_BLD, rope_sincos):
+        """(q scaled by 1/sqrt(K), k, v), each [B, L, H, K]: qk-norm and RoPE applied."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         B, L, _ = x_BLD.shape
         _, _, H, K = self.qkv.shape
         qkv_BL3HK = _dense(x_BLD, _weight(self.qkv, dt)).reshape(B, L, 3, H, K)
         if self.qkv_bias is not None:
             qkv_BL3HK = qkv_BL3HK + _weight(self.qkv_bias, dt)
-        q_BLHK, k_BMHK, v_BMHK = (qkv_BL3HK[:, :, i] for i in range(3))
+        q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
         if cfg.qk_layernorm:
-            q_BLHK, k_BMHK = self.q_norm(q_BLHK), self.k_norm(k_BMHK)
+            q_BLHK, k_BLHK = self.q_norm(q_BLHK), self.k_norm(k_BLHK)
         if rope_sincos is not None:
             q_BLHK = apply_rope(q_BLHK, *rope_sincos)
-            k_BMHK = apply_rope(k_BMHK, *rope_sincos)
-        q_BLHK = q_BLHK * (1.0 / math.sqrt(q_BLHK.shape[-1]))
+            k_BLHK = apply_rope(k_BLHK, *rope_sincos)
+        return q_BLHK * (1.0 / math.sqrt(K)), k_BLHK, v_BLHK
+
+    def attend(self, q_BLHK, k_BMHK, v_BMHK, mask_B1LM):
+        """(output [B, L, D], max unmasked logit) of scaled queries over keys/values."""
+        dt = DTYPES[self.cfg.dtype]
+        B, L, H, K = q_BLHK.shape
         logits_BHLM = jnp.einsum("BLHK,BMHK->BHLM", q_BLHK, k_BMHK).astype(jnp.float32)
         logits_BHLM = jnp.where(mask_B1LM, logits_BHLM, jnp.finfo(jnp.float32).min)
         # Softmax by hand so its row max also gives the max-logit diagnostic (one
@@ -295,6 +300,29 @@ class Attention(nnx.Module):
         if self.out_bias is not None:
             out_BLD = out_BLD + _weight(self.out_bias, dt)
         return out_BLD, max_logit
+
+    def __call__(self, x_BLD, rope_sincos, mask_B1LM):
+        """`rope_sincos`: `rope_tables(...)` for RoPE models, else None."""
+        return self.attend(*self.project(x_BLD, rope_sincos), mask_B1LM)
+
+    def cached(self, x_BSD, rope_sincos, cache, index, key_valid_BT):
+        """Attention of S new tokens written into cache slots [index, index + S).
+
+        `cache` = (k, v), each [B, T, H, K]. Slot j is visible to new token s if
+        j <= index + s and `key_valid_BT[:, j]` (e.g. not left padding); a token
+        always sees its own slot. Returns (output [B, S, D], new cache).
+        """
+        q, k, v = self.project(x_BSD, rope_sincos)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 1)
+        S, T = x_BSD.shape[1], k_cache.shape[1]
+        slot_S1 = index + jnp.arange(S)[:, None]
+        causal_ST = jnp.arange(T)[None, :] <= slot_S1
+        mask_BST = (causal_ST[None] & key_valid_BT[:, None, :]) | (
+            jnp.arange(T)[None, None, :] == slot_S1[None]
+        )
+        out, _ = self.attend(q, k_cache, v_cache, mask_BST[:, None])
+        return out, (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -345,6 +373,14 @@ class Block(nnx.Module):
             return x_BLD, max_logit, {"attn": attn_BLD, "mlp": mlp_BLD}
         return x_BLD, max_logit
 
+    def cached(self, x_BSD, rope_sincos, cache, index, key_valid_BT):
+        """The block on S new tokens with a KV cache (see `Attention.cached`)."""
+        attn_BSD, cache = self.attn.cached(
+            self.attn_norm(x_BSD), rope_sincos, cache, index, key_valid_BT
+        )
+        x_BSD = x_BSD + attn_BSD
+        return x_BSD + self.mlp(self.mlp_norm(x_BSD)), cache
+
 
 def attention_mask(segment_ids_BL):
     """[B, 1, L, M] bool: causal, and only within the same segment (packed documents)."""
@@ -390,6 +426,46 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(D, cfg, mk)
         if not cfg.tie_embeddings:
             self.readout = mk.normal(rngs, (D, V), ("embed", "vocab"), truncated=True)
+
+    def cached(self, tokens_BS, positions_BS, cache, index, key_valid_BT):
+        """Logits [B, S, V] (float32) of S new tokens and the updated KV cache.
+
+        The tokens occupy cache slots [index, index + S) and attend to every
+        earlier slot whose `key_valid_BT` is True (left padding is not), and to
+        themselves causally. `positions_BS` are their RoPE / learned positions.
+        `cache` is `init_cache(...)`'s (k, v), each [N, B, T, H, K]. Prefill a
+        left-padded prompt with index 0, then decode one token at a time.
+        """
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        rope_sincos = (
+            rope_tables(positions_BS, cfg.resolved_head_dim, cfg.rope_theta)
+            if cfg.position == "rope"
+            else None
+        )
+        x_BSD = _lookup(self.embed, tokens_BS, dt)
+        if cfg.position == "learned":
+            x_BSD = x_BSD + _lookup(self.pos_embed, positions_BS, dt)
+
+        def layer(x_BSD, block_state_and_cache):
+            graph_state, k, v = block_state_and_cache
+            block = nnx.merge(graph, graph_state)
+            x_BSD, (k, v) = block.cached(x_BSD, rope_sincos, (k, v), index, key_valid_BT)
+            return x_BSD, (k, v)
+
+        if cfg.scan_layers:
+            graph, stacked = nnx.split(self.blocks)
+            x_BSD, (k_N, v_N) = jax.lax.scan(layer, x_BSD, (stacked, cache[0], cache[1]))
+        else:
+            ks, vs = [], []
+            for i, block in enumerate(self.blocks):
+                graph, state = nnx.split(block)
+                x_BSD, (k, v) = layer(x_BSD, (state, cache[0][i], cache[1][i]))
+                ks.append(k)
+                vs.append(v)
+            k_N, v_N = jnp.stack(ks), jnp.stack(vs)
+        x_BSD = self.final_norm(x_BSD)
+        logits_BSV = _dense(x_BSD, self.readout_matrix()).astype(jnp.float32)
+        return logits_BSV, (k_N, v_N)
 
     def readout_matrix(self):
         """[D, V] in the compute dtype: logits = final hidden states @ this."""
@@ -472,6 +548,13 @@ class Transformer(nnx.Module):
         if return_diagnostics:
             return out, {"max_attn_logit": per_layer[0]}
         return out
+
+
+def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None):
+    """Empty KV cache: (k, v), each [n_layers, batch, length, n_heads, head_dim]."""
+    shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.resolved_head_dim)
+    dtype = dtype or DTYPES[cfg.dtype]
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def config_from_dict(model_cfg: Any) -> TransformerConfig:
