@@ -43,6 +43,20 @@ def test_optim_md_example_runs(index):
     exec(compile(code, f"docs/optim.md[python block {index}]", "exec"), {"__name__": "__docs__"})
 
 
+LISTWISE_BLOCKS = _python_blocks("listwise.md")
+SCALING_BLOCKS = _python_blocks("scaling.md")
+
+
+@pytest.mark.parametrize(
+    "name, index",
+    [("listwise.md", i) for i in range(len(LISTWISE_BLOCKS))]
+    + [("scaling.md", i) for i in range(len(SCALING_BLOCKS))],
+)
+def test_listwise_and_scaling_md_examples_run(name, index):
+    code = _python_blocks(name)[index]
+    exec(compile(code, f"docs/{name}[python block {index}]", "exec"), {"__name__": "__docs__"})
+
+
 # ----------------------------------------------------------------------------
 # docs/configs.md: one table per group, every field, the right defaults
 # ----------------------------------------------------------------------------
