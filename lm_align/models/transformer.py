@@ -427,6 +427,21 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.readout = mk.normal(rngs, (D, V), ("embed", "vocab"), truncated=True)
 
+    def embed_inputs(self, tokens_BL, positions_BL):
+        """(embedded tokens [B, L, D] in the compute dtype, RoPE tables or None).
+
+        The RoPE tables are computed once and shared by every layer."""
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        rope_sincos = (
+            rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
+            if cfg.position == "rope"
+            else None
+        )
+        x_BLD = _lookup(self.embed, tokens_BL, dt)
+        if cfg.position == "learned":
+            x_BLD = x_BLD + _lookup(self.pos_embed, positions_BL, dt)
+        return x_BLD, rope_sincos
+
     def cached(self, tokens_BS, positions_BS, cache, index, key_valid_BT):
         """Logits [B, S, V] (float32) of S new tokens and the updated KV cache.
 
@@ -436,15 +451,8 @@ class Transformer(nnx.Module):
         `cache` is `init_cache(...)`'s (k, v), each [N, B, T, H, K]. Prefill a
         left-padded prompt with index 0, then decode one token at a time.
         """
-        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-        rope_sincos = (
-            rope_tables(positions_BS, cfg.resolved_head_dim, cfg.rope_theta)
-            if cfg.position == "rope"
-            else None
-        )
-        x_BSD = _lookup(self.embed, tokens_BS, dt)
-        if cfg.position == "learned":
-            x_BSD = x_BSD + _lookup(self.pos_embed, positions_BS, dt)
+        cfg = self.cfg
+        x_BSD, rope_sincos = self.embed_inputs(tokens_BS, positions_BS)
 
         def layer(x_BSD, block_state_and_cache):
             graph_state, k, v = block_state_and_cache
@@ -493,23 +501,14 @@ class Transformer(nnx.Module):
         `constrain_BLD` (e.g. a sharding constraint to batch sharding) is applied
         to the residual stream after the embedding and after every block."""
         constrain_BLD = constrain_BLD or (lambda x: x)
-        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        cfg = self.cfg
         B, L = tokens_BL.shape
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((B, L), dtype=jnp.int32)
         mask_B1LM = attention_mask(segment_ids_BL)
-        # Computed once and shared by every layer.
-        rope_sincos = (
-            rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
-            if cfg.position == "rope"
-            else None
-        )
-
-        x_BLD = _lookup(self.embed, tokens_BL, dt)
-        if cfg.position == "learned":
-            x_BLD = x_BLD + _lookup(self.pos_embed, positions_BL, dt)
+        x_BLD, rope_sincos = self.embed_inputs(tokens_BL, positions_BL)
         x_BLD = constrain_BLD(x_BLD)
 
         embedding_BLD = x_BLD
