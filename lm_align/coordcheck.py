@@ -25,7 +25,6 @@ width, whatever `param.name` says.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -204,10 +203,9 @@ def coord_check(
         "optimizer.warmup_steps=0",
         "optimizer.schedule=constant",
         "train.grad_accum_steps=1",
-        f"train.steps={max(steps, 1)}",
+        f"train.steps={steps}",
     ]
     rms: dict[str, list[float]] = {}
-    description = ""
     for width in widths:
         wcfg = apply_overrides(cfg, common + width_overrides(cfg, width))
         per_seed = _activation_changes(wcfg, steps, seeds)
@@ -215,20 +213,13 @@ def coord_check(
             rms.setdefault(layer, []).append(float(np.mean([s[layer] for s in per_seed])))
         if progress:
             progress(f"width {width}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in rms.items()))
-        if not description:
-            from lm_align.models.transformer import config_from_dict
-            from lm_align.train.validate import make_parameterization
-
-            p = make_parameterization(wcfg, config_from_dict(wcfg.model))
-            base = "its own width" if cfg.param.base_width is None else cfg.param.base_width
-            description = (
-                f"{p.name} / {cfg.optimizer.name} lr {cfg.optimizer.lr:g}"
-                f"{' / global LR' if p.global_lr else ''} / base width {base}"
-            )
+    param = cfg.param
+    base = "its own width" if param.base_width is None else param.base_width
+    description = (
+        f"{param.name} / {cfg.optimizer.name} lr {cfg.optimizer.lr:g}"
+        f"{' / global LR' if param.global_lr else ''} / base width {base}"
+    )
     slopes = {layer: loglog_slope(widths, values) for layer, values in rms.items()}
-    for layer, values in rms.items():
-        if not all(math.isfinite(v) for v in values):
-            slopes[layer] = float("nan")
     return CoordCheckResult(widths, steps, rms, slopes, description)
 
 

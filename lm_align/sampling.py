@@ -26,6 +26,16 @@ import numpy as np
 NEG_INF = -jnp.inf
 
 
+def check_settings(*, temperature: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError naming the bad sampling setting and its valid range."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use greedy decoding for 0)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+
+
 def process_logits(
     logits_BV: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> jax.Array:
@@ -37,12 +47,7 @@ def process_logits(
     top_p; the most likely token is always kept. Ties at the k-th logit are
     all kept.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (use greedy decoding for 0)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+    check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
     x = logits_BV.astype(jnp.float32) / temperature
     V = x.shape[-1]
     if 0 < top_k < V:
@@ -140,7 +145,7 @@ def generate(
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     if not greedy:
-        process_logits(jnp.zeros((1, 2)), temperature=temperature, top_k=top_k, top_p=top_p)
+        check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
     tokens_BP, valid_BP = left_pad(prompts, pad_id)
     tokens_BP = np.repeat(tokens_BP, num_samples, axis=0)
     valid_BP = np.repeat(valid_BP, num_samples, axis=0)

@@ -180,18 +180,21 @@ class _Params:
         )
 
 
+def _scaled(p: nnx.Param, x, dtype):
+    """`x` (the parameter's value or rows of it) in `dtype`, times its forward multiplier."""
+    m = p.get_metadata().get("multiplier", 1.0)
+    x = x.astype(dtype)
+    return x if m == 1.0 else x * jnp.asarray(m, dtype)
+
+
 def _weight(p: nnx.Param, dtype):
     """The forward weight ``multiplier * w`` in ``dtype``."""
-    m = p.get_metadata().get("multiplier", 1.0)
-    w = p.get_value().astype(dtype)
-    return w if m == 1.0 else w * jnp.asarray(m, dtype)
+    return _scaled(p, p.get_value(), dtype)
 
 
 def _lookup(p: nnx.Param, ids, dtype):
     """Rows ``ids`` of the embedding-type table ``p``, times its multiplier."""
-    m = p.get_metadata().get("multiplier", 1.0)
-    x = jnp.take(p.get_value(), ids, axis=0).astype(dtype)
-    return x if m == 1.0 else x * jnp.asarray(m, dtype)
+    return _scaled(p, jnp.take(p.get_value(), ids, axis=0), dtype)
 
 
 class Norm(nnx.Module):

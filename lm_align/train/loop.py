@@ -222,7 +222,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         if t.answer_eval_examples:
             result.update(
                 evaluate.answer_accuracy(
-                    model.apply,
+                    model,
                     state.params,
                     cfg.data,
                     num_examples=t.answer_eval_examples,

@@ -45,39 +45,42 @@ def init_state(model: PureModel, tx: optax.GradientTransformation, seed: int) ->
     )
 
 
-def _rms(tree) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
-    return jnp.sqrt(total / sum(x.size for x in leaves))
-
-
 def _key_name(k) -> str:
     return str(getattr(k, "key", getattr(k, "idx", k)))
 
 
-def per_layer_rms(tree, stacked: bool) -> dict[str, jax.Array]:
-    """RMS of every parameter, named by its path without the layer index.
+def rms_by_param(tree, stacked: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(RMS of all entries pooled, RMS of every parameter), from one pass of sums of squares.
 
-    Parameters under ``blocks`` give one value per layer ([n_layers]), whether
-    the layers are stacked (``stacked=True``: scan, leading layer axis) or a list
-    (``blocks/<i>/...``); any other parameter gives a scalar. Keys look like
-    ``blocks.attn.qkv``, ``embed``, ``final_norm.scale``.
+    Per-parameter keys are paths without the layer index (``blocks.attn.qkv``,
+    ``embed``, ``final_norm.scale``). Parameters under ``blocks`` give one value
+    per layer ([n_layers]), whether the layers are stacked (``stacked=True``:
+    scan, leading layer axis) or a list (``blocks/<i>/...``); any other
+    parameter gives a scalar.
     """
-    out: dict[str, Any] = {}
+    sums: dict[str, Any] = {}  # name -> sum of squares ([N] or scalar, or {layer: scalar})
+    sizes: dict[str, int] = {}  # name -> entries per layer
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         names = [_key_name(k) for k in path]
         x2 = jnp.square(x.astype(jnp.float32))
         if names[0] == "blocks" and stacked:
-            out[".".join(names)] = jnp.sqrt(jnp.mean(x2.reshape(x.shape[0], -1), axis=1))
+            name = ".".join(names)
+            sums[name] = jnp.sum(x2.reshape(x.shape[0], -1), axis=1)
+            sizes[name] = x.size // x.shape[0]
         elif names[0] == "blocks":
-            layer, name = int(names[1]), ".".join(["blocks", *names[2:]])
-            out.setdefault(name, {})[layer] = jnp.sqrt(jnp.mean(x2))
+            name = ".".join(["blocks", *names[2:]])
+            sums.setdefault(name, {})[int(names[1])] = jnp.sum(x2)
+            sizes[name] = x.size
         else:
-            out[".".join(names)] = jnp.sqrt(jnp.mean(x2))
-    return {
+            name = ".".join(names)
+            sums[name], sizes[name] = jnp.sum(x2), x.size
+    sums = {
         k: jnp.stack([v[i] for i in sorted(v)]) if isinstance(v, dict) else v
-        for k, v in out.items()
+        for k, v in sums.items()
     }
+    total = sum(jnp.sum(v) for v in sums.values())
+    count = sum(sizes[k] * (v.size if v.ndim else 1) for k, v in sums.items())
+    return jnp.sqrt(total / count), {k: jnp.sqrt(v / sizes[k]) for k, v in sums.items()}
 
 
 def make_train_step(
@@ -181,24 +184,24 @@ def make_train_step(
             "grad_norm": grad_norm,
             "lr": lr,
             "finite": finite,
-            "param_rms": _rms(state.params),
-            "grad_rms": _rms(grads),
-            "update_rms": _rms(updates) / jnp.maximum(lr, 1e-30),
             "output_logit_mean": out.mean_logit,
             "log_z_mean": out.mean_log_z,
             "max_attn_logit": diag["max_attn_logit"],
             "skipped": new.skipped,
             "num_tokens": out.num_tokens,
         }
-        if per_layer_diagnostics:
-            unscaled = jax.tree.map(lambda u: u / jnp.maximum(lr, 1e-30), updates)
-            for prefix, tree in (
-                ("param_rms", state.params),
-                ("grad_rms", grads),
-                ("update_rms", unscaled),
-            ):
-                for name, value in per_layer_rms(tree, model.cfg.scan_layers).items():
-                    metrics[f"{prefix}/{name}"] = value
+        # The update per unit learning rate: update / lr.
+        inv_lr = 1.0 / jnp.maximum(lr, 1e-30)
+        for prefix, tree, scale in (
+            ("param_rms", state.params, 1.0),
+            ("grad_rms", grads, 1.0),
+            ("update_rms", updates, inv_lr),
+        ):
+            pooled, per_param = rms_by_param(tree, model.cfg.scan_layers)
+            metrics[prefix] = pooled * scale
+            if per_layer_diagnostics:
+                for name, value in per_param.items():
+                    metrics[f"{prefix}/{name}"] = value * scale
         return new, metrics
 
     return train_step
