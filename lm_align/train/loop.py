@@ -18,7 +18,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -103,24 +103,20 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     )
 
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state, saved_config = ckpt.restore(start, steps.abstract_state)
-        train_iter.set_state(data_state)
-        _log(f"resumed from {ckpt.directory}/{start} (step {start} of {t.steps})")
-        for line in _config_changes(saved_config, config_dict):
-            _log(f"  config changed since the checkpoint: {line}")
-        final_path = os.path.join(workdir, "final.json")
-        if start >= t.steps and os.path.exists(final_path):
-            ckpt.close()
-            _log(f"{workdir} already finished {start} steps; raise train.steps to continue")
-            with open(final_path) as f:
-                return TrainResult(start, None, json.load(f), workdir, state)
-    else:
-        start = 0
-        state = steps.init_state()
+    start, state, finished = restore_or_init(
+        ckpt,
+        workdir,
+        t.steps,
+        steps.abstract_state,
+        steps.init_state,
+        train_iter.set_state,
+        config_dict,
+    )
+    if finished is not None:
+        return TrainResult(start, None, finished, workdir, state)
     _log(
-        f"model: {model.num_params():,} params ({model_cfg.num_params(matmul_only=True):,} in matmuls), "
+        f"model: {model.num_params():,} params "
+        f"({model_cfg.num_params(matmul_only=True):,} in matmuls), "
         f"{model_cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; mesh {dict(mesh.shape)} "
         f"on {len(devices)} {devices[0].platform} device(s)"
     )
@@ -128,12 +124,6 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         _log("data: " + data_lib.describe_source(cfg.data, seq_len=seq_len).replace("\n", "\n  "))
 
     writer = MetricWriter(workdir, tensorboard=t.tensorboard, resume_step=start)
-    progress = Progress(total=t.steps, initial=start, enabled=t.progress)
-    tokens_per_step = _per_step_tokens(cfg)
-    last_row: dict[str, Any] = {}
-    pending = None  # (step, device metrics) not yet read on the host
-    interval_start, interval_steps = time.perf_counter(), 0
-    stopped_by = None
 
     def run_eval(params):
         return evaluate.eval_loss(
@@ -147,74 +137,26 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             seed=t.seed,
         )
 
-    def is_eval_step(step):
-        return step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
-
-    def drain(params_after=None):
-        """Reads the pending step's metrics on the host: finite check, logging.
-
-        `params_after` (the params after that step) is given exactly when the
-        pending step is drained right after it was dispatched; eval steps are.
-        """
-        nonlocal pending, interval_start, interval_steps, last_row
-        if pending is None:
-            return
-        step, metrics = pending
-        pending = None
-        m = jax.device_get(metrics)
-        interval_steps += 1
-        if t.nonfinite == "halt" and not bool(m["finite"]):
-            good = ckpt.latest_step()
-            raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
-                f"{float(m['grad_norm'])}); the newest checkpoint ({good if good is not None else 'none'}) "
-                "is untouched. Lower optimizer.lr, raise train.z_loss_coef or enable "
-                "model.qk_layernorm, or set train.nonfinite=skip to drop such updates."
-            )
-        progress.update(1, loss=f"{float(m['loss']):.4f}")
-        evaluating = is_eval_step(step) and params_after is not None
-        # Step 1 is always logged: its loss is the loss at initialisation.
-        if step % t.log_every == 0 or step == 1 or evaluating:
-            elapsed = time.perf_counter() - interval_start
-            row = {k: v for k, v in m.items() if k != "finite"}
-            row["tokens_per_s"] = tokens_per_step * interval_steps / max(elapsed, 1e-9)
-            row["tokens"] = tokens_per_step * step
-            if evaluating:
-                row.update(run_eval(params_after))
-            last_row = writer.write(step, row)
-            eta = (t.steps - step) * elapsed / max(interval_steps, 1)
-            progress.write(
-                f"step {step:>6}/{t.steps}  loss {float(m['loss']):.4f}  acc {float(m['accuracy']):.3f}"
-                f"  lr {float(m['lr']):.2e}  {row['tokens_per_s']:,.0f} tok/s  eta {eta:,.0f}s"
-                + (f"  eval_loss {row['eval_loss']:.4f}" if evaluating else "")
-            )
-            interval_start, interval_steps = time.perf_counter(), 0
-
-    with _StopFlag() as stop:
-        try:
-            for step in range(start + 1, t.steps + 1):
-                batch = parallel.global_batch(next(train_iter), steps.batch_sharding)
-                state, metrics = steps.train_step(state, batch)
-                drain()  # the previous step, while this one runs
-                pending = (step, metrics)
-                save_now = (
-                    t.checkpoint_every and step % t.checkpoint_every == 0
-                ) or step == t.steps
-                if stop.signal is not None or save_now or is_eval_step(step):
-                    drain(state.params)
-                if stop.signal is not None or save_now:
-                    ckpt.save(step, state, train_iter.get_state(), config_dict)
-                if stop.signal is not None:
-                    stopped_by = stop.signal
-                    _log(
-                        f"{stop.signal}: saved checkpoint at step {step}; rerun the same command to resume"
-                    )
-                    break
-            drain()
-        finally:
-            progress.close()
-            ckpt.close()
-            writer.close()
+    state, stopped_by, last_row = run_loop(
+        t,
+        state,
+        start,
+        train_step=steps.train_step,
+        next_batch=lambda: parallel.global_batch(next(train_iter), steps.batch_sharding),
+        data_state=train_iter.get_state,
+        ckpt=ckpt,
+        config_dict=config_dict,
+        writer=writer,
+        tokens_per_step=_per_step_tokens(cfg),
+        describe=lambda m: (
+            f"loss {float(m['loss']):.4f}  acc {float(m['accuracy']):.3f}  lr {float(m['lr']):.2e}"
+        ),
+        run_eval=run_eval,
+        nonfinite_fix=(
+            "Lower optimizer.lr, raise train.z_loss_coef or enable model.qk_layernorm, or set "
+            "train.nonfinite=skip to drop such updates."
+        ),
+    )
 
     final_step = int(jax.device_get(state.step))
     result = dict(last_row)
@@ -236,6 +178,141 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             with open(os.path.join(workdir, "final.json"), "w") as f:
                 json.dump({k: _jsonable(v) for k, v in summary.items()}, f, indent=2)
     return TrainResult(final_step, stopped_by, result, workdir, state)
+
+
+def restore_or_init(
+    ckpt: Checkpointer,
+    workdir: str,
+    total_steps: int,
+    abstract_state,
+    init_state: Callable[[], Any],
+    set_data_state: Callable[[Any], None],
+    config_dict: dict,
+) -> tuple[int, Any, dict | None]:
+    """(start step, state, final metrics or None) from the newest checkpoint, or a fresh state.
+
+    Logs the config fields changed since the checkpoint. When the run already
+    finished (`final.json` written at `total_steps`) the final metrics are
+    returned and the checkpointer is closed.
+    """
+    start = ckpt.latest_step()
+    if start is None:
+        return 0, init_state(), None
+    state, data_state, saved_config = ckpt.restore(start, abstract_state)
+    set_data_state(data_state)
+    _log(f"resumed from {ckpt.directory}/{start} (step {start} of {total_steps})")
+    for line in _config_changes(saved_config, config_dict):
+        _log(f"  config changed since the checkpoint: {line}")
+    final_path = os.path.join(workdir, "final.json")
+    if start >= total_steps and os.path.exists(final_path):
+        ckpt.close()
+        _log(f"{workdir} already finished {start} steps; raise train.steps to continue")
+        with open(final_path) as f:
+            return start, state, json.load(f)
+    return start, state, None
+
+
+def run_loop(
+    t,
+    state,
+    start: int,
+    *,
+    train_step: Callable,
+    next_batch: Callable[[], Any],
+    data_state: Callable[[], Any],
+    ckpt: Checkpointer,
+    config_dict: dict,
+    writer: MetricWriter,
+    tokens_per_step: int,
+    describe: Callable[[dict], str],
+    run_eval: Callable[[Any], dict],
+    nonfinite_fix: str,
+) -> tuple[Any, str | None, dict]:
+    """Steps `start + 1 .. t.steps` of any `(state, batch) -> (state, metrics)` step.
+
+    Shared by `lm-align train` and `lm-align align`. `t` is the train config
+    group (steps, log_every, eval_every, checkpoint_every, nonfinite,
+    progress). Metrics must hold `loss`, `grad_norm` and `finite`; `describe`
+    formats a progress line from them and `run_eval(params)` returns eval
+    metrics (keys starting with `eval_`) for eval steps. Checkpoints hold the
+    state, `data_state()` and `config_dict`. SIGTERM/SIGINT save a checkpoint
+    at the next step boundary. Returns (state, stopped_by, last logged row).
+    """
+    progress = Progress(total=t.steps, initial=start, enabled=t.progress)
+    last_row: dict[str, Any] = {}
+    pending = None  # (step, device metrics) not yet read on the host
+    interval_start, interval_steps = time.perf_counter(), 0
+    stopped_by = None
+
+    def is_eval_step(step):
+        return step == t.steps or bool(t.eval_every and step % t.eval_every == 0)
+
+    def drain(params_after=None):
+        """Reads the pending step's metrics on the host: finite check, logging.
+
+        `params_after` (the params after that step) is given exactly when the
+        pending step is drained right after it was dispatched; eval steps are.
+        """
+        nonlocal pending, interval_start, interval_steps, last_row
+        if pending is None:
+            return
+        step, metrics = pending
+        pending = None
+        m = jax.device_get(metrics)
+        interval_steps += 1
+        if t.nonfinite == "halt" and not bool(m["finite"]):
+            good = ckpt.latest_step()
+            good = "none" if good is None else good
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); the newest checkpoint ({good}) "
+                f"is untouched. {nonfinite_fix}"
+            )
+        progress.update(1, loss=f"{float(m['loss']):.4f}")
+        evaluating = is_eval_step(step) and params_after is not None
+        # Step 1 is always logged: its loss is the loss at initialisation.
+        if step % t.log_every == 0 or step == 1 or evaluating:
+            elapsed = time.perf_counter() - interval_start
+            row = {k: v for k, v in m.items() if k != "finite"}
+            row["tokens_per_s"] = tokens_per_step * interval_steps / max(elapsed, 1e-9)
+            row["tokens"] = tokens_per_step * step
+            if evaluating:
+                row.update(run_eval(params_after))
+            last_row = writer.write(step, row)
+            eta = (t.steps - step) * elapsed / max(interval_steps, 1)
+            progress.write(
+                f"step {step:>6}/{t.steps}  {describe(m)}  {row['tokens_per_s']:,.0f} tok/s  "
+                f"eta {eta:,.0f}s"
+                + (f"  eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+            )
+            interval_start, interval_steps = time.perf_counter(), 0
+
+    with _StopFlag() as stop:
+        try:
+            for step in range(start + 1, t.steps + 1):
+                state, metrics = train_step(state, next_batch())
+                drain()  # the previous step, while this one runs
+                pending = (step, metrics)
+                save_now = (
+                    t.checkpoint_every and step % t.checkpoint_every == 0
+                ) or step == t.steps
+                if stop.signal is not None or save_now or is_eval_step(step):
+                    drain(state.params)
+                if stop.signal is not None or save_now:
+                    ckpt.save(step, state, data_state(), config_dict)
+                if stop.signal is not None:
+                    stopped_by = stop.signal
+                    _log(
+                        f"{stop.signal}: saved checkpoint at step {step}; "
+                        "rerun the same command to resume"
+                    )
+                    break
+            drain()
+        finally:
+            progress.close()
+            ckpt.close()
+            writer.close()
+    return state, stopped_by, last_row
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
