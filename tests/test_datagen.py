@@ -1,0 +1,370 @@
+"""Preference data from samples: verifiers, pairing methods, soft labels, lists, jsonl, sampling."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lm_align.align.datagen import (
+    PreferenceStats,
+    arithmetic_exact,
+    arithmetic_graded,
+    build_listwise,
+    build_pairwise,
+    form_pairs,
+    make_preferences,
+    make_scorer,
+    sample_responses,
+    soft_label,
+    write_jsonl,
+)
+from lm_align.data.preference import (
+    ListwiseRecord,
+    PairwiseRecord,
+    load_listwise,
+    load_pairwise,
+)
+from lm_align.data.tokenizers import ByteTokenizer, make_tokenizer
+from lm_align.models import TransformerConfig
+from lm_align.models.pure import PureModel
+from lm_align.sampling import generate
+
+# ----------------------------------------------------------------------------
+# Verifiers and scorers
+# ----------------------------------------------------------------------------
+
+
+def test_arithmetic_exact_on_worked_cases():
+    assert arithmetic_exact("37+5=", "42") == 1.0
+    assert arithmetic_exact("37+5=", " 42\n") == 1.0  # surrounding whitespace is ignored
+    assert arithmetic_exact("37+5=", "41") == 0.0
+    assert arithmetic_exact("37+5=", "x") == 0.0
+    assert arithmetic_exact("37+5=", "-3") == 0.0
+    assert arithmetic_exact("12-30+4=", "-14") == 1.0  # negative answers
+
+
+def test_arithmetic_graded_on_worked_cases():
+    assert arithmetic_graded("37+5=", "42") == 1.0
+    assert arithmetic_graded("37+5=", " 42\n") == 1.0
+    # |41 - 42| / 42: 0.5 * (1 - 1/42) = 41/84.
+    assert arithmetic_graded("37+5=", "41") == pytest.approx(41 / 84)
+    assert arithmetic_graded("37+5=", "x") == 0.0
+    # |-3 - 42| / 42 > 1: as bad as garbage.
+    assert arithmetic_graded("37+5=", "-3") == 0.0
+    # truth 0: the denominator is max(|0|, 1) = 1, so 1 off is already worth 0.
+    assert arithmetic_graded("5-5=", "1") == 0.0
+    # truth -14: off by 7 is half the magnitude: 0.5 * (1 - 7/14) = 0.25.
+    assert arithmetic_graded("12-30+4=", "-7") == pytest.approx(0.25)
+
+
+def test_graded_ranks_exact_over_near_over_far_over_garbage():
+    exact, near, far, garbage = (
+        arithmetic_graded("37+5=", r) for r in ("42", "43", "60", "forty-two")
+    )
+    assert exact > near > far > garbage == 0.0
+
+
+def test_make_scorer_is_batched_and_names_valid_scorers():
+    scorer = make_scorer("arithmetic_graded")
+    scores = scorer(["37+5=", "37+5=", "2*3="], ["42", "41", "6"])
+    np.testing.assert_allclose(scores, [1.0, 41 / 84, 1.0])
+    assert scores.dtype == np.float64
+    np.testing.assert_array_equal(
+        make_scorer("arithmetic_exact")(["37+5=", "37+5="], ["42", "41"]), [1.0, 0.0]
+    )
+    with pytest.raises(ValueError, match="arithmetic_exact.*arithmetic_graded"):
+        make_scorer("exact")
+
+
+# ----------------------------------------------------------------------------
+# Pairing methods
+# ----------------------------------------------------------------------------
+
+
+def test_first_round_pairs_neighbours_of_the_shuffle():
+    # The draw the method makes: default_rng(0).permutation(6) = [3, 2, 5, 4, 0, 1].
+    assert np.random.default_rng(0).permutation(6).tolist() == [3, 2, 5, 4, 0, 1]
+    scores = [0.0, 1.0, 0.5, 0.5, 0.2, 0.9]
+    # Neighbours (3, 2): tie, dropped; (5, 4): 0.9 > 0.2; (0, 1): 1.0 wins.
+    pairs = form_pairs(scores, method="first_round", rng=np.random.default_rng(0))
+    assert pairs == [(5, 4), (1, 0)]
+    # Odd count: default_rng(1).permutation(7) = [5, 0, 1, 4, 2, 6, 3]; 3 sits out.
+    assert np.random.default_rng(1).permutation(7).tolist() == [5, 0, 1, 4, 2, 6, 3]
+    pairs = form_pairs([0, 1, 2, 3, 4, 5, 6], method="first_round", rng=np.random.default_rng(1))
+    assert pairs == [(5, 0), (4, 1), (6, 2)]
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 11])
+def test_tournament_has_n_minus_1_matches_and_the_best_never_loses(n):
+    scores = np.random.default_rng(n).permutation(n) * 0.1  # n distinct scores
+    pairs = form_pairs(scores, method="tournament", rng=np.random.default_rng(0))
+    assert len(pairs) == n - 1
+    losers = [lose for _, lose in pairs]
+    assert len(set(losers)) == n - 1  # single elimination: everyone but one loses once
+    assert int(np.argmax(scores)) not in losers
+    assert all(scores[win] > scores[lose] for win, lose in pairs)
+
+
+def test_tournament_ties_give_no_pair():
+    assert form_pairs([1, 1, 1, 1], method="tournament", rng=np.random.default_rng(0)) == []
+    scores = [1, 1, 0, 0, 0]
+    for seed in range(10):
+        pairs = form_pairs(scores, method="tournament", rng=np.random.default_rng(seed))
+        # One of the 1s wins overall, so at least one decided match; 4 matches at most.
+        assert 1 <= len(pairs) <= 4
+        assert all(scores[win] > scores[lose] for win, lose in pairs)
+
+
+def test_best_worst_is_one_pair_of_a_highest_and_a_lowest():
+    scores = [0.2, 1.0, 0.0, 1.0, 0.0]
+    for seed in range(10):
+        [(win, lose)] = form_pairs(scores, method="best_worst", rng=np.random.default_rng(seed))
+        assert win in (1, 3) and lose in (2, 4)
+    assert form_pairs([0.3, 0.3], method="best_worst", rng=np.random.default_rng(0)) == []
+
+
+def test_all_pairs_every_pair_with_different_scores():
+    scores = [1.0, 0.0, 1.0, 0.5]
+    # i < j: (0,1) (0,3) (1,2) (1,3) (2,3) differ; (0,2) ties.
+    pairs = form_pairs(scores, method="all", rng=np.random.default_rng(0))
+    assert sorted(pairs) == sorted([(0, 1), (0, 3), (2, 1), (3, 1), (2, 3)])
+
+
+@pytest.mark.parametrize("method", ["first_round", "tournament", "best_worst", "all"])
+def test_winners_always_score_strictly_higher(method):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 3, size=int(rng.integers(1, 9))).astype(float)
+        for win, lose in form_pairs(scores, method=method, rng=rng):
+            assert scores[win] > scores[lose]
+
+
+def test_unknown_method_names_the_valid_ones():
+    with pytest.raises(ValueError, match="first_round.*tournament.*best_worst.*all"):
+        form_pairs([0, 1], method="random", rng=np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------
+# Soft labels, pairwise and listwise records
+# ----------------------------------------------------------------------------
+
+
+def test_soft_label_closed_form():
+    assert soft_label(0.7, 0.7, 1.0) == 0.5
+    assert soft_label(1.0, 0.5, 0.25) == pytest.approx(1 / (1 + math.exp(-2.0)))  # 0.8808
+    assert soft_label(1.0, 0.0, 0.01) == pytest.approx(1.0, abs=1e-12)
+    assert soft_label(0.0, 1.0, 0.1) == 0.5  # a disagreeing label never reverses the pair
+    assert soft_label(1.0, 0.0, None) is None
+    with pytest.raises(ValueError, match="temperature"):
+        soft_label(1.0, 0.0, 0.0)
+
+
+def test_build_pairwise_dedupes_and_counts():
+    prompts = ["a?", "b?", "c?", "d?"]
+    responses = [
+        ["x", "x", "y", "x", " "],  # "x" twice more (dropped), " " blank (dropped)
+        ["u", "v", "w"],  # all equal scores
+        ["s", "s"],  # one distinct response
+        ["p", "q"],
+    ]
+    scores = [[1.0, 0.0, 0.5, 0.2, 1.0], [1, 1, 1], [1, 0], [0, 1]]
+    records, stats = build_pairwise(prompts, responses, scores, method="all")
+    # The first "x" (1.0) beats "y" (0.5); its duplicates' scores are not used.
+    assert records == [
+        PairwiseRecord("a?", "x", "y", None, "prompt 0"),
+        PairwiseRecord("d?", "q", "p", None, "prompt 3"),
+    ]
+    # Mean over all 12 samples: (2.7 + 3 + 1 + 1) / 12.
+    assert stats.mean_score == pytest.approx(7.7 / 12)
+    assert stats == PreferenceStats(
+        num_prompts=4,
+        num_samples=12,
+        mean_score=stats.mean_score,
+        duplicates_removed=3,
+        blank_removed=1,
+        prompts_too_few=1,
+        prompts_all_equal=1,
+        prompts_with_records=2,
+        num_records=2,
+    )
+    assert stats.fraction_with_records == 0.5
+    assert stats.as_dict()["fraction_with_records"] == 0.5
+
+
+def test_identical_responses_are_never_paired():
+    rng = np.random.default_rng(0)
+    pool = ["1", "2", "3"]
+    responses = [[pool[i] for i in rng.integers(0, 3, size=6)] for _ in range(30)]
+    scores = [rng.random(6) for _ in range(30)]  # duplicates get different scores
+    for method in ["first_round", "tournament", "best_worst", "all"]:
+        records, _ = build_pairwise(["q"] * 30, responses, scores, method=method)
+        assert records and all(r.chosen != r.rejected for r in records)
+
+
+def test_soft_labels_from_a_label_scorer_and_pair_cap():
+    # Exact match picks the winner; graded scores say how sure the label is.
+    responses = [["42", "41", "x"]]
+    exact = make_scorer("arithmetic_exact")(["37+5="] * 3, responses[0])
+    graded = make_scorer("arithmetic_graded")(["37+5="] * 3, responses[0])
+    records, stats = build_pairwise(
+        ["37+5="],
+        responses,
+        [exact],
+        method="all",
+        soft_label_temperature=0.5,
+        label_scores=[graded],
+    )
+    by_rejected = {r.rejected: r.soft_label for r in records}
+    assert set(by_rejected) == {"41", "x"}  # "41" vs "x" tie under exact: no pair
+    assert by_rejected["41"] == pytest.approx(1 / (1 + math.exp(-(1 - 41 / 84) / 0.5)))
+    assert by_rejected["x"] == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert stats.label_disagreements == 0
+    capped, stats = build_pairwise(
+        ["q"], [["a", "b", "c", "d"]], [[0, 1, 2, 3]], method="all", max_pairs_per_prompt=2
+    )
+    assert len(capped) == 2 and stats.num_records == 2
+
+
+def test_build_listwise_labels_dedup_and_drops():
+    prompts = ["a?", "b?", "c?"]
+    responses = [["x", "y", "x", "z"], ["u", "v"], ["s", "s"]]
+    scores = [[1.0, 0.25, 0.0, 0.5], [0.5, 0.5], [1.0, 0.0]]
+    records, stats = build_listwise(prompts, responses, scores)
+    assert len(records) == 1
+    assert records[0].responses == ["x", "y", "z"]
+    np.testing.assert_array_equal(records[0].labels, [1.0, 0.25, 0.5])
+    assert (stats.prompts_all_equal, stats.prompts_too_few, stats.duplicates_removed) == (1, 1, 2)
+    capped, _ = build_listwise(["q"], [list("abcdef")], [np.linspace(0, 1, 6)], max_responses=3)
+    assert len(capped[0].responses) == 3
+    assert set(capped[0].responses) <= set("abcdef")
+
+
+def test_build_listwise_rejects_labels_outside_0_1():
+    with pytest.raises(ValueError, match=r"\[0, 1\].*prompt 0 response 1 scored 1.5.*rescale"):
+        build_listwise(["q"], [["a", "b"]], [[0.0, 1.5]])
+    with pytest.raises(ValueError, match="one score per response"):
+        build_pairwise(["q"], [["a", "b"]], [[0.0]])
+
+
+# ----------------------------------------------------------------------------
+# JSON Lines round trip
+# ----------------------------------------------------------------------------
+
+
+def test_write_jsonl_round_trips_through_the_loaders(tmp_path):
+    pairs = [
+        PairwiseRecord("37+5=", "42", "41", None),
+        PairwiseRecord("2*3=", "6", "line\nbreak \u00e9 \ufffd", 0.8807970779778823),
+        PairwiseRecord("1+1=", "2", "11", 1.0),
+    ]
+    path = tmp_path / "sub" / "pairs.jsonl"
+    assert write_jsonl(pairs, path) == 3
+    loaded = load_pairwise(str(path))
+    assert [(r.prompt, r.chosen, r.rejected, r.soft_label) for r in loaded] == [
+        (r.prompt, r.chosen, r.rejected, r.soft_label) for r in pairs
+    ]
+    assert '"p"' not in path.read_text().splitlines()[0]  # hard labels write no p
+
+    lists = [
+        ListwiseRecord("37+5=", ["42", "41", "x"], np.array([1.0, 41 / 84, 0.0])),
+        ListwiseRecord("2*3=", ["6", "5"], np.array([0.1, 0.7])),
+    ]
+    write_jsonl(lists, tmp_path / "lists.jsonl")
+    loaded = load_listwise(str(tmp_path / "lists.jsonl"))
+    for got, want in zip(loaded, lists, strict=True):
+        assert (got.prompt, got.responses) == (want.prompt, want.responses)
+        np.testing.assert_array_equal(got.labels, want.labels)
+
+    with pytest.raises(ValueError, match="no records"):
+        write_jsonl([], tmp_path / "empty.jsonl")
+
+
+# ----------------------------------------------------------------------------
+# Sampling with a tiny untrained model
+# ----------------------------------------------------------------------------
+
+PROMPTS = ["1+2=", "3+4=", "5+6=", "7+8=", "9+1="]  # 5 prompts: not a multiple of 2
+SAMPLING = dict(num_samples=3, max_new_tokens=6, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=259)
+    model = PureModel(cfg)
+    return model, model.init(0), make_tokenizer("byte")
+
+
+def test_sample_responses_shapes_and_seeds(tiny):
+    model, params, tok = tiny
+    a = sample_responses(model, params, tok, PROMPTS, seed=0, **SAMPLING)
+    b = sample_responses(model, params, tok, PROMPTS, seed=0, **SAMPLING)
+    c = sample_responses(model, params, tok, PROMPTS, seed=1, **SAMPLING)
+    assert len(a) == 5 and all(len(r) == 3 and all(isinstance(s, str) for s in r) for r in a)
+    assert a == b
+    assert a != c
+    assert a[0] != a[2]  # batches draw with different keys
+
+
+class _EosIs(ByteTokenizer):
+    """A byte tokenizer whose eos is an ordinary byte the tiny model does emit."""
+
+    def __init__(self, eos_id):
+        self._eos = eos_id
+
+    @property
+    def eos_id(self):
+        return self._eos
+
+
+def test_responses_stop_before_eos_and_batching_drops_padding(tiny):
+    model, params, tok = tiny
+    ids = [[tok.bos_id] + tok.encode(p) for p in PROMPTS]
+    greedy = np.asarray(generate(model, params, ids, max_new_tokens=6, greedy=True).tokens)
+    eos = int(greedy[3, 1])  # prompt 3's second greedy token becomes eos
+    tok_eos = _EosIs(eos)
+    want = []
+    for row in greedy.tolist():
+        cut = row.index(eos) if eos in row else len(row)
+        want.append(tok.decode(row[:cut]))
+    # top_k = 1 makes sampling greedy, so every sample equals the greedy response.
+    kw = dict(num_samples=2, max_new_tokens=6, top_k=1)
+    # Batches of 2: the last batch holds prompt 4 and a padding copy, dropped.
+    by_two = sample_responses(model, params, tok_eos, PROMPTS, batch_size=2, **kw)
+    assert by_two == [[w, w] for w in want]
+    assert len(want[3]) == 1  # stopped at the eos, which is not part of the response
+    eos_char = bytes([eos - 3]).decode("latin-1")
+    assert all(eos_char not in s for r in by_two for s in r)
+
+
+def _even_length(prompts, responses):
+    return np.array([float(len(r) % 2 == 0) for r in responses])
+
+
+def test_make_preferences_end_to_end(tiny, tmp_path):
+    model, params, tok = tiny
+    records, stats = make_preferences(
+        model, params, tok, PROMPTS, scorer=_even_length, pairing="all", seed=0, **SAMPLING
+    )
+    assert records and stats.num_records == len(records)
+    assert 0.0 < stats.mean_score < 1.0
+    assert stats.fraction_with_records == stats.prompts_with_records / 5 > 0
+    for r in records:
+        assert len(r.chosen) % 2 == 0 and len(r.rejected) % 2 == 1
+    write_jsonl(records, tmp_path / "pairs.jsonl")
+    loaded = load_pairwise(str(tmp_path / "pairs.jsonl"))
+    assert [(r.chosen, r.rejected) for r in loaded] == [(r.chosen, r.rejected) for r in records]
+
+    lists, stats = make_preferences(
+        model, params, tok, PROMPTS, scorer=_even_length, format="lists", seed=0, **SAMPLING
+    )
+    assert lists and all(len(set(r.labels.tolist())) == 2 for r in lists)
+    write_jsonl(lists, tmp_path / "lists.jsonl")
+    assert len(load_listwise(str(tmp_path / "lists.jsonl"))) == len(lists)
+
+
+def test_make_preferences_checks_settings_before_sampling(tiny):
+    model, params, tok = tiny
+    with pytest.raises(ValueError, match="pairs.*lists"):
+        make_preferences(model, params, tok, PROMPTS, scorer=_even_length, format="x", **SAMPLING)
+    with pytest.raises(ValueError, match="first_round"):
+        make_preferences(model, params, tok, PROMPTS, scorer=_even_length, pairing="x", **SAMPLING)
