@@ -239,6 +239,32 @@ class Steps:
     abstract_state: Any  # ShapeDtypeStructs with shardings (restore target)
 
 
+def state_shardings(model, tx: optax.GradientTransformation, mesh, seed: int = 0):
+    """(abstract TrainState, its shardings): params by their logical axes, optimizer
+    moments like their params, everything else replicated. `model` is anything
+    with `init(seed)` and `logical_axes` (a PureModel, a RewardModel)."""
+    abstract = jax.eval_shape(lambda: init_state(model, tx, seed))
+    param_sh = parallel.logical_to_sharding(model.logical_axes, abstract.params, mesh)
+    rep = parallel.replicated(mesh)
+    state_sh = TrainState(
+        step=rep,
+        params=param_sh,
+        opt_state=parallel.opt_state_shardings(
+            tx, param_sh, abstract.params, abstract.opt_state, mesh
+        ),
+        rng=rep,
+        skipped=rep,
+    )
+    return abstract, state_sh
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying `shardings` (restore targets)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
 def build_steps(
     model: PureModel,
     tx: optax.GradientTransformation,
@@ -252,18 +278,8 @@ def build_steps(
     loss_chunks: int = 0,
 ) -> Steps:
     """Shards and jits the steps on `mesh` (same code for 1 device and N)."""
-    abstract = jax.eval_shape(lambda: init_state(model, tx, seed))
-    param_sh = parallel.logical_to_sharding(model.logical_axes, abstract.params, mesh)
-    rep = parallel.replicated(mesh)
-    state_sh = TrainState(
-        step=rep,
-        params=param_sh,
-        opt_state=parallel.opt_state_shardings(
-            tx, param_sh, abstract.params, abstract.opt_state, mesh
-        ),
-        rng=rep,
-        skipped=rep,
-    )
+    abstract, state_sh = state_shardings(model, tx, mesh, seed)
+    param_sh, rep = state_sh.params, state_sh.step
     batch_sh = parallel.batch_sharding(mesh)
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}
     # Keep the residual stream batch-sharded: otherwise it inherits the embedding
@@ -291,7 +307,6 @@ def build_steps(
         out_shardings=rep,
     )
     init = jax.jit(lambda: init_state(model, tx, seed), out_shardings=state_sh)
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    return Steps(
+        train_step, eval_step, init, state_sh, batch_sh, with_shardings(abstract, state_sh)
     )
-    return Steps(train_step, eval_step, init, state_sh, batch_sh, abstract_sharded)
