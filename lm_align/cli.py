@@ -6,6 +6,8 @@
     lm-align tokenizer train [--config ...] --vocab-size N --output PREFIX [--max-documents M]
     lm-align coordcheck [--config ...] [--widths 64,128,256,512] [--steps N] [--out PNG] [--json]
     lm-align sweep --config experiments/x.py[:arg] --workdir DIR [--parallel N] [--max-runs N] [--dry-run] [--config.group.field=value ...]
+    lm-align align --config experiments/x.py[:arg] [--workdir DIR] [--config.group.field=value ...]
+    lm-align preferences --policy RUN --out FILE.jsonl [--num-prompts N] [--num-samples K] [--format pairs|lists]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY] [--metric eval_loss] [--out DIR]
 
 Without --config, `train` runs experiments/default.py's config (a small model
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 
+from lm_align.align.commands import add_parsers as add_align_parsers
 from lm_align.coordcheck import add_parser as add_coordcheck_parser
 from lm_align.sweeps.commands import add_parsers as add_sweep_parsers
 
@@ -220,6 +223,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_cmd_tokenizer_train)
     add_sweep_parsers(sub)
     add_coordcheck_parser(sub)
+    add_align_parsers(sub)
     args = parser.parse_args(rest)
     try:
         return args.fn(args, overrides)

@@ -1,0 +1,167 @@
+"""`lm-align align` (preference training) and `lm-align preferences` (data from samples).
+
+    lm-align align --config experiments/align_arithmetic.py:dpo --workdir runs/dpo
+    lm-align preferences --policy runs/sft --out runs/prefs/train.jsonl \\
+        --num-prompts 512 --num-samples 8 --format pairs --pairing first_round
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+PAIRINGS = ("first_round", "tournament", "best_worst", "all")
+
+
+def add_parsers(subparsers) -> None:
+    """Registers `align` and `preferences` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "align", help="preference training (DPO, IPO, SLiC-HF, RSO, LiPO, ...) or a reward model"
+    )
+    p.add_argument("--config", required=True, help="experiment file with an `align` group, [:arg]")
+    p.add_argument("--workdir", help="run directory (default runs/<experiment>[_<arg>])")
+    p.set_defaults(fn=cmd_align)
+
+    p = subparsers.add_parser(
+        "preferences",
+        help="sample K responses per prompt from a policy, score, write pairs or lists",
+    )
+    p.add_argument("--policy", required=True, help="workdir/checkpoint of the sampling policy")
+    p.add_argument("--out", required=True, help="output JSON Lines file")
+    p.add_argument("--split", default="train", help="split of the policy's data source")
+    p.add_argument("--num-prompts", type=int, default=256, help="prompts read from the split")
+    p.add_argument("--offset", type=int, default=0, help="first prompt index in the split")
+    p.add_argument("--num-samples", type=int, default=8, help="responses sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="generation budget")
+    p.add_argument("--format", default="pairs", choices=("pairs", "lists"))
+    p.add_argument("--pairing", default="first_round", choices=PAIRINGS)
+    p.add_argument(
+        "--scorer",
+        default="arithmetic_exact",
+        help="verifier name (arithmetic_exact, arithmetic_graded) or a reward-model workdir",
+    )
+    p.add_argument(
+        "--label-scorer", help="scorer for soft labels / list labels (default: --scorer)"
+    )
+    p.add_argument(
+        "--soft-label-temperature",
+        type=float,
+        help="pairs: p = sigmoid((s_w - s_l) / T); omit for hard labels",
+    )
+    p.add_argument("--max-pairs-per-prompt", type=int)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_preferences)
+
+
+def _default_workdir(config_arg: str) -> str:
+    path, _, variant = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}_{variant}" if variant else name)
+
+
+def cmd_align(args, overrides) -> int:
+    from lm_align import config as config_lib
+    from lm_align.align.trainer import align
+    from lm_align.data import DataError
+    from lm_align.train.loop import NonFiniteLossError
+
+    cfg = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    workdir = args.workdir or _default_workdir(args.config)
+    print(f"lm-align align: {args.config} -> {workdir}", flush=True)
+    try:
+        result = align(cfg, workdir)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if not result.stopped_by:
+        print(f"finished {result.final_step} steps; workdir {workdir}", flush=True)
+    return 0
+
+
+def _scorer(spec: str, tokenizer, max_len: int):
+    from lm_align.align.datagen import SCORERS, make_scorer
+
+    if spec in SCORERS:
+        return make_scorer(spec)
+    if os.path.isdir(spec):
+        from lm_align.align.reward import RewardModel, reward_model_scorer
+        from lm_align.align.trainer import load_model
+
+        model, params, _ = load_model(spec)
+        if not isinstance(model, RewardModel):
+            raise ValueError(f"--scorer {spec} is a policy checkpoint, not a reward model")
+        return reward_model_scorer(model, params, tokenizer, max_len=max_len)
+    raise ValueError(
+        f"--scorer {spec!r} is neither a verifier ({sorted(SCORERS)}) nor a reward-model workdir"
+    )
+
+
+def cmd_preferences(args, overrides) -> int:
+    from lm_align import data as data_lib
+    from lm_align.align import datagen
+    from lm_align.align.trainer import load_model
+
+    for name in ("num_prompts", "num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            print(f"error: {flag}={getattr(args, name)}; use 1 or more", file=sys.stderr)
+            return 2
+    if args.format == "pairs" and args.num_samples < 2:
+        print("error: --num-samples must be >= 2 to form pairs", file=sys.stderr)
+        return 2
+    try:
+        model, params, cfg = load_model(args.policy)
+        tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
+        records = data_lib.make_source(cfg.data, args.split)
+        n = min(args.num_prompts, len(records) - args.offset)
+        prompts = [records[args.offset + i]["prompt"] for i in range(n)]
+        max_len = max(cfg.data.seq_len, 64)
+        scorer = _scorer(args.scorer, tokenizer, max_len)
+        label_scorer = _scorer(args.label_scorer, tokenizer, max_len) if args.label_scorer else None
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out, stats = datagen.make_preferences(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        scorer=scorer,
+        label_scorer=label_scorer,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        format=args.format,
+        pairing=args.pairing,
+        soft_label_temperature=args.soft_label_temperature,
+        max_pairs_per_prompt=args.max_pairs_per_prompt,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    if not out:
+        print(
+            f"error: no preference records: every prompt's {args.num_samples} samples scored "
+            "the same; sample more (--num-samples) or use a policy whose accuracy is between "
+            "0 and 1",
+            file=sys.stderr,
+        )
+        return 1
+    datagen.write_jsonl(out, args.out)
+    summary = {"policy": args.policy, "out": args.out, **stats.as_dict()}
+    with open(os.path.splitext(args.out)[0] + ".stats.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(
+        f"wrote {len(out)} {args.format} from {len(prompts)} prompts x {args.num_samples} samples "
+        f"to {args.out}; mean sample score {stats.mean_score:.3f}, prompts with a record "
+        f"{stats.fraction_with_records:.2f}",
+        flush=True,
+    )
+    return 0

@@ -1,0 +1,345 @@
+"""The preference trainer: objectives, batch order, sharding, resume, reward model, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lm_align.align import trainer
+from lm_align.align.config import ALIGN_DEFAULTS, align_base_config
+from lm_align.config import ConfigError
+from lm_align.losses import preference
+from tests.helpers import REPO, env_with_devices
+
+EXPERIMENT = textwrap.dedent("""
+    from lm_align.align.config import align_base_config
+
+    def get_config(arg=None):
+        cfg = align_base_config()
+        cfg.align.loss = arg or "dpo"
+        cfg.align.train_file = {train!r}
+        cfg.align.eval_file = {eval!r}
+        cfg.align.max_len = 16
+        cfg.align.eval_prompts = 4
+        cfg.align.eval_max_new_tokens = 3
+        cfg.align.eval_scorer = "arithmetic_exact"
+        cfg.model.d_model = 32
+        cfg.model.n_layers = 2
+        cfg.model.n_heads = 2
+        cfg.model.d_ff = 64
+        cfg.model.vocab_size = 260
+        cfg.train.steps = 12
+        cfg.train.batch_size = 8
+        cfg.train.log_every = 1
+        cfg.train.eval_every = 0
+        cfg.train.checkpoint_every = 1000
+        cfg.train.answer_eval_examples = 4
+        cfg.train.answer_max_new_tokens = 3
+        cfg.train.progress = False
+        cfg.train.tensorboard = False
+        cfg.optimizer.lr = 3e-3
+        cfg.optimizer.warmup_steps = 2
+        cfg.data.source = "arithmetic"
+        return cfg
+""")
+
+
+def _write_data(root, n=40):
+    rng = np.random.default_rng(0)
+    pairs, lists = [], []
+    for i in range(n):
+        a, b = int(rng.integers(10, 99)), int(rng.integers(10, 99))
+        prompt, good = f"{a}+{b}=", str(a + b)
+        pairs.append({"prompt": prompt, "chosen": good, "rejected": str(a + b + 1 + i % 3)})
+        lists.append(
+            {
+                "prompt": prompt,
+                "responses": [good, str(a + b + 1), str(a - b), "x"],
+                "labels": [1.0, 0.6, 0.2, 0.0],
+            }
+        )
+    for name, records in (("pairs", pairs), ("lists", lists)):
+        with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    _write_data(root)
+    path = root / "exp.py"
+    path.write_text(
+        EXPERIMENT.format(train=str(root / "pairs.jsonl"), eval=str(root / "pairs.jsonl"))
+    )
+    lists = root / "exp_lists.py"
+    lists.write_text(
+        EXPERIMENT.format(train=str(root / "lists.jsonl"), eval=str(root / "lists.jsonl"))
+    )
+    return {"pairs": str(path), "lists": str(lists), "root": root}
+
+
+def _cli(config, workdir, overrides=(), devices=1, **kw):
+    return subprocess.run(
+        [
+            sys.executable, "-m", "lm_align.cli", "align", "--config", config,
+            "--workdir", str(workdir), *[f"--config.{o}" for o in overrides],
+        ],
+        env=env_with_devices(devices), capture_output=True, text=True, timeout=600, cwd=REPO, **kw,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Objectives against the loss functions and closed forms.
+
+
+def _align(**kw):
+    return ml_collections.ConfigDict({**ALIGN_DEFAULTS, **kw})
+
+
+def _pair_batch(p=None):
+    B = 3
+    labels = np.stack([np.ones(B), np.zeros(B)], 1) if p is None else np.stack([p, 1 - p], 1)
+    return {
+        "labels": jnp.asarray(labels, jnp.float32),
+        "mask": jnp.ones((B, 2), bool),
+        "soft_label": jnp.asarray(np.ones(B) if p is None else p, jnp.float32),
+        "lengths": jnp.asarray([[2.0, 3.0], [1.0, 1.0], [4.0, 2.0]]),
+    }
+
+
+POLICY = jnp.asarray([[-3.0, -5.0], [-2.0, -1.0], [-7.0, -7.5]])
+REF = jnp.asarray([[-4.0, -4.0], [-2.5, -1.5], [-6.0, -8.0]])
+
+
+def test_pairwise_objectives_are_the_losses():
+    b = _pair_batch()
+    four = (POLICY[:, 0], POLICY[:, 1], REF[:, 0], REF[:, 1])
+    loss, m = trainer.objective(_align(loss="dpo", beta=0.2), POLICY, REF, b)
+    np.testing.assert_allclose(loss, preference.dpo(*four, beta=0.2), rtol=1e-6)
+    # h = rho_w - rho_l per pair: (1 - (-1)) = 2, (0.5 - 0.5) = 0, (-1 - 0.5) = -1.5
+    np.testing.assert_allclose(m["reward_margin"], [0.4, 0.0, -0.3], atol=1e-6)
+    np.testing.assert_allclose(m["reward_accuracy"], [1.0, 0.5, 0.0])  # a tie counts 0.5
+    np.testing.assert_allclose(m["reward_chosen"], [0.2, 0.1, -0.2], atol=1e-6)
+
+    loss, _ = trainer.objective(
+        _align(loss="slic", margin=1.0, slic_reg_weight=0.5), POLICY, REF, b
+    )
+    # max(0, 1 - lp_w + lp_l) + 0.5 * -lp_w
+    want = [max(0, 1 - 2) + 1.5, max(0, 1 - (-1)) + 1.0, max(0, 1 - 0.5) + 3.5]
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+    loss, _ = trainer.objective(
+        _align(loss="ipo", beta=0.5, ipo_length_normalized=True), POLICY, REF, b
+    )
+    # rho / length: (1/2 - (-1)/3), (0.5/1 - 0.5/1), (-1/4 - 0.5/2); target 1/(2 beta) = 1
+    h = np.array([0.5 + 1 / 3, 0.0, -0.25 - 0.25])
+    np.testing.assert_allclose(loss, (h - 1.0) ** 2, rtol=1e-5)
+
+
+def test_pair_logistic_on_pairs_equals_dpo_and_geometric_half_is_log2():
+    b = _pair_batch()
+    dpo, _ = trainer.objective(_align(loss="dpo", beta=0.1), POLICY, REF, b)
+    pl, _ = trainer.objective(_align(loss="pair_logistic", beta=0.1), POLICY, REF, b)
+    np.testing.assert_allclose(pl, dpo, rtol=1e-6)
+    half = _pair_batch(p=np.full(3, 0.5))
+    geo, _ = trainer.objective(_align(loss="geometric_dpo", beta=0.1), POLICY, REF, half)
+    np.testing.assert_allclose(geo, np.log(2.0) * np.ones(3), rtol=1e-6)
+
+
+def test_reward_loss_ignores_the_reference():
+    b = _pair_batch()
+    loss, m = trainer.objective(_align(loss="bradley_terry", reward_centering=0.1), POLICY, REF, b)
+    r_w, r_l = np.asarray(POLICY[:, 0]), np.asarray(POLICY[:, 1])
+    want = np.log1p(np.exp(-(r_w - r_l))) + 0.1 * (r_w + r_l) ** 2
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(m["reward_accuracy"], [1.0, 0.0, 1.0])
+
+
+def test_listwise_metrics_count_label_ordered_pairs():
+    s = jnp.asarray([[3.0, 1.0, 2.0]]) / 0.1  # beta 0.1 on rho = s
+    b = {
+        "labels": jnp.asarray([[1.0, 0.5, 0.0]]),
+        "mask": jnp.asarray([[True, True, True]]),
+    }
+    _, m = trainer.objective(_align(loss="list_mle", beta=0.1), s, jnp.zeros_like(s), b)
+    # Pairs (0>1): 3>1 yes, (0>2): 3>2 yes, (1>2): 1>2 no.
+    np.testing.assert_allclose(m["reward_accuracy"], [2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(m["reward_margin"], [(2 + 1 - 1) / 3], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Batch order.
+
+
+def test_batch_order_resumes_and_shards():
+    whole = trainer.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
+    seq = [next(whole).tolist() for _ in range(5)]
+    for batch in seq[:2]:  # one epoch = 2 batches, without repeats
+        assert len(set(batch)) == 4
+    assert not set(seq[0]) & set(seq[1])
+    again = trainer.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
+    for _ in range(3):
+        next(again)
+    state = again.get_state()
+    resumed = trainer.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
+    resumed.set_state(state)
+    assert [next(resumed).tolist() for _ in range(2)] == seq[3:5]
+    halves = [trainer.BatchOrder(10, 4, seed=3, shard_index=i, shard_count=2) for i in (0, 1)]
+    for batch in seq:
+        assert np.concatenate([next(h) for h in halves]).tolist() == batch
+    with pytest.raises(ConfigError, match="only 3 records"):
+        trainer.BatchOrder(3, 4, seed=0, shard_index=0, shard_count=1)
+
+
+# ---------------------------------------------------------------------------
+# Runs.
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    """{step: training loss} (the step-0 row holds only the starting policy's eval)."""
+    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from lm_align import config as config_lib
+    from lm_align.align.trainer import align
+    config, root, loss, fmt = sys.argv[1:5]
+    base = config_lib.load_config(config + ":" + loss)
+    base = config_lib.apply_overrides(
+        base, ["align.eval_prompts=0", "train.answer_eval_examples=0"])
+    devs = jax.devices()
+    assert len(devs) == 8, devs
+    align(config_lib.apply_overrides(base, ["mesh.data=1"]), root + "/one", devices=devs[:1])
+    align(config_lib.apply_overrides(base, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+          root + "/many", devices=devs)
+""")
+
+
+@pytest.mark.parametrize("loss,fmt", [("dpo", "pairs"), ("lipo_lambda", "lists")])
+def test_eight_devices_match_one(experiment, tmp_path, loss, fmt):
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDING_SCRIPT, experiment[fmt], str(tmp_path), loss, fmt],
+        env=env_with_devices(8), capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, many = losses(tmp_path / "one"), losses(tmp_path / "many")
+    assert sorted(one) == sorted(many) == list(range(1, 13))
+    assert one[1] != one[12]  # it trained
+    np.testing.assert_allclose([many[s] for s in one], [one[s] for s in one], rtol=1e-5)
+
+
+def test_sigterm_then_resume_is_exact(experiment, tmp_path):
+    overrides = ["train.steps=40", "align.eval_prompts=0", "train.answer_eval_examples=0"]
+    straight = _cli(experiment["pairs"], tmp_path / "straight", overrides)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = losses(tmp_path / "straight")
+
+    workdir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "lm_align.cli", "align", "--config", experiment["pairs"],
+            "--workdir", str(workdir), *[f"--config.{o}" for o in overrides],
+        ],
+        env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+    )  # fmt: skip
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved checkpoint at step" in out
+    stopped_at = max(losses(workdir))
+    assert 3 <= stopped_at < 40, f"stopped at {stopped_at}; make the run longer"
+
+    resumed = _cli(experiment["pairs"], workdir, overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert "reference log-probs: loaded" in resumed.stdout
+    assert losses(workdir) == expected  # bitwise: JSON floats round-trip exactly
+
+
+def test_dpo_from_checkpoint_logs_documented_metrics(experiment, tmp_path):
+    """A policy from a checkpoint, DPO on it, the eval metrics; then a reward model on the pairs."""
+    sft = tmp_path / "sft"
+    proc = _cli(experiment["pairs"], sft, ["train.steps=6", "align.loss=slic"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _cli(
+        experiment["pairs"], tmp_path / "dpo",
+        [f"align.policy_checkpoint={sft}", "model.d_model=64"],  # ignored: taken from sft
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"starting from {sft}" in proc.stdout
+    rows = _rows(tmp_path / "dpo")
+    start = rows[0]
+    assert start["step"] == 0
+    assert abs(start["eval_kl"]) < 1e-4  # the policy is its reference
+    assert start["eval_reward_accuracy"] == 0.5 and abs(start["eval_loss"] - np.log(2)) < 1e-5
+    final = rows[-1]
+    for key in (
+        "loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected",
+        "grad_norm", "lr", "eval_loss", "eval_reward_accuracy", "eval_kl",
+        "eval_response_length", "eval_sample_reward", "eval_answer_exact_match",
+    ):  # fmt: skip
+        assert key in final, key
+    assert final["eval_loss"] < start["eval_loss"]
+    assert final["eval_reward_accuracy"] > 0.5
+
+    # A reward model initialised from the same policy, trained on the pairs.
+    proc = _cli(
+        experiment["pairs"], tmp_path / "rm",
+        [f"align.policy_checkpoint={sft}", "align.loss=bradley_terry", "train.steps=30"],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "rm")
+    assert rows[0]["eval_reward_accuracy"] == 0.5  # zero head: every pair ties
+    assert rows[-1]["eval_reward_accuracy"] > 0.6
+    from lm_align.align.reward import RewardModel
+
+    model, params, _ = trainer.load_model(str(tmp_path / "rm"))
+    assert isinstance(model, RewardModel)
+
+
+# ---------------------------------------------------------------------------
+# Config errors.
+
+
+def _cfg(**align):
+    cfg = align_base_config()
+    cfg.align.update(align)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "align,message",
+    [
+        ({"loss": "kto", "train_file": "x"}, "align.loss='kto'"),
+        ({"loss": "dpo", "format": "listwise", "train_file": "x"}, "is pairwise"),
+        ({"loss": "dpo"}, "align.train_file is empty"),
+        ({"train_file": "x", "beta": 0.0}, "align.beta=0.0 must be > 0"),
+        ({"train_file": "x", "policy_checkpoint": "/nonexistent/run"}, "no checkpoint at"),
+        ({"train_file": "x", "eval_scorer": "oracle"}, "align.eval_scorer='oracle'"),
+    ],
+)
+def test_bad_align_config_is_rejected_early(align, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        trainer.setup(_cfg(**align))
