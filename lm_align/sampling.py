@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_align import parallel
+
 NEG_INF = -jnp.inf
 
 
@@ -125,6 +127,7 @@ def generate(
     greedy: bool = False,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
     """Batched autoregressive decoding with a KV cache (one compiled program).
 
@@ -133,6 +136,11 @@ def generate(
     positions start at 0 at each prompt's first real token. Each prompt is
     continued `num_samples` times (rows `i * num_samples ... + num_samples - 1`).
     A row stops after emitting one of `stop_tokens`. Reproducible from `rng`.
+
+    With a `mesh`, rows and the KV cache are split over its data/fsdp axes
+    like the train step's batch (params keep their own shardings); the
+    tokens are the same as unsharded. The row count (prompts x num_samples)
+    must then be a multiple of the data-parallel size.
 
     Args:
       model: a `lm_align.models.pure.PureModel`.
@@ -159,14 +167,25 @@ def generate(
         bool(greedy),
         tuple(int(t) for t in stop_tokens),
         int(pad_id),
+        mesh,
     )
+    if mesh is not None:
+        dp = parallel.data_parallel_size(mesh)
+        if len(tokens_BP) % dp:
+            raise ValueError(
+                f"{len(tokens_BP)} rows (prompts x num_samples) do not split over the mesh's "
+                f"data-parallel size {dp}; pass a multiple of {dp} rows or mesh=None"
+            )
+        sharding = parallel.batch_sharding(mesh)
+        tokens_BP = jax.device_put(tokens_BP, sharding)
+        valid_BP = jax.device_put(valid_BP, sharding)
     tokens, logps, lengths = fn(params, jnp.asarray(tokens_BP), jnp.asarray(valid_BP), key)
     index = np.repeat(np.arange(len(prompts), dtype=np.int32), num_samples)
     return Generation(tokens, logps, lengths, jnp.asarray(index))
 
 
 @functools.lru_cache(maxsize=32)
-def _decoder(model, max_new, temperature, top_k, top_p, greedy, stop_tokens, pad_id):
+def _decoder(model, max_new, temperature, top_k, top_p, greedy, stop_tokens, pad_id, mesh):
     from lm_align.models.transformer import init_cache
 
     stop = jnp.asarray(stop_tokens, jnp.int32) if stop_tokens else None
@@ -179,6 +198,9 @@ def _decoder(model, max_new, temperature, top_k, top_p, greedy, stop_tokens, pad
         prompt_len_B = jnp.sum(valid_BP, axis=1).astype(jnp.int32)
         positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0).astype(jnp.int32)
         cache = init_cache(model.cfg, B, P + max_new)
+        if mesh is not None:  # [n_layers, B, T, H, K]: rows split like the batch
+            spec = jax.sharding.PartitionSpec(None, parallel.BATCH_AXES)
+            cache = jax.lax.with_sharding_constraint(cache, jax.sharding.NamedSharding(mesh, spec))
         logits_BPV, cache = module.cached(tokens_BP, positions_BP, cache, 0, key_valid_BT)
 
         def step(carry, t):

@@ -160,3 +160,55 @@ def test_stop_tokens_seeds_and_lengths():
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, params, [[]], max_new_tokens=2)
+
+
+SHARDED_SCRIPT = """
+import json, jax, numpy as np
+from lm_align import parallel
+from lm_align.models import TransformerConfig
+from lm_align.models.pure import PureModel
+from lm_align.sampling import generate
+assert len(jax.devices()) == 8
+model = PureModel(TransformerConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                    max_len=64, position="rope"))
+params = model.init(0)
+prompts = [[1, 50, 51, 52, 53], [1, 60], [1, 70, 71], [1, 9]]
+mesh = parallel.make_mesh({"data": 4, "fsdp": 2, "tensor": 1}, jax.devices())
+sharded = jax.device_put(params, parallel.logical_to_sharding(
+    model.logical_axes, model.abstract_params, mesh))
+out = {}
+for name, kw in (("greedy", dict(greedy=True)), ("sampled", dict(temperature=0.9, top_k=20))):
+    a = generate(model, params, prompts, max_new_tokens=6, num_samples=2, rng=3, **kw)
+    b = generate(model, sharded, prompts, max_new_tokens=6, num_samples=2, rng=3, mesh=mesh, **kw)
+    out[name] = {
+        "same_tokens": bool(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))),
+        "logp_diff": float(np.max(np.abs(np.asarray(a.logps) - np.asarray(b.logps)))),
+        "replicated": bool(b.tokens.sharding.is_fully_replicated),
+        "rows_per_device": {s.data.shape[0] for s in b.tokens.addressable_shards}.pop(),
+    }
+try:
+    generate(model, sharded, prompts[:3], max_new_tokens=2, mesh=mesh)
+except ValueError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_decoding_sharded_over_a_mesh_gives_the_same_tokens():
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, env_with_devices
+
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT],
+        env=env_with_devices(8), capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("greedy", "sampled"):
+        assert out[name]["same_tokens"], out
+        assert out[name]["logp_diff"] < 1e-4, out
+        assert not out[name]["replicated"] and out[name]["rows_per_device"] == 1, out
+    assert "3 rows" in out["error"] and "multiple of 8" in out["error"]
