@@ -138,6 +138,100 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     }
 
 
+def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
+    """Times one preference step (an experiment with an `align` group) on synthetic rows.
+
+    `train.batch_size` records of K responses (pairs: K = 2) of `align.max_len`
+    tokens. With `align.precompute_reference = false` each step also runs the
+    frozen reference's forward pass, counted as 1/3 of a training step's FLOPs
+    per token: flops_per_token = (4/3) * (6 N_matmul + attention) then.
+    tokens_per_s counts policy tokens (records * K * max_len per step).
+    """
+    from lm_align import config as config_lib
+    from lm_align.align import trainer
+    from lm_align.align.config import LISTWISE_LOSSES
+    from lm_align.train.step import TrainState
+
+    if not cfg.align.train_file:  # the bench reads no file
+        cfg = config_lib.apply_overrides(cfg, ["align.train_file=<synthetic>"])
+    devices = jax.devices()
+    s = trainer.setup(cfg, devices)
+    a, B, L = s.cfg.align, s.cfg.train.batch_size, s.cfg.align.max_len
+    K = max(a.num_responses, 2) if a.loss in LISTWISE_LOSSES else 2
+    online = not a.precompute_reference and a.loss not in ("bradley_terry",)
+    rows = synthetic_batch(B * K, L, s.policy_model.cfg.vocab_size)
+    rows["loss_mask"][:, : L // 4] = 0.0  # a prompt quarter, not scored
+    rows = {k: v.reshape(B, K, L) for k, v in rows.items()}
+    labels = np.tile(np.linspace(1.0, 0.0, K, dtype=np.float32), (B, 1))
+    host = {
+        "rows": rows,
+        "labels": labels,
+        "mask": np.ones((B, K), bool),
+        "soft_label": np.ones(B, np.float32),
+        "lengths": rows["loss_mask"].sum(-1),
+        "weight": np.ones(B, np.float32),
+    }
+    if not online:
+        host["ref_logps"] = np.full((B, K), -float(L), np.float32)
+    batch = jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(s.batch_sharding, v), host
+    )
+    step = trainer.make_align_step(a, s.score_rows, s.tx, s.schedule, online_reference=online)
+    rep = parallel.replicated(s.mesh)
+    params = s.init_params()
+    state = jax.jit(
+        lambda p: TrainState(
+            jnp.zeros((), jnp.int32), p, s.tx.init(p), jnp.zeros((2,), jnp.uint32),
+            jnp.zeros((), jnp.int32),
+        ),
+        out_shardings=s.state_shardings,
+    )(params)  # fmt: skip
+    ref = s.reference_params() if online else None
+    in_sh = (s.state_shardings, s.batch_sharding) + ((s.state_shardings.params,) if online else ())
+    args = (state, batch) + ((ref,) if online else ())
+    jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(s.state_shardings, rep),
+                     donate_argnums=(0,))  # fmt: skip
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_time = time.perf_counter() - t0
+    peak_before = matmul_peak_flops(devices[0])
+    extra = args[2:]
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, *extra)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, *extra)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    tokens_per_s = B * K * L / step_time
+    flops_per_token = s.policy_model.cfg.flops_per_token(L) * (4.0 / 3.0 if online else 1.0)
+    peak = max(peak_before, matmul_peak_flops(devices[0]))
+    mem_mb, mem_source = _peak_memory_mb(compiled)
+    return {
+        "device": f"{len(devices)}x {devices[0].device_kind}",
+        "step": a.loss + (", reference forward every step" if online else ", stored reference"),
+        "params": s.model.num_params(),
+        "records": B,
+        "responses_per_record": K,
+        "seq_len": L,
+        "compile_time_s": compile_time,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "achieved_flops": flops_per_token * tokens_per_s,
+        "matmul_peak_flops": peak * len(devices),
+        "mfu": flops_per_token * tokens_per_s / (peak * len(devices)),
+        "peak_memory_mb": mem_mb,
+        "peak_memory_source": mem_source,
+        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss": float(metrics["loss"]),
+    }
+
+
 def run_data_bench(cfg, *, batches: int = 50) -> dict:
     """Times the train-split input pipeline alone; returns the report dict.
 

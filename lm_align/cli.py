@@ -7,7 +7,8 @@
     lm-align coordcheck [--config ...] [--widths 64,128,256,512] [--steps N] [--out PNG] [--json]
     lm-align sweep --config experiments/x.py[:arg] --workdir DIR [--parallel N] [--max-runs N] [--dry-run] [--config.group.field=value ...]
     lm-align align --config experiments/x.py[:arg] [--workdir DIR] [--config.group.field=value ...]
-    lm-align preferences --policy RUN --out FILE.jsonl [--num-prompts N] [--num-samples K] [--format pairs|lists]
+    lm-align align-study --config experiments/align_arithmetic.py[:quick] [--workdir DIR]
+    lm-align preferences --policy RUN --out FILE.jsonl [--num-prompts N] [--num-samples K] ...
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY] [--metric eval_loss] [--out DIR]
 
 Without --config, `train` runs experiments/default.py's config (a small model
@@ -86,7 +87,7 @@ def _cmd_train(args, overrides) -> int:
 
 
 def _cmd_bench(args, overrides) -> int:
-    from lm_align.bench import run_bench, run_data_bench
+    from lm_align.bench import run_align_bench, run_bench, run_data_bench
     from lm_align.data import DataError
 
     if args.data_only and args.batches < 1:
@@ -94,11 +95,12 @@ def _cmd_bench(args, overrides) -> int:
         return 2
     cfg, _ = _load(args, overrides, "bench")
     try:
-        report = (
-            run_data_bench(cfg, batches=args.batches)
-            if args.data_only
-            else run_bench(cfg, steps=args.steps, warmup=args.warmup)
-        )
+        if args.data_only:
+            report = run_data_bench(cfg, batches=args.batches)
+        elif "align" in cfg:  # a preference step (e.g. experiments/bench_dpo.py)
+            report = run_align_bench(cfg, steps=args.steps, warmup=args.warmup)
+        else:
+            report = run_bench(cfg, steps=args.steps, warmup=args.warmup)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -343,3 +343,17 @@ def _cfg(**align):
 def test_bad_align_config_is_rejected_early(align, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         trainer.setup(_cfg(**align))
+
+
+def test_reference_in_every_step_equals_precomputed(experiment, tmp_path):
+    common = ["align.eval_prompts=0", "train.answer_eval_examples=0", "train.steps=8"]
+    pre = _cli(experiment["pairs"], tmp_path / "pre", common)
+    online = _cli(
+        experiment["pairs"], tmp_path / "online", common + ["align.precompute_reference=false"]
+    )
+    assert pre.returncode == 0 and online.returncode == 0, online.stderr[-3000:]
+    assert "reference log-probs: computed" in pre.stdout
+    assert "reference log-probs" not in online.stdout
+    a, b = losses(tmp_path / "pre"), losses(tmp_path / "online")
+    assert abs(a[1] - np.log(2)) < 1e-4  # step 1: the policy is the reference
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-5)

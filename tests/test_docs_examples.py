@@ -64,6 +64,7 @@ def test_listwise_and_scaling_md_examples_run(name, index):
 
 def _group_defaults():
     from lm_align import data, optim, parameterization
+    from lm_align.align.config import ALIGN_DEFAULTS
     from lm_align.models import TransformerConfig
     from lm_align.train.config import MESH_DEFAULTS, TRAIN_DEFAULTS
 
@@ -74,6 +75,7 @@ def _group_defaults():
         "optimizer": dict(optim.DEFAULTS),
         "param": dict(parameterization.DEFAULTS),
         "data": dict(data.DEFAULTS),
+        "align": dict(ALIGN_DEFAULTS),
     }
 
 
@@ -93,7 +95,7 @@ def _cell_value(cell):
     return eval(cell.strip("`"), {"math": math})  # noqa: S307 - our own docs
 
 
-@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "param", "data"])
+@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "param", "data", "align"])
 def test_configs_md_lists_every_field_with_its_default(group):
     defaults = _group_defaults()[group]
     table = _group_table(group)
@@ -163,3 +165,45 @@ def test_metrics_md_documents_every_row_key():
     documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", _read("metrics.md"), re.M))
     missing = sorted(keys - documented)
     assert not missing, f"docs/metrics.md does not document metrics.jsonl keys {missing}"
+
+
+def test_metrics_md_documents_every_align_row_key():
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from lm_align import optim
+    from lm_align.align import trainer
+    from lm_align.align.config import ALIGN_DEFAULTS, LOSSES
+    from lm_align.models import TransformerConfig
+    from lm_align.models.pure import PureModel
+    from lm_align.train.step import init_state
+
+    model = PureModel(TransformerConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8))
+    opt = optim.make_optimizer({}, total_steps=10)
+    state = jax.eval_shape(lambda: init_state(model, opt.tx, 0))
+    rows = {
+        k: jax.ShapeDtypeStruct((2, 2, 4), jnp.float32 if k == "loss_mask" else jnp.int32)
+        for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+    }
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    batch = {
+        "rows": rows, "labels": f32(2, 2), "mask": jax.ShapeDtypeStruct((2, 2), bool),
+        "soft_label": f32(2), "lengths": f32(2, 2), "weight": f32(2), "ref_logps": f32(2, 2),
+    }  # fmt: skip
+
+    def score_rows(params, rows):
+        return trainer.sequence_logprobs(model, params, rows).logps
+
+    keys = set()
+    for loss in LOSSES:
+        a = ml_collections.ConfigDict({**ALIGN_DEFAULTS, "loss": loss})
+        step = trainer.make_align_step(a, score_rows, opt.tx, opt.schedule)
+        _, metrics = jax.eval_shape(step, state, batch)
+        keys |= set(metrics) - {"finite"}
+        keys |= {f"eval_{k}" for k in metrics if k not in ("grad_norm", "lr", "finite", "skipped")}
+    keys |= {"step", "tokens_per_s", "tokens"}
+    keys |= {"eval_kl", "eval_response_length", "eval_sample_reward", "eval_answer_exact_match"}
+    documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", _read("metrics.md"), re.M))
+    missing = sorted(keys - documented)
+    assert not missing, f"docs/metrics.md does not document align metrics.jsonl keys {missing}"

@@ -1,6 +1,7 @@
 """`lm-align align` (preference training) and `lm-align preferences` (data from samples).
 
     lm-align align --config experiments/align_arithmetic.py:dpo --workdir runs/dpo
+    lm-align align-study --config experiments/align_arithmetic.py --workdir runs/align_arithmetic
     lm-align preferences --policy runs/sft --out runs/prefs/train.jsonl \\
         --num-prompts 512 --num-samples 8 --format pairs --pairing first_round
 """
@@ -22,6 +23,14 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--config", required=True, help="experiment file with an `align` group, [:arg]")
     p.add_argument("--workdir", help="run directory (default runs/<experiment>[_<arg>])")
     p.set_defaults(fn=cmd_align)
+
+    p = subparsers.add_parser(
+        "align-study",
+        help="SFT -> preferences from its samples -> each method; table of accuracy, reward, KL",
+    )
+    p.add_argument("--config", required=True, help="experiment file with get_study(), [:arg]")
+    p.add_argument("--workdir", help="study directory (default runs/<experiment>[_<arg>])")
+    p.set_defaults(fn=cmd_align_study)
 
     p = subparsers.add_parser(
         "preferences",
@@ -82,6 +91,20 @@ def cmd_align(args, overrides) -> int:
         return 3
     if not result.stopped_by:
         print(f"finished {result.final_step} steps; workdir {workdir}", flush=True)
+    return 0
+
+
+def cmd_align_study(args, overrides) -> int:
+    from lm_align.align.study import run_study
+    from lm_align.data import DataError
+
+    workdir = args.workdir or _default_workdir(args.config)
+    print(f"lm-align align-study: {args.config} -> {workdir}", flush=True)
+    try:
+        run_study(args.config, workdir, overrides)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
