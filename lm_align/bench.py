@@ -86,6 +86,41 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
     }
 
 
+def _time_steps(
+    compiled, state, args, *, steps, warmup, devices, tokens_per_step, flops_per_token
+) -> dict:
+    """Runs `compiled(state, *args)` warmup + steps times; the timing part of a report."""
+    # The peak is measured before and after the steps and the higher value is
+    # used, so a slow patch of a shared machine lowers MFU rather than raising it.
+    peak_before = matmul_peak_flops(devices[0])
+    for _ in range(warmup):
+        state, _ = compiled(state, *args)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, *args)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    tokens_per_s = tokens_per_step / step_time
+    peak = max(peak_before, matmul_peak_flops(devices[0]))
+    mem_mb, mem_source = _peak_memory_mb(compiled)
+    return {
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "achieved_flops": flops_per_token * tokens_per_s,
+        "matmul_peak_flops": peak * len(devices),
+        "mfu": flops_per_token * tokens_per_s / (peak * len(devices)),
+        "peak_memory_mb": mem_mb,
+        "peak_memory_source": mem_source,
+        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss": float(metrics["loss"]),
+    }
+
+
 def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     """Compiles and times the experiment's train step; returns the report dict."""
     devices = jax.devices()
@@ -99,42 +134,17 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     t0 = time.perf_counter()
     compiled = built.train_step.lower(state, batch).compile()
     compile_time = time.perf_counter() - t0
-    # The peak is measured before and after the steps and the higher value is
-    # used, so a slow patch of a shared machine lowers MFU rather than raising it.
-    peak_before = matmul_peak_flops(devices[0])
-
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-
-    step_time = statistics.median(times)
-    tokens_per_s = batch_size * seq_len / step_time
-    flops_per_token = model_cfg.flops_per_token(seq_len)
-    peak = max(peak_before, matmul_peak_flops(devices[0]))
-    mem_mb, mem_source = _peak_memory_mb(compiled)
+    timing = _time_steps(
+        compiled, state, (batch,), steps=steps, warmup=warmup, devices=devices,
+        tokens_per_step=batch_size * seq_len, flops_per_token=model_cfg.flops_per_token(seq_len),
+    )  # fmt: skip
     return {
         "device": f"{len(devices)}x {devices[0].device_kind}",
         "params": model.num_params(),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "compile_time_s": compile_time,
-        "step_time_s": step_time,
-        "step_time_min_s": min(times),
-        "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_token,
-        "achieved_flops": flops_per_token * tokens_per_s,
-        "matmul_peak_flops": peak * len(devices),
-        "mfu": flops_per_token * tokens_per_s / (peak * len(devices)),
-        "peak_memory_mb": mem_mb,
-        "peak_memory_source": mem_source,
-        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "loss": float(metrics["loss"]),
+        **timing,
     }
 
 
@@ -150,7 +160,6 @@ def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     from lm_align import config as config_lib
     from lm_align.align import trainer
     from lm_align.align.config import LISTWISE_LOSSES
-    from lm_align.train.step import TrainState
 
     if not cfg.align.train_file:  # the bench reads no file
         cfg = config_lib.apply_overrides(cfg, ["align.train_file=<synthetic>"])
@@ -178,14 +187,7 @@ def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     )
     step = trainer.make_align_step(a, s.score_rows, s.tx, s.schedule, online_reference=online)
     rep = parallel.replicated(s.mesh)
-    params = s.init_params()
-    state = jax.jit(
-        lambda p: TrainState(
-            jnp.zeros((), jnp.int32), p, s.tx.init(p), jnp.zeros((2,), jnp.uint32),
-            jnp.zeros((), jnp.int32),
-        ),
-        out_shardings=s.state_shardings,
-    )(params)  # fmt: skip
+    state = trainer.initial_state(s, s.init_params(), s.cfg.train.seed)
     ref = s.reference_params() if online else None
     in_sh = (s.state_shardings, s.batch_sharding) + ((s.state_shardings.params,) if online else ())
     args = (state, batch) + ((ref,) if online else ())
@@ -194,22 +196,11 @@ def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_time = time.perf_counter() - t0
-    peak_before = matmul_peak_flops(devices[0])
-    extra = args[2:]
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch, *extra)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, *extra)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-    step_time = statistics.median(times)
-    tokens_per_s = B * K * L / step_time
     flops_per_token = s.policy_model.cfg.flops_per_token(L) * (4.0 / 3.0 if online else 1.0)
-    peak = max(peak_before, matmul_peak_flops(devices[0]))
-    mem_mb, mem_source = _peak_memory_mb(compiled)
+    timing = _time_steps(
+        compiled, state, args[1:], steps=steps, warmup=warmup, devices=devices,
+        tokens_per_step=B * K * L, flops_per_token=flops_per_token,
+    )  # fmt: skip
     return {
         "device": f"{len(devices)}x {devices[0].device_kind}",
         "step": a.loss + (", reference forward every step" if online else ", stored reference"),
@@ -218,17 +209,7 @@ def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
         "responses_per_record": K,
         "seq_len": L,
         "compile_time_s": compile_time,
-        "step_time_s": step_time,
-        "step_time_min_s": min(times),
-        "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_token,
-        "achieved_flops": flops_per_token * tokens_per_s,
-        "matmul_peak_flops": peak * len(devices),
-        "mfu": flops_per_token * tokens_per_s / (peak * len(devices)),
-        "peak_memory_mb": mem_mb,
-        "peak_memory_source": mem_source,
-        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "loss": float(metrics["loss"]),
+        **timing,
     }
 
 

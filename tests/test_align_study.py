@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, env_with_devices
 
 
+@pytest.mark.slow
 def test_quick_study_runs_every_stage_and_writes_the_table(tmp_path):
     workdir = tmp_path / "study"
     cmd = [

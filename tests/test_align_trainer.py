@@ -357,3 +357,21 @@ def test_reference_in_every_step_equals_precomputed(experiment, tmp_path):
     a, b = losses(tmp_path / "pre"), losses(tmp_path / "online")
     assert abs(a[1] - np.log(2)) < 1e-4  # step 1: the policy is the reference
     np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-5)
+
+
+@pytest.mark.slow  # the matmul-peak measurement takes a while on 2 cores
+def test_bench_of_a_dpo_step_counts_the_reference_forward():
+    from lm_align import config as config_lib
+    from lm_align.bench import run_align_bench
+
+    cfg = align_base_config()
+    cfg.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=260)
+    cfg.train.batch_size = 4
+    cfg.align.max_len = 16
+    online = run_align_bench(
+        config_lib.apply_overrides(cfg, ["align.precompute_reference=false"]), steps=1, warmup=1
+    )
+    stored = run_align_bench(cfg, steps=1, warmup=0)
+    assert online["tokens_per_s"] == pytest.approx(4 * 2 * 16 / online["step_time_s"])
+    assert online["flops_per_token"] == pytest.approx(stored["flops_per_token"] * 4 / 3)
+    assert 0 < online["mfu"] and np.isfinite(online["loss"]) and np.isfinite(stored["loss"])

@@ -483,6 +483,21 @@ def setup(cfg, devices=None) -> AlignSetup:
     )
 
 
+def initial_state(s: AlignSetup, params, seed: int) -> TrainState:
+    """Step 0 of training `params` (already sharded): fresh optimizer state."""
+    init = jax.jit(
+        lambda p: TrainState(
+            jnp.zeros((), jnp.int32),
+            p,
+            s.tx.init(p),
+            jax.random.key_data(jax.random.key(seed + 1)),
+            jnp.zeros((), jnp.int32),
+        ),
+        out_shardings=s.state_shardings,
+    )
+    return init(params)
+
+
 def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -690,18 +705,7 @@ def align(cfg, workdir: str, *, devices=None) -> TrainResult:
         )
 
     def init_state():
-        params = s.init_params()
-        init = jax.jit(
-            lambda p: TrainState(
-                jnp.zeros((), jnp.int32),
-                p,
-                s.tx.init(p),
-                jax.random.key_data(jax.random.key(t.seed + 1)),
-                jnp.zeros((), jnp.int32),
-            ),
-            out_shardings=s.state_shardings,
-        )
-        return init(params)
+        return initial_state(s, s.init_params(), t.seed)
 
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     start, state, finished = restore_or_init(
