@@ -50,6 +50,7 @@ ALIGN_DEFAULTS = {
     "gamma": 0.05,  # RSO losses' scale (separate from the sampling beta)
     "margin": 1.0,  # SLiC-HF hinge margin delta
     "slic_reg_weight": 0.1,  # SLiC-HF lambda_reg: adds lambda * -log pi(chosen)
+    "nll_weight": 0.0,  # adds nll_weight * per-token NLL of the best response (RPO-style anchor)
     "ipo_length_normalized": False,  # IPO: divide each log-ratio by its completion length
     "lipo_reduction": "paper",  # LiPO-lambda: paper (sum per list) | rax (authors' code)
     "reward_margin": 0.0,  # Bradley-Terry margin
@@ -102,7 +103,13 @@ def check_align(align_cfg) -> list[str]:
             errors.append(f"align.{name}={a[name]} must be > 0")
     if not 0.0 <= a.label_smoothing < 0.5:
         errors.append(f"align.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
-    for name in ("slic_reg_weight", "reward_centering", "num_responses", "eval_prompts"):
+    for name in (
+        "slic_reg_weight",
+        "nll_weight",
+        "reward_centering",
+        "num_responses",
+        "eval_prompts",
+    ):
         if a[name] < 0:
             errors.append(f"align.{name}={a[name]} must be >= 0")
     for name in ("eval_samples", "eval_max_new_tokens"):
@@ -120,6 +127,11 @@ def check_align(align_cfg) -> list[str]:
         errors.append(
             "align.train_file is empty; point it at preference JSON Lines (make them with "
             "`lm-align preferences`, see docs/alignment.md)"
+        )
+    if a.nll_weight and a.loss in REWARD_LOSSES:
+        errors.append(
+            f"align.nll_weight={a.nll_weight} applies to policies; a reward model "
+            f"(align.loss={a.loss!r}) has no likelihood to anchor, set it to 0"
         )
     if a.eval_scorer:
         from lm_align.align.datagen import SCORERS

@@ -140,6 +140,15 @@ def objective(a, scores_BK, ref_BK, batch) -> tuple[jax.Array, dict[str, jax.Arr
             else:  # pragma: no cover - check_align rejects unknown losses
                 raise ValueError(a.loss)
     metrics = _pair_metrics(jax.lax.stop_gradient(implicit), labels, mask)
+    if a.nll_weight and a.loss not in REWARD_LOSSES:
+        # NLL per token of the best-labelled response (pairs: the chosen), as in
+        # iterative RPO (Pang et al. 2024): keeps the chosen likelihood from falling.
+        best = jnp.argmax(jnp.where(mask, labels, -jnp.inf), axis=1)
+        lp_best = jnp.take_along_axis(scores_BK, best[:, None], axis=1)[:, 0]
+        n_best = jnp.take_along_axis(batch["lengths"], best[:, None], axis=1)[:, 0]
+        nll = -lp_best / jnp.maximum(n_best, 1.0)
+        loss = loss + a.nll_weight * nll
+        metrics["nll"] = nll
     if scores_BK.shape[1] == 2 and a.loss in PAIRWISE_LOSSES + REWARD_LOSSES:
         metrics["reward_chosen"] = implicit[:, 0]
         metrics["reward_rejected"] = implicit[:, 1]
