@@ -375,3 +375,16 @@ def test_bench_of_a_dpo_step_counts_the_reference_forward():
     assert online["tokens_per_s"] == pytest.approx(4 * 2 * 16 / online["step_time_s"])
     assert online["flops_per_token"] == pytest.approx(stored["flops_per_token"] * 4 / 3)
     assert 0 < online["mfu"] and np.isfinite(online["loss"]) and np.isfinite(stored["loss"])
+
+
+def test_nll_weight_adds_the_per_token_nll_of_the_best_response():
+    b = _pair_batch()
+    plain, _ = trainer.objective(_align(loss="dpo"), POLICY, REF, b)
+    anchored, m = trainer.objective(_align(loss="dpo", nll_weight=0.5), POLICY, REF, b)
+    nll = -np.asarray(POLICY[:, 0]) / np.asarray(b["lengths"][:, 0])  # chosen: column 0
+    np.testing.assert_allclose(m["nll"], nll, rtol=1e-6)
+    np.testing.assert_allclose(anchored, np.asarray(plain) + 0.5 * nll, rtol=1e-6)
+    # Lists: the best-labelled response, wherever it stands.
+    lists = {**b, "labels": jnp.asarray([[0.0, 1.0]] * 3)}
+    _, m = trainer.objective(_align(loss="list_mle", nll_weight=1.0), POLICY, REF, lists)
+    np.testing.assert_allclose(m["nll"], -np.asarray(POLICY[:, 1]) / np.asarray(b["lengths"][:, 1]))
