@@ -1,0 +1,136 @@
+"""RSO statistical rejection sampling (Liu et al. 2024, Algorithm 1)."""
+
+import numpy as np
+import pytest
+
+from lm_align.align.rso import (
+    acceptance_probabilities,
+    rejection_sample,
+    rejection_sample_batch,
+    rejection_sweep,
+)
+
+
+def _rewards(n, seed=0):
+    return np.random.default_rng(seed).normal(size=n)
+
+
+def test_tiny_beta_returns_the_top_k_by_reward_in_descending_order():
+    r_N = _rewards(64)
+    top_8 = np.argsort(-r_N)[:8]
+    for seed in range(5):
+        idx = rejection_sample(r_N, num_samples=8, beta=1e-9, rng=seed)
+        assert set(idx) == set(top_8)
+        np.testing.assert_array_equal(idx, top_8)  # one sweep per sample, best first
+
+
+def test_tiny_beta_gives_no_overflow_or_nan():
+    r_N = np.array([0.0, -1e3, 5.0, 4.999])
+    with np.errstate(all="raise"):
+        prob = acceptance_probabilities(r_N, beta=1e-310)
+        np.testing.assert_array_equal(prob, [0.0, 0.0, 1.0, 0.0])
+        np.testing.assert_array_equal(rejection_sample(r_N, 2, 1e-310, rng=0), [2, 3])
+
+
+def test_infinite_beta_includes_every_candidate_equally_often():
+    num_draws, num_candidates, k = 20_000, 10, 3
+    r_PN = np.tile(_rewards(num_candidates), (num_draws, 1))  # unequal rewards, ignored
+    idx_PK = rejection_sample_batch(r_PN, num_samples=k, beta=np.inf, rng=0)
+
+    assert all(len(set(row)) == k for row in idx_PK)
+    included = np.bincount(idx_PK.ravel(), minlength=num_candidates) / num_draws
+    p = k / num_candidates
+    stderr = np.sqrt(p * (1 - p) / num_draws)
+    np.testing.assert_allclose(included, p, atol=5 * stderr)
+    # The order is uniform too: each candidate comes first 1/N of the time.
+    first = np.bincount(idx_PK[:, 0], minlength=num_candidates) / num_draws
+    p1 = 1 / num_candidates
+    np.testing.assert_allclose(first, p1, atol=5 * np.sqrt(p1 * (1 - p1) / num_draws))
+
+
+def test_acceptance_probabilities_at_the_limits():
+    r_N = np.array([1.0, 3.0, 2.0])
+    np.testing.assert_allclose(acceptance_probabilities(r_N, 0.5), np.exp([-4.0, 0.0, -2.0]))
+    np.testing.assert_array_equal(acceptance_probabilities(r_N, np.inf), [1.0, 1.0, 1.0])
+
+
+def test_first_sweep_acceptance_rate_matches_the_mean_probability():
+    r_N = _rewards(20_000, seed=1)
+    prob_N = acceptance_probabilities(r_N, beta=0.5)
+    # Acceptances are independent Bernoulli(prob_i): the count's variance is
+    # sum p (1 - p).
+    stderr = np.sqrt(np.sum(prob_N * (1 - prob_N))) / r_N.size
+    for seed in range(3):
+        rate = rejection_sweep(r_N, beta=0.5, rng=seed).size / r_N.size
+        assert abs(rate - prob_N.mean()) < 4 * stderr
+
+
+def test_never_returns_a_candidate_twice():
+    rng = np.random.default_rng(0)
+    for seed in range(200):
+        num_candidates = int(rng.integers(1, 40))
+        k = int(rng.integers(1, num_candidates + 1))
+        beta = float(rng.choice([1e-6, 0.1, 0.5, 2.0, np.inf]))
+        r_N = np.round(rng.normal(size=num_candidates), 1)  # with ties
+        idx = rejection_sample(r_N, k, beta, rng=seed)
+        assert idx.dtype == np.int64 and idx.shape == (k,)
+        assert len(set(idx.tolist())) == k
+        assert idx.min() >= 0 and idx.max() < num_candidates
+
+
+def test_deterministic_for_a_seed():
+    r_N = _rewards(64)
+    a = rejection_sample(r_N, 8, 0.5, rng=7)
+    np.testing.assert_array_equal(a, rejection_sample(r_N, 8, 0.5, rng=7))
+    np.testing.assert_array_equal(a, rejection_sample(r_N, 8, 0.5, np.random.default_rng(7)))
+
+
+def test_batch_rows_are_successive_draws_from_one_generator():
+    r_PN = np.stack([_rewards(16, seed) for seed in range(4)])
+    idx_PK = rejection_sample_batch(r_PN, num_samples=4, beta=0.5, rng=3)
+    gen = np.random.default_rng(3)
+    expected = [rejection_sample(r_N, 4, 0.5, gen) for r_N in r_PN]
+    assert idx_PK.shape == (4, 4) and idx_PK.dtype == np.int64
+    np.testing.assert_array_equal(idx_PK, expected)
+
+
+def test_intermediate_beta_favours_high_rewards():
+    r_PN = np.stack([_rewards(64, seed) for seed in range(50)])
+    pool_mean = r_PN.mean()
+    top_mean = np.sort(r_PN, axis=1)[:, -8:].mean()
+
+    def accepted_mean(beta):
+        idx_PK = rejection_sample_batch(r_PN, num_samples=8, beta=beta, rng=0)
+        return np.take_along_axis(r_PN, idx_PK, axis=1).mean()
+
+    # The spec's RSO setting: 8 of 64 at beta 0.5, between the pool and the top 8.
+    assert pool_mean < accepted_mean(0.5) < top_mean
+    # Lower beta leans further towards the top-8.
+    assert pool_mean < accepted_mean(5.0) < accepted_mean(0.5) < accepted_mean(0.1) < top_mean
+
+
+@pytest.mark.parametrize(
+    "rewards, num_samples, beta, match",
+    [
+        ([1.0, 2.0], 3, 0.5, "num_samples=3 > number of candidates 2"),
+        ([1.0, 2.0], 0, 0.5, "num_samples must be a positive integer"),
+        ([1.0, 2.0], 1.5, 0.5, "num_samples must be a positive integer"),
+        ([1.0, 2.0], 1, 0.0, "beta must be > 0"),
+        ([1.0, 2.0], 1, -1.0, "beta must be > 0"),
+        ([1.0, 2.0], 1, np.nan, "beta must be > 0"),
+        ([1.0, np.nan], 1, 0.5, "rewards must be finite"),
+        ([1.0, np.inf], 1, 0.5, "rewards must be finite"),
+        ([], 1, 0.5, "rewards is empty"),
+        ([[1.0, 2.0]], 1, 0.5, "rewards must be 1-D"),
+    ],
+)
+def test_invalid_inputs_raise(rewards, num_samples, beta, match):
+    with pytest.raises(ValueError, match=match):
+        rejection_sample(rewards, num_samples, beta, rng=0)
+
+
+def test_invalid_batch_and_sweep_inputs_raise():
+    with pytest.raises(ValueError, match="rewards_PN must be 2-D"):
+        rejection_sample_batch([1.0, 2.0], 1, 0.5, rng=0)
+    with pytest.raises(ValueError, match="remaining must be"):
+        rejection_sweep([1.0, 2.0], 0.5, rng=0, remaining=[False, False])
