@@ -1,0 +1,55 @@
+"""Policy-gradient losses: weights against closed forms, gradients only through log-probs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_align.align.evaluation import bon_weight
+from lm_align.losses import policy_gradient as pg
+
+LOGPS = jnp.array([[-1.0, -2.0, -3.0, -4.0], [-0.5, -1.5, -2.5, -3.5]])
+REWARDS = jnp.array([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+MASK = jnp.ones((2, 4))
+
+
+def _weights(loss_fn, rewards=REWARDS, mask=MASK):
+    """The per-sample weights: -N * d loss / d logps."""
+    grad = jax.grad(lambda lp: jnp.sum(loss_fn(lp, rewards, mask)))(LOGPS)
+    return -np.asarray(grad) * np.asarray(mask).sum(-1, keepdims=True)
+
+
+def test_reinforce_weights_are_reward_minus_mean():
+    w = _weights(pg.reinforce)
+    np.testing.assert_allclose(w, [[0.5, -0.5, 0.5, -0.5], [0.25, 0.25, 0.25, -0.75]], atol=1e-6)
+    # The value is -sum(w * lp) / N.
+    np.testing.assert_allclose(
+        pg.reinforce(LOGPS, REWARDS, MASK), -(w * np.asarray(LOGPS)).sum(-1) / 4, rtol=1e-6
+    )
+
+
+def test_bon_rl_weights_are_g_of_the_failure_rate_on_correct_samples():
+    w = _weights(pg.bon_rl)
+    # Prompt 0: p = 2/4 -> g = 4 * 0.5^3 * 0.5 / (1 - 0.5^4) = 0.25 / 0.9375.
+    g0 = 4 * 0.5**3 * 0.5 / (1 - 0.5**4)
+    g1 = 4 * 0.25**3 * 0.75 / (1 - 0.25**4)
+    np.testing.assert_allclose(w, [[g0, 0, g0, 0], [g1, g1, g1, 0]], rtol=1e-5)
+    np.testing.assert_allclose([g0, g1], bon_weight(np.array([0.5, 0.25]), 4), rtol=1e-6)
+
+
+def test_bon_limits_and_masking_are_finite():
+    all_wrong = jnp.zeros((1, 4))
+    all_right = jnp.ones((1, 4))
+    assert np.all(_weights(pg.bon_rl, all_wrong)[:1] == 0)
+    np.testing.assert_allclose(_weights(pg.bon_rl, all_right)[:1], 0.0, atol=1e-7)  # g(0) = 0
+    # One correct of four real samples, two padding slots: p = 3/4 with N = 4.
+    r = jnp.array([[1.0, 0.0, 0.0, 0.0, 1.0, 1.0]])
+    m = jnp.array([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    w = np.asarray(pg.bon_weights(r, m))
+    np.testing.assert_allclose(w[0, 0], bon_weight(0.75, 4), rtol=1e-5)
+    assert np.all(w[0, 1:] == 0) and np.all(np.isfinite(w))
+
+
+def test_bon_sft_is_the_nll_of_the_first_correct_sample():
+    loss = pg.bon_sft(LOGPS, REWARDS, MASK)
+    np.testing.assert_allclose(loss, [1.0, 0.5], rtol=1e-6)
+    assert float(pg.bon_sft(LOGPS, jnp.zeros((2, 4)), MASK)[0]) == 0.0
