@@ -33,6 +33,37 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(fn=cmd_align_study)
 
     p = subparsers.add_parser(
+        "rest-em", help="ReST-EM self-training: sample, keep verified, fine-tune from the base"
+    )
+    p.add_argument("--config", required=True, help="experiment file with get_rest_em(), [:arg]")
+    p.add_argument("--workdir", help="directory (default runs/<experiment>[_<arg>])")
+    p.set_defaults(fn=cmd_rest_em)
+
+    p = subparsers.add_parser(
+        "bon", help="BoN-aware RL vs REINFORCE vs SFT on best-of-N, from one policy"
+    )
+    p.add_argument("--config", required=True, help="experiment file with get_bon(), [:arg]")
+    p.add_argument("--workdir", help="directory (default runs/<experiment>[_<arg>])")
+    p.set_defaults(fn=cmd_bon)
+
+    p = subparsers.add_parser(
+        "eval", help="greedy accuracy, pass@k, bon@k, ECE, length, KL of a policy"
+    )
+    p.add_argument("--policy", required=True, help="workdir/checkpoint of the policy")
+    p.add_argument("--reference", help="workdir/checkpoint of a reference (adds the KL)")
+    p.add_argument("--split", default="eval", help="split of the policy's data source")
+    p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument("--num-samples", type=int, default=8, help="samples per prompt (pass@k)")
+    p.add_argument("--ks", default="1,4,8", help="comma-separated k for pass@k and bon@k")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--scorer", default="arithmetic_exact", help="verifier name")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="also write the JSON report here")
+    p.set_defaults(fn=cmd_eval)
+
+    p = subparsers.add_parser(
         "preferences",
         help="sample K responses per prompt from a policy, score, write pairs or lists",
     )
@@ -105,6 +136,75 @@ def cmd_align_study(args, overrides) -> int:
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_rest_em(args, overrides) -> int:
+    from lm_align.align.rest_em import run_rest_em
+    from lm_align.data import DataError
+
+    workdir = args.workdir or _default_workdir(args.config)
+    print(f"lm-align rest-em: {args.config} -> {workdir}", flush=True)
+    try:
+        run_rest_em(args.config, workdir, overrides)
+    except (DataError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_bon(args, overrides) -> int:
+    from lm_align.align.bon import run_bon
+    from lm_align.data import DataError
+
+    workdir = args.workdir or _default_workdir(args.config)
+    print(f"lm-align bon: {args.config} -> {workdir}", flush=True)
+    try:
+        run_bon(args.config, workdir, overrides)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    from lm_align import data as data_lib
+    from lm_align.align.datagen import SCORERS, make_scorer
+    from lm_align.align.policy_eval import evaluate_policy
+    from lm_align.align.trainer import load_model
+
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        print(f"error: --ks={args.ks!r}; give integers like 1,4,8", file=sys.stderr)
+        return 2
+    if args.scorer not in SCORERS:
+        print(f"error: --scorer={args.scorer!r}; use one of {sorted(SCORERS)}", file=sys.stderr)
+        return 2
+    try:
+        model, params, cfg = load_model(args.policy)
+        ref = load_model(args.reference)[1] if args.reference else None
+        tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
+        source = data_lib.make_source(cfg.data, args.split)
+        prompts = [source[i]["prompt"] for i in range(min(args.num_prompts, len(source)))]
+        report = evaluate_policy(
+            model, params, tokenizer, prompts, make_scorer(args.scorer),
+            num_samples=args.num_samples, ks=ks, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, seed=args.seed, reference_params=ref,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = {"policy": args.policy, "split": args.split, **report}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(map(len, report))
+        for k, v in report.items():
+            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     return 0
 
 

@@ -38,9 +38,11 @@ LISTWISE_LOSSES = (
     "point_sigmoid",
 )
 REWARD_LOSSES = ("bradley_terry",)  # trains a reward model (scalar head), not a policy
-LOSSES = PAIRWISE_LOSSES + LISTWISE_LOSSES + REWARD_LOSSES
+# On sampled responses with rewards (format "samples"): lm_align.losses.policy_gradient.
+POLICY_GRADIENT_LOSSES = ("reinforce", "bon_rl", "bon_sft")
+LOSSES = PAIRWISE_LOSSES + LISTWISE_LOSSES + REWARD_LOSSES + POLICY_GRADIENT_LOSSES
 REFERENCE_FREE = ("slic", "rso_hinge")  # the loss itself ignores the reference log-probs
-FORMATS = ("auto", "pairwise", "listwise")
+FORMATS = ("auto", "pairwise", "listwise", "samples")
 LIPO_REDUCTIONS = ("paper", "rax")
 
 ALIGN_DEFAULTS = {
@@ -57,7 +59,7 @@ ALIGN_DEFAULTS = {
     "reward_centering": 0.0,  # Bradley-Terry eta * mean((r_w + r_l)^2)
     "train_file": "",  # preference JSON Lines (glob allowed); see docs/alignment.md
     "eval_file": "",  # held-out preference JSON Lines ('' = none)
-    "format": "auto",  # auto | pairwise | listwise; auto = pairwise unless the loss is listwise
+    "format": "auto",  # auto | pairwise | listwise | samples; auto follows the loss
     "max_len": 64,  # tokens per (prompt, response) row
     "num_responses": 0,  # listwise K (lists padded to it); 0 = the largest list in the data
     "overlong": "error",  # error | truncate: rows longer than max_len
@@ -75,9 +77,11 @@ ALIGN_DEFAULTS = {
 
 
 def resolved_format(align_cfg) -> str:
-    """'pairwise' or 'listwise': the data layout the loss trains on."""
+    """'pairwise', 'listwise' or 'samples': the data layout the loss trains on."""
     if align_cfg.format != "auto":
         return align_cfg.format
+    if align_cfg.loss in POLICY_GRADIENT_LOSSES:
+        return "samples"
     return "listwise" if align_cfg.loss in LISTWISE_LOSSES else "pairwise"
 
 
@@ -95,6 +99,11 @@ def check_align(align_cfg) -> list[str]:
         errors.append(
             f"align.loss={a.loss!r} is pairwise but align.format='listwise'; use a listwise "
             f"loss ({', '.join(LISTWISE_LOSSES)}) or pairwise data"
+        )
+    elif (a.loss in POLICY_GRADIENT_LOSSES) != (resolved_format(a) == "samples"):
+        errors.append(
+            f"align.loss={a.loss!r} with align.format={a.format!r}: the policy-gradient losses "
+            f"({', '.join(POLICY_GRADIENT_LOSSES)}) and only they train on 'samples' files"
         )
     if a.lipo_reduction not in LIPO_REDUCTIONS:
         errors.append(f"align.lipo_reduction={a.lipo_reduction!r}; use one of {LIPO_REDUCTIONS}")

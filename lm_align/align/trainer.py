@@ -46,6 +46,7 @@ from lm_align.align import checkpoints
 from lm_align.align.config import (
     LISTWISE_LOSSES,
     PAIRWISE_LOSSES,
+    POLICY_GRADIENT_LOSSES,
     REWARD_LOSSES,
     check_align,
     resolved_format,
@@ -54,7 +55,7 @@ from lm_align.align.logprobs import sequence_logprobs
 from lm_align.config import ConfigError
 from lm_align.data import preference as pref_data
 from lm_align.data.jsonl import match_files
-from lm_align.losses import listwise, preference
+from lm_align.losses import listwise, policy_gradient, preference
 from lm_align.models.pure import PureModel
 from lm_align.train import evaluate
 from lm_align.train.checkpoint import Checkpointer
@@ -100,7 +101,9 @@ def objective(a, scores_BK, ref_BK, batch) -> tuple[jax.Array, dict[str, jax.Arr
             loss = loss + a.reward_centering * preference.reward_centering(r_w, r_l)
     else:
         implicit = a.beta * (scores_BK - ref_BK)
-        if a.loss in LISTWISE_LOSSES:
+        if a.loss in POLICY_GRADIENT_LOSSES:  # labels are the samples' rewards
+            loss = getattr(policy_gradient, a.loss)(scores_BK, labels, mask)
+        elif a.loss in LISTWISE_LOSSES:
             fn = {
                 "lipo_lambda": functools.partial(listwise.lipo_lambda, reduction=a.lipo_reduction),
                 "list_mle": listwise.list_mle,
@@ -282,7 +285,10 @@ def load_preferences(path: str, a, tokenizer, *, num_responses: int | None = Non
         mask = np.ones_like(labels, bool)
         soft = p.astype(np.float32)
     else:
-        records = pref_data.load_listwise(path, on_tie=a.on_tie)
+        if fmt == "samples":
+            records = pref_data.load_samples(path)
+        else:
+            records = pref_data.load_listwise(path, on_tie=a.on_tie)
         b = pref_data.to_batch(
             records, tokenizer, a.max_len, num_responses=num_responses, overlong=a.overlong
         )

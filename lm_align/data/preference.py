@@ -236,6 +236,35 @@ def _listwise(obj: dict[str, Any], where: str, tolerance: float) -> ListwiseReco
     return ListwiseRecord(prompt, list(responses), labels_K, where)
 
 
+def _samples(obj: dict[str, Any], where: str) -> ListwiseRecord:
+    hint = "sample lines need 'prompt', 'responses' (K >= 1 strings) and 'rewards' (K numbers)"
+    prompt = string_field(obj, "prompt", where, hint)
+    responses, rewards = obj.get("responses"), obj.get("rewards")
+    if not isinstance(responses, list) or not responses:
+        raise BadRecord(f"{where}: 'responses' must be a non-empty list of strings; {hint}")
+    for k, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise BadRecord(f"{where}: responses[{k}] is {response!r}, not a string")
+    if not isinstance(rewards, list) or len(rewards) != len(responses):
+        raise BadRecord(
+            f"{where}: 'rewards' must be a list of K={len(responses)} numbers, got {rewards!r}"
+        )
+    rewards_K = np.array([_number(x, f"rewards[{k}]", where) for k, x in enumerate(rewards)])
+    return ListwiseRecord(prompt, list(responses), rewards_K, where)
+
+
+def load_samples(path_or_glob: str, *, on_bad_record: str = "error") -> RecordList:
+    """Sampled responses with rewards, one prompt per line, for policy-gradient losses::
+
+      {"prompt": str, "responses": [str] * K, "rewards": [float] * K}
+
+    Unlike preference lists, repeated responses and equal rewards are kept:
+    they are the policy's own samples, and their multiplicity matters. The
+    rewards are returned as ``ListwiseRecord.labels``.
+    """
+    return _load(path_or_glob, _samples, on_bad_record, "error")
+
+
 def _load(path_or_glob: str, parse, on_bad_record: str, on_tie: str) -> RecordList:
     check_mode(on_bad_record)
     if on_tie not in TIE_MODES:

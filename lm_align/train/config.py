@@ -25,6 +25,7 @@ TRAIN_DEFAULTS = {
     "batch_size": 32,  # global sequences per update, divisible by mesh data*fsdp
     "grad_accum_steps": 1,  # micro-batches per update (splits batch_size)
     "seed": 0,  # parameter init, data order
+    "init_from": "",  # checkpoint whose params start the run (fine-tuning); '' = fresh init
     "z_loss_coef": 1e-4,  # coef * (log Z)^2 added per target token
     "log_every": 50,  # steps between metrics.jsonl / TensorBoard rows
     "eval_every": 250,  # steps between held-out evals; 0 = only at the end

@@ -102,13 +102,29 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         shard_count=jax.process_count(),
     )
 
+    init_state = steps.init_state
+    if t.init_from:
+
+        def init_state():
+            from lm_align.align.checkpoints import load_params, resolve
+
+            ref = resolve(t.init_from)
+            params = load_params(ref, steps.abstract_state.params)
+            _log(f"parameters from {ref} (fresh optimizer state)")
+            fresh = jax.jit(
+                lambda s, p: s._replace(params=p, opt_state=exp.optimizer.tx.init(p)),
+                out_shardings=steps.state_shardings,
+                donate_argnums=(0,),
+            )
+            return fresh(steps.init_state(), params)
+
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     start, state, finished = restore_or_init(
         ckpt,
         workdir,
         t.steps,
         steps.abstract_state,
-        steps.init_state,
+        init_state,
         train_iter.set_state,
         config_dict,
     )

@@ -62,6 +62,13 @@ def check_config(
             f"train.loss_chunks={t.loss_chunks} must be 0 (full logits) or divide "
             f"data.seq_len={cfg.data.seq_len}"
         )
+    if t.init_from:
+        from lm_align.align.checkpoints import resolve
+
+        try:
+            resolve(t.init_from)
+        except FileNotFoundError as e:
+            errors.append(f"train.init_from={t.init_from!r}: {e}")
     if t.nonfinite not in NONFINITE_MODES:
         errors.append(f"train.nonfinite={t.nonfinite!r} must be one of {NONFINITE_MODES}")
 

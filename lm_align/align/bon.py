@@ -1,0 +1,169 @@
+"""BoN-aware fine-tuning vs baselines: `lm-align bon --config experiments/bon_arithmetic.py`.
+
+Chow et al. 2024, "Inference-Aware Fine-Tuning for Best-of-N Sampling in Large
+Language Models" (arXiv:2412.15287), binary-reward RL variant. From one start
+policy:
+
+  samples  N responses per train problem from the start policy, each with its
+           binary verifier reward -> WORKDIR/samples.jsonl ("samples" format)
+  methods  one `lm-align align` run per loss on those samples
+           (`lm_align.losses.policy_gradient`): `bon_rl` (correct samples
+           weighted by g(P_fail)), `reinforce` (the same samples, weights
+           r - mean r, no BoN weighting) and `bon_sft` (SFT on the verifier's
+           best of N); further rounds resample from each method's own policy
+  eval     on held-out problems, before and after: greedy accuracy, pass@1,
+           pass@N (an oracle verifier's best of N) and bon@N with the model's
+           own mean token log-prob as the selector (no verifier at test time)
+
+The experiment file provides `get_config("base")` (the start policy, unless
+`base_checkpoint`), `get_config("<method>")` (an align config) and
+`get_bon(arg)` (the fields of `DEFAULTS`). Every stage resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from lm_align import config as config_lib
+from lm_align import data as data_lib
+from lm_align.align.rest_em import _log, _write_json, _write_jsonl
+
+DEFAULTS: dict[str, Any] = {
+    "methods": ("bon_rl", "reinforce", "bon_sft"),
+    "rounds": 1,  # sample -> train rounds per method (round r samples from round r-1's policy)
+    "base_checkpoint": "",
+    "num_problems": 1024,
+    "num_samples": 8,  # N: samples per problem, and the N of BoN
+    "temperature": 1.0,
+    "top_k": 0,
+    "max_new_tokens": 8,
+    "scorer": "arithmetic_exact",
+    "eval_problems": 512,
+    "seed": 0,
+}
+
+
+def write_samples(model, params, tokenizer, prompts, scorer, spec, path, seed) -> dict:
+    """Samples N responses per prompt, scores them, writes a "samples" file."""
+    from lm_align.align.policy_eval import sample
+
+    s = sample(
+        model, params, tokenizer, prompts, num_samples=spec["num_samples"],
+        max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
+        top_k=spec["top_k"], seed=seed,
+    )  # fmt: skip
+    rows, correct = [], []
+    for prompt, responses in zip(prompts, s["responses"], strict=True):
+        rewards = [float(x) for x in scorer([prompt] * len(responses), responses)]
+        rows.append({"prompt": prompt, "responses": responses, "rewards": rewards})
+        correct += [r > 0.5 for r in rewards]
+    _write_jsonl(path, rows)
+    return {"problems": len(prompts), "sample_accuracy": sum(correct) / len(correct)}
+
+
+def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
+    from lm_align.align.datagen import make_scorer
+    from lm_align.align.policy_eval import evaluate_policy
+    from lm_align.align.trainer import align, load_model
+    from lm_align.train.loop import train
+
+    path, _, arg = config_path.partition(":")
+    module = config_lib.load_experiment_module(path)
+    if not hasattr(module, "get_bon"):
+        raise config_lib.ConfigError(f"{path} has no get_bon(arg); see lm_align/align/bon.py")
+    spec = dict(module.get_bon(arg or None))
+    unknown = sorted(set(spec) - set(DEFAULTS))
+    if unknown:
+        raise config_lib.ConfigError(f"get_bon() fields {unknown}; valid: {sorted(DEFAULTS)}")
+    spec = {**DEFAULTS, **spec}
+    os.makedirs(workdir, exist_ok=True)
+
+    def load(stage, extra=()):
+        cfg = config_lib.load_config(f"{path}:{stage}" + (f",{arg}" if arg else ""))
+        return config_lib.apply_overrides(cfg, [*overrides, *extra])
+
+    base_dir = spec["base_checkpoint"] or os.path.join(workdir, "base")
+    if not spec["base_checkpoint"]:
+        _log(f"== start policy -> {base_dir}")
+        train(load("base"), base_dir)
+    scorer = make_scorer(spec["scorer"])
+    _, _, base_cfg = load_model(base_dir)
+    tokenizer = data_lib.make_tokenizer(base_cfg.data.tokenizer)
+    train_src = data_lib.make_source(base_cfg.data, "train")
+    eval_src = data_lib.make_source(base_cfg.data, "eval")
+    eval_prompts = [eval_src[i]["prompt"] for i in range(min(spec["eval_problems"], len(eval_src)))]
+    N = spec["num_samples"]
+    ks = sorted({1, N})
+
+    def evaluate(run_dir, out_path, label):
+        if os.path.exists(out_path):
+            with open(out_path) as f:
+                return json.load(f)
+        model, params, _ = load_model(run_dir)
+        report = evaluate_policy(
+            model, params, tokenizer, eval_prompts, scorer, num_samples=N, ks=ks,
+            max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
+            top_k=spec["top_k"], seed=spec["seed"],
+        )  # fmt: skip
+        _write_json(out_path, report)
+        _log(
+            f"{label}: greedy {report['greedy_accuracy']:.3f}, pass@{N} {report[f'pass@{N}']:.3f}, "
+            f"bon@{N} {report[f'bon@{N}']:.3f}"
+        )
+        return report
+
+    rows = [
+        {"method": "start", **evaluate(base_dir, os.path.join(workdir, "start_eval.json"), "start")}
+    ]
+    for method in spec["methods"]:
+        policy_dir = base_dir
+        for r in range(1, spec["rounds"] + 1):
+            round_dir = os.path.join(workdir, method, f"round_{r}")
+            os.makedirs(round_dir, exist_ok=True)
+            samples_path = os.path.join(round_dir, "samples.jsonl")
+            if not os.path.exists(samples_path):
+                model, params, _ = load_model(policy_dir)
+                start = (r - 1) * spec["num_problems"]
+                prompts = [train_src[start + j]["prompt"] for j in range(spec["num_problems"])]
+                stats = write_samples(
+                    model, params, tokenizer, prompts, scorer, spec, samples_path,
+                    seed=spec["seed"] + r,
+                )  # fmt: skip
+                _write_json(os.path.join(round_dir, "samples_stats.json"), stats)
+            run_dir = os.path.join(round_dir, "train")
+            cfg = load(
+                method,
+                [
+                    f"align.loss={method}",
+                    "align.format=samples",
+                    f"align.train_file={samples_path}",
+                    f"align.policy_checkpoint={policy_dir}",
+                ],
+            )
+            _log(f"== {method}, round {r} -> {run_dir}")
+            result = align(cfg, run_dir)
+            if result.stopped_by:
+                _log(f"stopped by {result.stopped_by}; rerun the same command to continue")
+                return rows
+            policy_dir = run_dir
+        report = evaluate(policy_dir, os.path.join(workdir, method, "eval.json"), method)
+        rows.append({"method": method, **report})
+    _write_json(os.path.join(workdir, "results.json"), rows)
+    table = format_table(rows, N)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    _log(table)
+    return rows
+
+
+def format_table(rows: list[dict], n: int) -> str:
+    cols = ["greedy_accuracy", "pass@1", f"pass@{n}", f"bon@{n}", "ece"]
+    lines = [
+        "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)

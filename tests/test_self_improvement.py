@@ -1,0 +1,165 @@
+"""Learning from the model's own samples: sample files, policy evaluation, ReST-EM, BoN."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm_align.align.config import align_base_config
+from lm_align.align.policy_eval import evaluate_policy
+from lm_align.config import ConfigError
+from lm_align.data import DataError
+from lm_align.data.preference import load_samples
+from lm_align.data.tokenizers import make_tokenizer
+from lm_align.models import TransformerConfig
+from lm_align.models.pure import PureModel
+from tests.helpers import REPO, env_with_devices
+
+
+def test_sample_files_keep_repeats_and_equal_rewards(tmp_path):
+    path = tmp_path / "s.jsonl"
+    lines = [
+        {"prompt": "1+1=", "responses": ["2", "2", "3"], "rewards": [1, 1, 0]},
+        {"prompt": "2+2=", "responses": ["5"], "rewards": [0.0]},
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records = load_samples(str(path))
+    assert [r.responses for r in records] == [["2", "2", "3"], ["5"]]
+    np.testing.assert_array_equal(records[0].labels, [1.0, 1.0, 0.0])
+    path.write_text(json.dumps({"prompt": "x", "responses": ["a"], "rewards": [1, 0]}) + "\n")
+    with pytest.raises(DataError, match="K=1 numbers"):
+        load_samples(str(path))
+
+
+@pytest.mark.parametrize(
+    "loss,fmt", [("reinforce", "pairwise"), ("dpo", "samples"), ("bon_rl", "listwise")]
+)
+def test_policy_gradient_losses_and_only_they_take_samples(loss, fmt):
+    from lm_align.align import trainer
+
+    cfg = align_base_config()
+    cfg.align.update(loss=loss, format=fmt, train_file="x")
+    with pytest.raises(ConfigError, match="only they train on 'samples'"):
+        trainer.setup(cfg)
+
+
+def _scorer(prompts, responses):
+    """Accepts responses that start with a digit (a verifier the tiny model can pass)."""
+    return np.array([float(r[:1].isdigit()) for r in responses])
+
+
+def test_evaluate_policy_invariants():
+    model = PureModel(TransformerConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+    params = model.init(0)
+    tok = make_tokenizer("byte")
+    prompts = [f"{a}+{b}=" for a, b in [(1, 2), (30, 4), (5, 67), (8, 8), (12, 21)]]
+    oracle = []
+
+    def oracle_selector(s, k):  # the verifier itself picks: bon@N is then pass@N
+        flat = [r for rs in s["responses"] for r in rs]
+        scores = _scorer(None, flat).reshape(len(prompts), -1)
+        oracle.append(scores)
+        return scores
+
+    r = evaluate_policy(
+        model, params, tok, prompts, _scorer, num_samples=4, ks=(1, 4), seed=3,
+        reference_params=params, selector=oracle_selector,
+    )  # fmt: skip
+    c = oracle[0].sum(axis=1)
+    assert r["pass@4"] == pytest.approx(np.mean(c > 0))
+    assert r["bon@4"] == pytest.approx(r["pass@4"])
+    assert r["pass@1"] == pytest.approx(r["sample_accuracy"]) == pytest.approx(np.mean(c) / 4)
+    assert abs(r["kl"]) < 1e-4  # the policy is its own reference
+    assert 0.0 <= r["ece"] <= 1.0 and 0.0 < r["greedy_confidence"] <= 1.0
+    again = evaluate_policy(
+        model, params, tok, prompts, _scorer, num_samples=4, ks=(1, 4), seed=3,
+        selector=oracle_selector,
+    )  # fmt: skip
+    assert again["pass@4"] == r["pass@4"]  # reproducible from the seed
+    with pytest.raises(ValueError, match="ks"):
+        evaluate_policy(model, params, tok, prompts, _scorer, num_samples=2, ks=(3,))
+
+
+def _run(args, timeout=1200):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_align.cli", *args],
+        env=env_with_devices(1), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_rest_em_quick_runs_and_resumes(tmp_path):
+    workdir = tmp_path / "rest"
+    args = [
+        "rest-em", "--config", os.path.join(REPO, "experiments", "rest_em_arithmetic.py:quick"),
+        "--workdir", str(workdir), "--config.train.progress=false",
+        "--config.train.tensorboard=false",
+    ]  # fmt: skip
+    _run(args)
+    rows = json.loads((workdir / "results.json").read_text())
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for i in (1, 2):
+        kept = [json.loads(x) for x in (workdir / f"iter_{i}" / "kept.jsonl").open()]
+        assert kept and len(kept) == rows[i]["kept"]
+        from lm_align.align.datagen import arithmetic_exact
+
+        assert all(arithmetic_exact(k["prompt"], k["completion"]) == 1.0 for k in kept)
+    # An interrupted run (iteration 2 evaluated but not recorded) continues there.
+    os.remove(workdir / "iter_2" / "eval.json")
+    os.remove(workdir / "results.json")
+    again = _run(args)
+    assert "E-step" not in again.stdout and "already finished" in again.stdout
+    assert json.loads((workdir / "results.json").read_text()) == rows
+
+
+@pytest.mark.slow
+def test_bon_quick_reports_every_method(tmp_path):
+    workdir = tmp_path / "bon"
+    _run(
+        [
+            "bon", "--config", os.path.join(REPO, "experiments", "bon_arithmetic.py:quick"),
+            "--workdir", str(workdir), "--config.train.progress=false",
+            "--config.train.tensorboard=false",
+        ]
+    )  # fmt: skip
+    rows = json.loads((workdir / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["start", "bon_rl", "reinforce", "bon_sft"]
+    for r in rows:
+        assert 0 <= r["pass@1"] <= r["pass@4"] <= 1 and "bon@4" in r
+
+
+def test_eval_cli_prints_the_report(tmp_path):
+    from lm_align import config as config_lib
+    from lm_align.train import train
+
+    cfg = config_lib.load_config(os.path.join(REPO, "experiments", "default.py"))
+    cfg = config_lib.apply_overrides(
+        cfg,
+        [
+            "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
+            "train.steps=2", "train.batch_size=8", "train.answer_eval_examples=0",
+            "optimizer.warmup_steps=1",
+            "train.progress=false", "train.tensorboard=false", "train.eval_batches=1",
+        ],
+    )  # fmt: skip
+    train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
+    out = tmp_path / "report.json"
+    proc = _run(
+        [
+            "eval", "--policy", str(tmp_path / "run"), "--reference", str(tmp_path / "run"),
+            "--num-prompts", "8", "--num-samples", "4", "--ks", "1,4", "--json",
+            "--out", str(out),
+        ],
+        timeout=600,
+    )  # fmt: skip
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == json.loads(out.read_text())
+    for key in ("greedy_accuracy", "pass@1", "pass@4", "bon@4", "ece", "mean_length", "kl"):
+        assert key in report
+    assert abs(report["kl"]) < 1e-4
