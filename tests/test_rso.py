@@ -134,3 +134,22 @@ def test_invalid_batch_and_sweep_inputs_raise():
         rejection_sample_batch([1.0, 2.0], 1, 0.5, rng=0)
     with pytest.raises(ValueError, match="remaining must be"):
         rejection_sweep([1.0, 2.0], 0.5, rng=0, remaining=[False, False])
+
+
+def test_rso_pairs_accept_then_pair():
+    from lm_align.align.rso import rso_pairs
+
+    prompts = ["1+1=", "2+2="]
+    responses = [[str(i) for i in range(10)], [f"a{i}" for i in range(10)]]
+    rewards = [np.arange(10.0), np.arange(10.0)[::-1]]
+    # beta -> 0 accepts the top 4 by reward; first-round pairs among them.
+    records, stats = rso_pairs(prompts, responses, rewards, num_accept=4, beta=1e-9, seed=1)
+    assert stats.num_records == len(records) == 4
+    top = [{"6", "7", "8", "9"}, {"a0", "a1", "a2", "a3"}]
+    for r in records:
+        k = prompts.index(r.prompt)
+        assert {r.chosen, r.rejected} <= top[k]
+        score = dict(zip(responses[k], rewards[k], strict=True))
+        assert score[r.chosen] > score[r.rejected]
+    with pytest.raises(ValueError, match="num_accept=12"):
+        rso_pairs(prompts, responses, rewards, num_accept=12, beta=0.5)

@@ -90,6 +90,13 @@ def add_parsers(subparsers) -> None:
         help="pairs: p = sigmoid((s_w - s_l) / T); omit for hard labels",
     )
     p.add_argument("--max-pairs-per-prompt", type=int)
+    p.add_argument(
+        "--rso-accept",
+        type=int,
+        help="RSO: accept this many of each prompt's --num-samples candidates by statistical "
+        "rejection sampling, then pair the accepted ones (pairs format)",
+    )
+    p.add_argument("--rso-beta", type=float, default=0.5, help="RSO sampling beta")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -227,6 +234,8 @@ def _scorer(spec: str, tokenizer, max_len: int):
 
 
 def cmd_preferences(args, overrides) -> int:
+    import numpy as np
+
     from lm_align import data as data_lib
     from lm_align.align import datagen
     from lm_align.align.trainer import load_model
@@ -251,24 +260,47 @@ def cmd_preferences(args, overrides) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out, stats = datagen.make_preferences(
-        model,
-        params,
-        tokenizer,
-        prompts,
-        scorer=scorer,
-        label_scorer=label_scorer,
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        format=args.format,
-        pairing=args.pairing,
-        soft_label_temperature=args.soft_label_temperature,
-        max_pairs_per_prompt=args.max_pairs_per_prompt,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    if args.rso_accept:
+        from lm_align.align.rso import rso_pairs
+
+        if args.format != "pairs" or not 2 <= args.rso_accept <= args.num_samples:
+            print(
+                f"error: --rso-accept={args.rso_accept} needs --format pairs and 2 <= it <= "
+                f"--num-samples={args.num_samples}",
+                file=sys.stderr,
+            )
+            return 2
+        candidates = datagen.sample_responses(
+            model, params, tokenizer, prompts, num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        )  # fmt: skip
+        rewards = [scorer([p] * len(c), c) for p, c in zip(prompts, candidates, strict=True)]
+        out, stats = rso_pairs(
+            prompts, candidates, rewards, num_accept=args.rso_accept, beta=args.rso_beta,
+            pairing=args.pairing, seed=args.seed,
+            soft_label_temperature=args.soft_label_temperature,
+        )  # fmt: skip
+        stats.mean_score = float(np.mean([np.mean(r) for r in rewards]))
+    else:
+        out, stats = datagen.make_preferences(
+            model,
+            params,
+            tokenizer,
+            prompts,
+            scorer=scorer,
+            label_scorer=label_scorer,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            format=args.format,
+            pairing=args.pairing,
+            soft_label_temperature=args.soft_label_temperature,
+            max_pairs_per_prompt=args.max_pairs_per_prompt,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
     if not out:
         print(
             f"error: no preference records: every prompt's {args.num_samples} samples scored "

@@ -192,3 +192,48 @@ def rejection_sample_batch(
     rng = np.random.default_rng(rng)
     rows = [rejection_sample(r_N, num_samples, beta, rng) for r_N in r_PN]
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), int(num_samples))
+
+
+def rso_pairs(
+    prompts,
+    responses,
+    rewards,
+    *,
+    num_accept: int = 8,
+    beta: float = 0.5,
+    pairing: str = "first_round",
+    seed: int = 0,
+    soft_label_temperature: float | None = None,
+):
+    """The RSO pipeline after sampling: accept `num_accept` of each prompt's N_c
+    candidates with `rejection_sample` (reward-tilted towards pi_r*), then pair
+    the accepted ones (first-round rank, as in the paper, or a tournament),
+    labelled by the same rewards.
+
+    Args:
+      prompts: [P] strings; responses: [P][N_c] candidate texts from the SFT
+        policy; rewards: [P][N_c] their rewards (reward model or verifier).
+    Returns ``(records, stats)`` as ``lm_align.align.datagen.build_pairwise``.
+    """
+    from lm_align.align.datagen import build_pairwise
+
+    rng = np.random.default_rng(seed)
+    accepted_responses, accepted_rewards = [], []
+    for cand, r in zip(responses, rewards, strict=True):
+        r = np.asarray(r, np.float64)
+        if num_accept > len(cand):
+            raise ValueError(
+                f"num_accept={num_accept} but a prompt has {len(cand)} candidates; "
+                f"sample at least {num_accept} (N_c) per prompt"
+            )
+        index = rejection_sample(r, num_accept, beta, rng)
+        accepted_responses.append([cand[i] for i in index])
+        accepted_rewards.append(r[index])
+    return build_pairwise(
+        prompts,
+        accepted_responses,
+        accepted_rewards,
+        method=pairing,
+        soft_label_temperature=soft_label_temperature,
+        seed=seed,
+    )
