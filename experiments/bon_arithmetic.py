@@ -5,8 +5,9 @@
 
 Start policy: the default 2-digit-addition model trained for 320 steps (greedy
 held-out accuracy about 0.47). N = 8 samples per problem at temperature 1 on
-1024 train problems, binary exact-match rewards; each method trains 100 steps
-of 32 problems (x 8 samples) from the start policy, AdamW lr 3e-4.
+4096 train problems, binary exact-match rewards; each method trains 128 steps
+of 32 problems (x 8 samples: one pass over the problems) from the start
+policy, AdamW lr 3e-4.
 """
 
 import os
@@ -28,7 +29,7 @@ def get_bon(arg=None):
     return {
         "methods": ("bon_rl", "reinforce", "bon_sft"),
         "rounds": 1,
-        "num_problems": 128 if quick else 1024,
+        "num_problems": 128 if quick else 4096,
         "num_samples": 4 if quick else 8,
         "temperature": 1.0,
         "max_new_tokens": 8,
@@ -56,7 +57,7 @@ def get_config(arg=None):
     cfg.align.eval_prompts = 0  # evaluated by `lm-align bon`
     cfg.align.eval_at_start = False
     cfg.train.answer_eval_examples = 0
-    cfg.train.steps = 10 if quick else 100
+    cfg.train.steps = 10 if quick else 128
     cfg.train.batch_size = 16 if quick else 32
     cfg.train.log_every = 5 if quick else 25
     cfg.train.eval_every = 0

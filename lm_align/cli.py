@@ -9,6 +9,9 @@
     lm-align align --config experiments/x.py[:arg] [--workdir DIR] [--config.group.field=value ...]
     lm-align align-study --config experiments/align_arithmetic.py[:quick] [--workdir DIR]
     lm-align preferences --policy RUN --out FILE.jsonl [--num-prompts N] [--num-samples K] ...
+    lm-align rest-em --config experiments/rest_em_arithmetic.py[:quick] [--workdir DIR]
+    lm-align bon --config experiments/bon_arithmetic.py[:quick] [--workdir DIR]
+    lm-align eval --policy RUN [--reference RUN] [--num-samples N] [--ks 1,4,8] [--json]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY] [--metric eval_loss] [--out DIR]
 
 Without --config, `train` runs experiments/default.py's config (a small model

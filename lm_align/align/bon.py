@@ -22,12 +22,9 @@ The experiment file provides `get_config("base")` (the start policy, unless
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from lm_align import config as config_lib
-from lm_align import data as data_lib
 from lm_align.align.rest_em import _log, _write_json, _write_jsonl
 
 DEFAULTS: dict[str, Any] = {
@@ -65,58 +62,37 @@ def write_samples(model, params, tokenizer, prompts, scorer, spec, path, seed) -
 
 def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
     from lm_align.align.datagen import make_scorer
+    from lm_align.align.experiment import cached, open_experiment, start_policy
     from lm_align.align.policy_eval import evaluate_policy
     from lm_align.align.trainer import align, load_model
-    from lm_align.train.loop import train
 
-    path, _, arg = config_path.partition(":")
-    module = config_lib.load_experiment_module(path)
-    if not hasattr(module, "get_bon"):
-        raise config_lib.ConfigError(f"{path} has no get_bon(arg); see lm_align/align/bon.py")
-    spec = dict(module.get_bon(arg or None))
-    unknown = sorted(set(spec) - set(DEFAULTS))
-    if unknown:
-        raise config_lib.ConfigError(f"get_bon() fields {unknown}; valid: {sorted(DEFAULTS)}")
-    spec = {**DEFAULTS, **spec}
+    exp = open_experiment(config_path, "get_bon", DEFAULTS, overrides, "lm_align/align/bon.py")
+    spec = exp.spec
     os.makedirs(workdir, exist_ok=True)
-
-    def load(stage, extra=()):
-        cfg = config_lib.load_config(f"{path}:{stage}" + (f",{arg}" if arg else ""))
-        return config_lib.apply_overrides(cfg, [*overrides, *extra])
-
-    base_dir = spec["base_checkpoint"] or os.path.join(workdir, "base")
-    if not spec["base_checkpoint"]:
-        _log(f"== start policy -> {base_dir}")
-        train(load("base"), base_dir)
+    start = start_policy(exp, workdir, eval_problems=spec["eval_problems"], log=_log)
+    base_dir, tokenizer, train_src = start.directory, start.tokenizer, start.train_source
     scorer = make_scorer(spec["scorer"])
-    _, _, base_cfg = load_model(base_dir)
-    tokenizer = data_lib.make_tokenizer(base_cfg.data.tokenizer)
-    train_src = data_lib.make_source(base_cfg.data, "train")
-    eval_src = data_lib.make_source(base_cfg.data, "eval")
-    eval_prompts = [eval_src[i]["prompt"] for i in range(min(spec["eval_problems"], len(eval_src)))]
     N = spec["num_samples"]
     ks = sorted({1, N})
 
     def evaluate(run_dir, out_path, label):
-        if os.path.exists(out_path):
-            with open(out_path) as f:
-                return json.load(f)
-        model, params, _ = load_model(run_dir)
-        report = evaluate_policy(
-            model, params, tokenizer, eval_prompts, scorer, num_samples=N, ks=ks,
-            max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
-            top_k=spec["top_k"], seed=spec["seed"],
-        )  # fmt: skip
-        _write_json(out_path, report)
+        def compute():
+            model, params, _ = load_model(run_dir)
+            return evaluate_policy(
+                model, params, tokenizer, start.eval_prompts, scorer, num_samples=N, ks=ks,
+                max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
+                top_k=spec["top_k"], seed=spec["seed"],
+            )  # fmt: skip
+
+        report = cached(out_path, compute)
         _log(
-            f"{label}: greedy {report['greedy_accuracy']:.3f}, pass@{N} {report[f'pass@{N}']:.3f}, "
-            f"bon@{N} {report[f'bon@{N}']:.3f}"
+            f"{label}: greedy {report['greedy_accuracy']:.3f}, pass@{N} "
+            f"{report[f'pass@{N}']:.3f}, bon@{N} {report[f'bon@{N}']:.3f}"
         )
         return report
 
-    rows = [
-        {"method": "start", **evaluate(base_dir, os.path.join(workdir, "start_eval.json"), "start")}
-    ]
+    start_eval = evaluate(base_dir, os.path.join(workdir, "start_eval.json"), "start")
+    rows = [{"method": "start", **start_eval}]
     for method in spec["methods"]:
         policy_dir = base_dir
         for r in range(1, spec["rounds"] + 1):
@@ -125,15 +101,15 @@ def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
             samples_path = os.path.join(round_dir, "samples.jsonl")
             if not os.path.exists(samples_path):
                 model, params, _ = load_model(policy_dir)
-                start = (r - 1) * spec["num_problems"]
-                prompts = [train_src[start + j]["prompt"] for j in range(spec["num_problems"])]
+                first = (r - 1) * spec["num_problems"]
+                prompts = [train_src[first + j]["prompt"] for j in range(spec["num_problems"])]
                 stats = write_samples(
                     model, params, tokenizer, prompts, scorer, spec, samples_path,
                     seed=spec["seed"] + r,
                 )  # fmt: skip
                 _write_json(os.path.join(round_dir, "samples_stats.json"), stats)
             run_dir = os.path.join(round_dir, "train")
-            cfg = load(
+            cfg = exp.load(
                 method,
                 [
                     f"align.loss={method}",

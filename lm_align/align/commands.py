@@ -52,6 +52,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--policy", required=True, help="workdir/checkpoint of the policy")
     p.add_argument("--reference", help="workdir/checkpoint of a reference (adds the KL)")
     p.add_argument("--split", default="eval", help="split of the policy's data source")
+    p.add_argument(
+        "--prompts-from",
+        help="take prompts from this run's data source instead (e.g. the base policy's task "
+        "when the policy was fine-tuned on a file of its own samples)",
+    )
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--num-samples", type=int, default=8, help="samples per prompt (pass@k)")
     p.add_argument("--ks", default="1,4,8", help="comma-separated k for pass@k and bon@k")
@@ -97,6 +102,12 @@ def add_parsers(subparsers) -> None:
         "rejection sampling, then pair the accepted ones (pairs format)",
     )
     p.add_argument("--rso-beta", type=float, default=0.5, help="RSO sampling beta")
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="direct pairs: the source's reference completion as chosen, one wrong sample "
+        "(scorer <= 0.5) as rejected (pairs format; needs prompt/completion records)",
+    )
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -132,46 +143,36 @@ def cmd_align(args, overrides) -> int:
     return 0
 
 
-def cmd_align_study(args, overrides) -> int:
-    from lm_align.align.study import run_study
+def _run_stages(command: str, run, args, overrides) -> int:
+    """Runs a multi-stage command `run(config, workdir, overrides)`; clear errors, exit 2."""
     from lm_align.data import DataError
 
     workdir = args.workdir or _default_workdir(args.config)
-    print(f"lm-align align-study: {args.config} -> {workdir}", flush=True)
+    print(f"lm-align {command}: {args.config} -> {workdir}", flush=True)
     try:
-        run_study(args.config, workdir, overrides)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def cmd_rest_em(args, overrides) -> int:
-    from lm_align.align.rest_em import run_rest_em
-    from lm_align.data import DataError
-
-    workdir = args.workdir or _default_workdir(args.config)
-    print(f"lm-align rest-em: {args.config} -> {workdir}", flush=True)
-    try:
-        run_rest_em(args.config, workdir, overrides)
+        run(args.config, workdir, overrides)
     except (DataError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def cmd_align_study(args, overrides) -> int:
+    from lm_align.align.study import run_study
+
+    return _run_stages("align-study", run_study, args, overrides)
+
+
+def cmd_rest_em(args, overrides) -> int:
+    from lm_align.align.rest_em import run_rest_em
+
+    return _run_stages("rest-em", run_rest_em, args, overrides)
+
+
 def cmd_bon(args, overrides) -> int:
     from lm_align.align.bon import run_bon
-    from lm_align.data import DataError
 
-    workdir = args.workdir or _default_workdir(args.config)
-    print(f"lm-align bon: {args.config} -> {workdir}", flush=True)
-    try:
-        run_bon(args.config, workdir, overrides)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return _run_stages("bon", run_bon, args, overrides)
 
 
 def cmd_eval(args, overrides) -> int:
@@ -192,6 +193,10 @@ def cmd_eval(args, overrides) -> int:
         model, params, cfg = load_model(args.policy)
         ref = load_model(args.reference)[1] if args.reference else None
         tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
+        if args.prompts_from:
+            from lm_align.align.checkpoints import resolve, saved_config
+
+            cfg = saved_config(resolve(args.prompts_from))
         source = data_lib.make_source(cfg.data, args.split)
         prompts = [source[i]["prompt"] for i in range(min(args.num_prompts, len(source)))]
         report = evaluate_policy(
@@ -202,7 +207,7 @@ def cmd_eval(args, overrides) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = {"policy": args.policy, "split": args.split, **report}
+    report = {"policy": args.policy, "source": cfg.data.source, "split": args.split, **report}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
@@ -260,7 +265,28 @@ def cmd_preferences(args, overrides) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.rso_accept:
+    if args.direct:
+        from lm_align.data.preference import PairwiseRecord
+
+        candidates = datagen.sample_responses(
+            model, params, tokenizer, prompts, num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        )  # fmt: skip
+        out, scores = [], []
+        for i, (prompt, cands) in enumerate(zip(prompts, candidates, strict=True)):
+            r = scorer([prompt] * len(cands), cands)
+            scores.append(np.mean(r))
+            gold = records[args.offset + i]["completion"]
+            wrong = [c for c, x in zip(cands, r, strict=True) if x <= 0.5 and c.strip()]
+            if wrong and wrong[0] != gold:
+                out.append(PairwiseRecord(prompt, gold, wrong[0], origin=f"prompt {i}"))
+        stats = datagen.PreferenceStats(
+            num_prompts=len(prompts), num_samples=len(prompts) * args.num_samples,
+            mean_score=float(np.mean(scores)), prompts_with_records=len(out),
+            num_records=len(out),
+        )  # fmt: skip
+    elif args.rso_accept:
         from lm_align.align.rso import rso_pairs
 
         if args.format != "pairs" or not 2 <= args.rso_accept <= args.num_samples:

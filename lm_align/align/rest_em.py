@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 
 from lm_align import config as config_lib
-from lm_align import data as data_lib
 
 DEFAULTS: dict[str, Any] = {
     "iterations": 3,
@@ -78,11 +77,6 @@ def _write_jsonl(path: str, rows) -> None:
 
 
 def check_spec(spec: dict) -> dict:
-    unknown = sorted(set(spec) - set(DEFAULTS))
-    if unknown:
-        raise config_lib.ConfigError(
-            f"get_rest_em() fields {unknown} are unknown; valid: {sorted(DEFAULTS)}"
-        )
     spec = {**DEFAULTS, **spec}
     for name in ("iterations", "num_problems", "num_samples", "max_per_problem"):
         if spec[name] < 1:
@@ -128,46 +122,31 @@ def e_step(model, params, tokenizer, prompts, scorer, spec, seed: int) -> tuple[
 def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
     """Runs (or resumes) every iteration; returns the result rows."""
     from lm_align.align.datagen import make_scorer
+    from lm_align.align.experiment import cached, open_experiment, start_policy
     from lm_align.align.policy_eval import evaluate_policy
     from lm_align.align.trainer import load_model
     from lm_align.train.loop import train
 
-    path, _, arg = config_path.partition(":")
-    module = config_lib.load_experiment_module(path)
-    if not hasattr(module, "get_rest_em"):
-        raise config_lib.ConfigError(
-            f"{path} has no get_rest_em(arg); see lm_align/align/rest_em.py"
-        )
-    spec = check_spec(dict(module.get_rest_em(arg or None)))
+    exp = open_experiment(
+        config_path, "get_rest_em", DEFAULTS, overrides, "lm_align/align/rest_em.py"
+    )
+    spec = check_spec(exp.spec)
     os.makedirs(workdir, exist_ok=True)
-
-    def load(stage, extra=()):
-        cfg = config_lib.load_config(f"{path}:{stage}" + (f",{arg}" if arg else ""))
-        return config_lib.apply_overrides(cfg, [*overrides, *extra])
-
-    base_dir = spec["base_checkpoint"] or os.path.join(workdir, "base")
-    if not spec["base_checkpoint"]:
-        _log(f"== base policy -> {base_dir}")
-        train(load("base"), base_dir)
+    start = start_policy(exp, workdir, eval_problems=spec["eval_problems"], log=_log)
+    base_dir, tokenizer, train_src = start.directory, start.tokenizer, start.train_source
     scorer = make_scorer(spec["scorer"])
-    base_model, _, base_cfg = load_model(base_dir)
-    tokenizer = data_lib.make_tokenizer(base_cfg.data.tokenizer)
-    train_src = data_lib.make_source(base_cfg.data, "train")
-    eval_src = data_lib.make_source(base_cfg.data, "eval")
-    n_eval = min(spec["eval_problems"], len(eval_src))
-    eval_prompts = [eval_src[i]["prompt"] for i in range(n_eval)]
     ks = sorted({1, spec["eval_samples"] // 2 or 1, spec["eval_samples"]})
 
     def evaluate(run_dir, out_path, label):
-        if os.path.exists(out_path):
-            with open(out_path) as f:
-                return json.load(f)
-        model, params, _ = load_model(run_dir)
-        report = evaluate_policy(
-            model, params, tokenizer, eval_prompts, scorer, num_samples=spec["eval_samples"],
-            ks=ks, max_new_tokens=spec["max_new_tokens"], seed=spec["seed"],
-        )  # fmt: skip
-        _write_json(out_path, report)
+        def compute():
+            model, params, _ = load_model(run_dir)
+            return evaluate_policy(
+                model, params, tokenizer, start.eval_prompts, scorer,
+                num_samples=spec["eval_samples"], ks=ks,
+                max_new_tokens=spec["max_new_tokens"], seed=spec["seed"],
+            )  # fmt: skip
+
+        report = cached(out_path, compute)
         _log(
             f"{label}: greedy accuracy {report['greedy_accuracy']:.3f}, sampled "
             f"{report['sample_accuracy']:.3f}, pass@{ks[-1]} {report[f'pass@{ks[-1]}']:.3f}"
@@ -185,8 +164,8 @@ def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
             _log(f"== iteration {i}: E-step, sampling from {policy_dir}")
             model, params, _ = load_model(policy_dir)
             # Problems differ between iterations: a fresh slice of the train split.
-            start = (i - 1) * spec["num_problems"]
-            prompts = [train_src[start + j]["prompt"] for j in range(spec["num_problems"])]
+            first = (i - 1) * spec["num_problems"]
+            prompts = [train_src[first + j]["prompt"] for j in range(spec["num_problems"])]
             samples, kept, counts = e_step(
                 model, params, tokenizer, prompts, scorer, spec, seed=spec["seed"] + i
             )
@@ -205,7 +184,7 @@ def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
             f"{counts['problems_solved']}/{counts['problems']} problems solved"
         )
         m_dir = os.path.join(it_dir, "train")
-        cfg = load(
+        cfg = exp.load(
             "mstep",
             [
                 f"data.source=jsonl:{kept_path}",

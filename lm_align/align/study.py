@@ -100,19 +100,14 @@ def _make_preferences(workdir: str, sft_dir: str, spec: dict[str, Any]) -> dict[
 def run_study(config_path: str, workdir: str, overrides: list[str] = ()) -> list[dict]:
     """Runs (or resumes) every stage; returns the result rows (also written to WORKDIR)."""
     from lm_align.align.config import LISTWISE_LOSSES
+    from lm_align.align.experiment import open_experiment
     from lm_align.align.trainer import align
     from lm_align.train.loop import train
 
-    path, _, arg = config_path.partition(":")
-    module = config_lib.load_experiment_module(path)
-    if not hasattr(module, "get_study"):
-        raise config_lib.ConfigError(f"{path} has no get_study(arg); see lm_align/align/study.py")
-    study = module.get_study(arg or None)
+    exp = open_experiment(config_path, "get_study", None, overrides, "lm_align/align/study.py")
+    study = exp.spec
     os.makedirs(workdir, exist_ok=True)
-
-    def load(stage):
-        cfg = config_lib.load_config(f"{path}:{stage}" + (f",{arg}" if arg else ""))
-        return config_lib.apply_overrides(cfg, list(overrides))
+    load = exp.load
 
     sft_dir = os.path.join(workdir, "sft")
     _log(f"== sft -> {sft_dir}")

@@ -1,0 +1,89 @@
+"""What the multi-stage commands (align-study, rest-em, bon) share.
+
+An experiment file gives `get_config(stage[,arg])` per stage and one
+`get_<name>(arg)` dict of settings; `open_experiment` loads both, and
+`start_policy` trains (or finds) the start policy and its task's prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from lm_align import config as config_lib
+from lm_align import data as data_lib
+
+
+@dataclasses.dataclass
+class Experiment:
+    path: str
+    arg: str | None
+    spec: dict[str, Any]
+    overrides: list[str]
+
+    def load(self, stage: str, extra=()) -> Any:
+        """`get_config("<stage>[,<arg>]")` with the command-line overrides, then `extra`."""
+        cfg = config_lib.load_config(f"{self.path}:{stage}" + (f",{self.arg}" if self.arg else ""))
+        return config_lib.apply_overrides(cfg, [*self.overrides, *extra])
+
+
+def open_experiment(
+    config_path: str, getter: str, defaults: dict | None, overrides, see: str
+) -> Experiment:
+    """Loads `config_path[:arg]` and its `getter(arg)` settings, checked against `defaults`."""
+    path, _, arg = config_path.partition(":")
+    module = config_lib.load_experiment_module(path)
+    if not hasattr(module, getter):
+        raise config_lib.ConfigError(f"{path} has no {getter}(arg); see {see}")
+    spec = dict(getattr(module, getter)(arg or None))
+    if defaults is not None:
+        unknown = sorted(set(spec) - set(defaults))
+        if unknown:
+            raise config_lib.ConfigError(
+                f"{getter}() fields {unknown} are unknown; valid: {sorted(defaults)}"
+            )
+        spec = {**defaults, **spec}
+    return Experiment(path, arg or None, spec, list(overrides))
+
+
+@dataclasses.dataclass
+class StartPolicy:
+    directory: str  # its workdir
+    tokenizer: Any
+    train_source: Any  # records with "prompt" (and "completion")
+    eval_prompts: list[str]
+
+
+def start_policy(exp: Experiment, workdir: str, *, eval_problems: int, log) -> StartPolicy:
+    """`spec["base_checkpoint"]`, or `get_config("base")` trained in WORKDIR/base."""
+    from lm_align.align.checkpoints import resolve, saved_config
+    from lm_align.train.loop import train
+
+    directory = exp.spec.get("base_checkpoint") or os.path.join(workdir, "base")
+    if not exp.spec.get("base_checkpoint"):
+        log(f"== start policy -> {directory}")
+        train(exp.load("base"), directory)
+    cfg = saved_config(resolve(directory))
+    eval_src = data_lib.make_source(cfg.data, "eval")
+    return StartPolicy(
+        directory,
+        data_lib.make_tokenizer(cfg.data.tokenizer),
+        data_lib.make_source(cfg.data, "train"),
+        [eval_src[i]["prompt"] for i in range(min(eval_problems, len(eval_src)))],
+    )
+
+
+def cached(path: str, compute: Callable[[], dict]) -> dict:
+    """The JSON at `path`, or `compute()` written there atomically."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+    return result
