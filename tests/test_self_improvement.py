@@ -163,3 +163,19 @@ def test_eval_cli_prints_the_report(tmp_path):
     for key in ("greedy_accuracy", "pass@1", "pass@4", "bon@4", "ece", "mean_length", "kl"):
         assert key in report
     assert abs(report["kl"]) < 1e-4
+
+
+def test_plot_lines_of_a_non_lr_sweep(tmp_path):
+    from lm_align.sweeps.plots import plot_lines
+
+    rows = [
+        {"model.d_model": d, "train.steps": s, "answer_exact_match": acc}
+        for (d, s, acc) in [(64, 400, 0.1), (32, 400, 0.0), (64, 1200, 0.3), (32, 1200, None)]
+    ]
+    path, points = plot_lines(
+        rows, str(tmp_path), x="model.d_model", group="train.steps", metric="answer_exact_match"
+    )
+    assert os.path.exists(path) and path.endswith("answer_exact_match_vs_d_model.png")
+    assert points == [(400, 32, 0.0), (400, 64, 0.1), (1200, 64, 0.3)]  # the None row is left out
+    with pytest.raises(ValueError, match="no finished run"):
+        plot_lines(rows, str(tmp_path), x="model.d_model", group=None, metric="eval_loss")

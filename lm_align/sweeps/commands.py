@@ -40,6 +40,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--compare", help="solid vs dashed per value (default: a varying boolean key)")
     p.add_argument("--metric", default="eval_loss", help="summary column to plot")
     p.add_argument("--out", help="output directory (default: the sweep directory)")
+    p.add_argument(
+        "--lines",
+        action="store_true",
+        help="just --metric against --x, one line per --group (sweeps that are not LR sweeps)",
+    )
     p.set_defaults(fn=cmd_plot)
 
 
@@ -133,6 +138,27 @@ def cmd_plot(args, overrides) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keys = _override_keys(args.sweep, rows)
+    if args.lines:
+        if not args.x:
+            print("error: --lines needs --x (the key on the horizontal axis)", file=sys.stderr)
+            return 2
+        group = None if args.group in (None, "none") else args.group
+        try:
+            path, points = plots.plot_lines(
+                rows, args.out or args.sweep, x=args.x, group=group, metric=args.metric,
+                title=os.path.basename(os.path.normpath(args.sweep)),
+            )  # fmt: skip
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for line in format_table(
+            [{"group": g, "x": x, "metric": m} for g, x, m in points],
+            ["group", "x", "metric"],
+            [plots.short(group) if group else "group", plots.short(args.x), args.metric],
+        ):
+            print(f"  {line}")
+        print(f"wrote {path}")
+        return 0
     inferred = analysis.infer_axes(rows, keys)
     x = args.x or inferred["x"]
     if x is None:

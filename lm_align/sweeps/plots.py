@@ -309,3 +309,48 @@ def plot_sweep(
     )
     files = [paths[LOSS_PNG], paths[ATTN_PNG], *csv_paths]
     return SweepReport(x, group, compare, metric, points, transfer, sensitivity, shift, files)
+
+
+def plot_lines(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str,
+    *,
+    x: str,
+    group: str | None,
+    metric: str,
+    title: str = "",
+) -> tuple[str, list[tuple[Any, Any, Any]]]:
+    """`metric` against `x` (log scale), one line per `group` value, no LR analysis.
+
+    For sweeps that are not LR sweeps (e.g. model size x training length).
+    Returns (the PNG path, [(group value, x, metric)] sorted).
+    """
+    import os
+
+    import matplotlib.pyplot as plt
+
+    points = sorted(
+        (r.get(group) if group else None, r[x], r.get(metric))
+        for r in rows
+        if r.get(x) is not None and r.get(metric) is not None
+    )
+    if not points:
+        raise ValueError(f"no finished run has both {x!r} and {metric!r} in the summary")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for value in sorted({p[0] for p in points}, key=str):
+        xs = [p[1] for p in points if p[0] == value]
+        ys = [p[2] for p in points if p[0] == value]
+        ax.plot(xs, ys, marker="o", label=_label(group, value) if group else None)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(short(x))
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    if group:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{metric}_vs_{short(x)}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path, points
