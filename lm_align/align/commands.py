@@ -62,7 +62,17 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--ks", default="1,4,8", help="comma-separated k for pass@k and bon@k")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--scorer", default="arithmetic_exact", help="verifier name")
+    p.add_argument(
+        "--scorer",
+        default="arithmetic_exact",
+        help="verifier: arithmetic_exact, arithmetic_graded, or 'reference' (exact match with "
+        "the data source's own completion, e.g. kg_facts answers)",
+    )
+    p.add_argument(
+        "--selector",
+        help="reward-model workdir that picks the best of k for bon@k (default: the policy's "
+        "own mean token log-prob)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON report here")
@@ -176,6 +186,8 @@ def cmd_bon(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
+    import numpy as np
+
     from lm_align import data as data_lib
     from lm_align.align.datagen import SCORERS, make_scorer
     from lm_align.align.policy_eval import evaluate_policy
@@ -186,8 +198,11 @@ def cmd_eval(args, overrides) -> int:
     except ValueError:
         print(f"error: --ks={args.ks!r}; give integers like 1,4,8", file=sys.stderr)
         return 2
-    if args.scorer not in SCORERS:
-        print(f"error: --scorer={args.scorer!r}; use one of {sorted(SCORERS)}", file=sys.stderr)
+    if args.scorer not in (*SCORERS, "reference"):
+        print(
+            f"error: --scorer={args.scorer!r}; use one of {sorted(SCORERS)} or 'reference'",
+            file=sys.stderr,
+        )
         return 2
     try:
         model, params, cfg = load_model(args.policy)
@@ -198,15 +213,40 @@ def cmd_eval(args, overrides) -> int:
 
             cfg = saved_config(resolve(args.prompts_from))
         source = data_lib.make_source(cfg.data, args.split)
-        prompts = [source[i]["prompt"] for i in range(min(args.num_prompts, len(source)))]
+        records = [source[i] for i in range(min(args.num_prompts, len(source)))]
+        prompts = [r["prompt"] for r in records]
+        if args.scorer == "reference":
+            gold = {r["prompt"]: r["completion"].strip() for r in records}
+
+            def scorer(ps, rs):
+                return np.array([float(r.strip() == gold[p]) for p, r in zip(ps, rs, strict=True)])
+        else:
+            scorer = make_scorer(args.scorer)
+        selector = None
+        if args.selector:
+            from lm_align.align.reward import RewardModel, reward_model_scorer
+
+            rm, rm_params, _ = load_model(args.selector)
+            if not isinstance(rm, RewardModel):
+                raise ValueError(f"--selector {args.selector} is a policy, not a reward model")
+            rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=64)
+
+            def selector(s, k):
+                flat = [r for rs in s["responses"] for r in rs]
+                ps = [p for p, rs in zip(prompts, s["responses"], strict=True) for _ in rs]
+                return np.asarray(rm_score(ps, flat)).reshape(len(prompts), -1)
+
         report = evaluate_policy(
-            model, params, tokenizer, prompts, make_scorer(args.scorer),
+            model, params, tokenizer, prompts, scorer,
             num_samples=args.num_samples, ks=ks, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, seed=args.seed, reference_params=ref,
+            selector=selector,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.data.source == "kg_facts":  # every eval question is about a fact seen in training
+        report["hallucination_rate"] = 1.0 - report["greedy_accuracy"]
     report = {"policy": args.policy, "source": cfg.data.source, "split": args.split, **report}
     if args.out:
         with open(args.out, "w") as f:
