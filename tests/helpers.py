@@ -67,3 +67,22 @@ def read_rows(workdir):
 
 def losses(workdir):
     return {r["step"]: r["loss"] for r in read_rows(workdir)}
+
+
+def sigterm_after_rows(cmd, metrics_path, rows=5, *, timeout=240):
+    """Starts `cmd`, sends SIGTERM once `metrics_path` has `rows` lines; returns (rc, output)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        cmd, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, cwd=REPO,
+    )  # fmt: skip
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics_path) and len(open(metrics_path).read().splitlines()) >= rows:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out

@@ -2,11 +2,9 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -17,7 +15,7 @@ from lm_align.align import trainer
 from lm_align.align.config import ALIGN_DEFAULTS, align_base_config
 from lm_align.config import ConfigError
 from lm_align.losses import preference
-from tests.helpers import REPO, env_with_devices
+from tests.helpers import REPO, env_with_devices, sigterm_after_rows
 
 EXPERIMENT = textwrap.dedent("""
     from lm_align.align.config import align_base_config
@@ -250,23 +248,12 @@ def test_sigterm_then_resume_is_exact(experiment, tmp_path):
     expected = losses(tmp_path / "straight")
 
     workdir = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "lm_align.cli", "align", "--config", experiment["pairs"],
-            "--workdir", str(workdir), *[f"--config.{o}" for o in overrides],
-        ],
-        env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=REPO,
-    )  # fmt: skip
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    cmd = [
+        sys.executable, "-m", "lm_align.cli", "align", "--config", experiment["pairs"],
+        "--workdir", str(workdir), *[f"--config.{o}" for o in overrides],
+    ]  # fmt: skip
+    rc, out = sigterm_after_rows(cmd, workdir / "metrics.jsonl")
+    assert rc == 0, out
     assert "SIGTERM: saved checkpoint at step" in out
     stopped_at = max(losses(workdir))
     assert 3 <= stopped_at < 40, f"stopped at {stopped_at}; make the run longer"

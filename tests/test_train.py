@@ -3,15 +3,22 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 
-from tests.helpers import REPO, TINY, cli_args, env_with_devices, losses, read_rows, run_cli
+from tests.helpers import (
+    REPO,
+    TINY,
+    cli_args,
+    env_with_devices,
+    losses,
+    read_rows,
+    run_cli,
+    sigterm_after_rows,
+)
 
 SHARDING_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -85,22 +92,9 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
     expected = losses(tmp_path / "straight")
 
     workdir = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        cli_args(workdir, _tiny_run(steps) + ["train.log_every=1"]),
-        env=env_with_devices(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    cmd = cli_args(workdir, _tiny_run(steps) + ["train.log_every=1"])
+    rc, out = sigterm_after_rows(cmd, workdir / "metrics.jsonl")
+    assert rc == 0, out
     assert "SIGTERM: saved checkpoint at step" in out
     stopped_at = max(losses(workdir))
     assert 5 <= stopped_at < steps, f"stopped at {stopped_at}; make the run longer"

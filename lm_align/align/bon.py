@@ -62,8 +62,7 @@ def write_samples(model, params, tokenizer, prompts, scorer, spec, path, seed) -
 
 def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
     from lm_align.align.datagen import make_scorer
-    from lm_align.align.experiment import cached, open_experiment, start_policy
-    from lm_align.align.policy_eval import evaluate_policy
+    from lm_align.align.experiment import evaluate_run, open_experiment, start_policy
     from lm_align.align.trainer import align, load_model
 
     exp = open_experiment(config_path, "get_bon", DEFAULTS, overrides, "lm_align/align/bon.py")
@@ -76,15 +75,11 @@ def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
     ks = sorted({1, N})
 
     def evaluate(run_dir, out_path, label):
-        def compute():
-            model, params, _ = load_model(run_dir)
-            return evaluate_policy(
-                model, params, tokenizer, start.eval_prompts, scorer, num_samples=N, ks=ks,
-                max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
-                top_k=spec["top_k"], seed=spec["seed"],
-            )  # fmt: skip
-
-        report = cached(out_path, compute)
+        report = evaluate_run(
+            run_dir, out_path, start, scorer, num_samples=N, ks=ks,
+            max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
+            top_k=spec["top_k"], seed=spec["seed"],
+        )  # fmt: skip
         _log(
             f"{label}: greedy {report['greedy_accuracy']:.3f}, pass@{N} "
             f"{report[f'pass@{N}']:.3f}, bon@{N} {report[f'bon@{N}']:.3f}"

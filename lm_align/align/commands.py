@@ -15,6 +15,13 @@ import sys
 PAIRINGS = ("first_round", "tournament", "best_worst", "all")
 
 
+def _add_stages_parser(subparsers, name: str, getter: str, fn, help: str) -> None:
+    p = subparsers.add_parser(name, help=help)
+    p.add_argument("--config", required=True, help=f"experiment file with {getter}(), [:arg]")
+    p.add_argument("--workdir", help="directory (default runs/<experiment>[_<arg>])")
+    p.set_defaults(fn=fn)
+
+
 def add_parsers(subparsers) -> None:
     """Registers `align` and `preferences` on an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -24,27 +31,20 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--workdir", help="run directory (default runs/<experiment>[_<arg>])")
     p.set_defaults(fn=cmd_align)
 
-    p = subparsers.add_parser(
-        "align-study",
-        help="SFT -> preferences from its samples -> each method; table of accuracy, reward, KL",
-    )
-    p.add_argument("--config", required=True, help="experiment file with get_study(), [:arg]")
-    p.add_argument("--workdir", help="study directory (default runs/<experiment>[_<arg>])")
-    p.set_defaults(fn=cmd_align_study)
+    _add_stages_parser(
+        subparsers, "align-study", "get_study", cmd_align_study,
+        "SFT -> preferences from its samples -> each method; table of accuracy, reward, KL",
+    )  # fmt: skip
 
-    p = subparsers.add_parser(
-        "rest-em", help="ReST-EM self-training: sample, keep verified, fine-tune from the base"
-    )
-    p.add_argument("--config", required=True, help="experiment file with get_rest_em(), [:arg]")
-    p.add_argument("--workdir", help="directory (default runs/<experiment>[_<arg>])")
-    p.set_defaults(fn=cmd_rest_em)
+    _add_stages_parser(
+        subparsers, "rest-em", "get_rest_em", cmd_rest_em,
+        "ReST-EM self-training: sample, keep verified, fine-tune from the base",
+    )  # fmt: skip
 
-    p = subparsers.add_parser(
-        "bon", help="BoN-aware RL vs REINFORCE vs SFT on best-of-N, from one policy"
-    )
-    p.add_argument("--config", required=True, help="experiment file with get_bon(), [:arg]")
-    p.add_argument("--workdir", help="directory (default runs/<experiment>[_<arg>])")
-    p.set_defaults(fn=cmd_bon)
+    _add_stages_parser(
+        subparsers, "bon", "get_bon", cmd_bon,
+        "BoN-aware RL vs REINFORCE vs SFT on best-of-N, from one policy",
+    )  # fmt: skip
 
     p = subparsers.add_parser(
         "eval", help="greedy accuracy, pass@k, bon@k, ECE, length, KL of a policy"

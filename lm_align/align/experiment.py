@@ -78,12 +78,24 @@ def start_policy(exp: Experiment, workdir: str, *, eval_problems: int, log) -> S
 
 def cached(path: str, compute: Callable[[], dict]) -> dict:
     """The JSON at `path`, or `compute()` written there atomically."""
+    from lm_align.sweeps.summary import write_atomic
+
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     result = compute()
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(result, indent=2))
     return result
+
+
+def evaluate_run(run_dir: str, out_path: str, start: StartPolicy, scorer, **kwargs) -> dict:
+    """`evaluate_policy` of the run's params on the start policy's held-out prompts,
+    cached in `out_path` (a rerun reads it back)."""
+    from lm_align.align.policy_eval import evaluate_policy
+    from lm_align.align.trainer import load_model
+
+    def compute():
+        model, params, _ = load_model(run_dir)
+        return evaluate_policy(model, params, start.tokenizer, start.eval_prompts, scorer, **kwargs)
+
+    return cached(out_path, compute)

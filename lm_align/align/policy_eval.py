@@ -20,6 +20,7 @@ samples of log pi(y|x) - log ref(y|x) summed over response tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,8 +79,6 @@ def sample(
 
 def rescore(model, params, tokenizer, prompts: Sequence[str], token_ids) -> np.ndarray:
     """log pi(y | x) of generated token lists (any params, e.g. a reference) [P, n]."""
-    from lm_align.align.logprobs import sequence_logprobs
-
     n = len(token_ids[0])
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     L = max(len(p) for p in prompt_ids) + max(len(t) for ts in token_ids for t in ts) + 1
@@ -90,8 +89,15 @@ def rescore(model, params, tokenizer, prompts: Sequence[str], token_ids) -> np.n
             features = token_features(doc, len(p), L)
             rows.append(pad_features(features, seq_len=L, pad_id=tokenizer.pad_id))
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    fn = jax.jit(lambda prm, b: sequence_logprobs(model, prm, b).logps)
-    return np.asarray(fn(params, batch)).reshape(len(prompts), n)
+    return np.asarray(_scorer(model)(params, batch)).reshape(len(prompts), n)
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(model):
+    """One jitted log-prob function per model (recompiled only for new shapes)."""
+    from lm_align.align.logprobs import sequence_logprobs
+
+    return jax.jit(lambda params, rows: sequence_logprobs(model, params, rows).logps)
 
 
 def evaluate_policy(

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from lm_align import config as config_lib
+from lm_align.sweeps.summary import write_atomic
 
 DEFAULTS: dict[str, Any] = {
     "iterations": 3,
@@ -63,17 +64,11 @@ def _log(msg: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _write_jsonl(path: str, rows) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def check_spec(spec: dict) -> dict:
@@ -122,8 +117,7 @@ def e_step(model, params, tokenizer, prompts, scorer, spec, seed: int) -> tuple[
 def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
     """Runs (or resumes) every iteration; returns the result rows."""
     from lm_align.align.datagen import make_scorer
-    from lm_align.align.experiment import cached, open_experiment, start_policy
-    from lm_align.align.policy_eval import evaluate_policy
+    from lm_align.align.experiment import evaluate_run, open_experiment, start_policy
     from lm_align.align.trainer import load_model
     from lm_align.train.loop import train
 
@@ -138,15 +132,10 @@ def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
     ks = sorted({1, spec["eval_samples"] // 2 or 1, spec["eval_samples"]})
 
     def evaluate(run_dir, out_path, label):
-        def compute():
-            model, params, _ = load_model(run_dir)
-            return evaluate_policy(
-                model, params, tokenizer, start.eval_prompts, scorer,
-                num_samples=spec["eval_samples"], ks=ks,
-                max_new_tokens=spec["max_new_tokens"], seed=spec["seed"],
-            )  # fmt: skip
-
-        report = cached(out_path, compute)
+        report = evaluate_run(
+            run_dir, out_path, start, scorer, num_samples=spec["eval_samples"], ks=ks,
+            max_new_tokens=spec["max_new_tokens"], seed=spec["seed"],
+        )  # fmt: skip
         _log(
             f"{label}: greedy accuracy {report['greedy_accuracy']:.3f}, sampled "
             f"{report['sample_accuracy']:.3f}, pass@{ks[-1]} {report[f'pass@{ks[-1]}']:.3f}"

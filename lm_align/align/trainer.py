@@ -565,49 +565,22 @@ def sample_metrics(model, params, ref_params, tokenizer, prompts, a, *, seed: in
     before the eos.
     """
     from lm_align.align.datagen import make_scorer
-    from lm_align.data.pipeline import pad_features, token_features
-    from lm_align.sampling import generate
+    from lm_align.align.policy_eval import rescore, sample
 
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
-    out = generate(
-        model,
-        params,
-        [[tokenizer.bos_id] + p for p in prompt_ids],
-        max_new_tokens=a.eval_max_new_tokens,
-        rng=seed,
-        num_samples=a.eval_samples,
-        temperature=a.eval_temperature,
-        stop_tokens=[tokenizer.eos_id],
-        pad_id=tokenizer.pad_id,
-    )
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    policy_logps = np.asarray(out.logps).sum(-1)
-    index = np.asarray(out.prompt_index)
-    L = max(len(p) for p in prompt_ids) + a.eval_max_new_tokens
-    rows, responses, n_tokens = [], [], []
-    for i, p in enumerate(index):
-        gen = tokens[i, : lengths[i]].tolist()
-        ended = bool(gen) and gen[-1] == tokenizer.eos_id
-        n_tokens.append(len(gen) - ended)
-        responses.append(tokenizer.decode(gen[:-1] if ended else gen))
-        doc = [tokenizer.bos_id] + prompt_ids[p] + gen
-        features = token_features(doc, len(prompt_ids[p]), L)
-        rows.append(pad_features(features, seq_len=L, pad_id=tokenizer.pad_id))
-    rows = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    ref_logps = np.asarray(_rescore(model)(ref_params, rows))
+    out = sample(
+        model, params, tokenizer, prompts, num_samples=a.eval_samples,
+        max_new_tokens=a.eval_max_new_tokens, temperature=a.eval_temperature, seed=seed,
+    )  # fmt: skip
+    ref_logps = rescore(model, ref_params, tokenizer, prompts, out["token_ids"])
     result = {
-        "kl": float(np.mean(policy_logps - ref_logps)),
-        "response_length": float(np.mean(n_tokens)),
+        "kl": float(np.mean(out["logps"] - ref_logps)),
+        "response_length": float(np.mean(out["lengths"])),
     }
     if a.eval_scorer:
-        scores = make_scorer(a.eval_scorer)([prompts[p] for p in index], responses)
-        result["sample_reward"] = float(np.mean(scores))
+        flat_prompts = [p for p, rs in zip(prompts, out["responses"], strict=True) for _ in rs]
+        flat = [r for rs in out["responses"] for r in rs]
+        result["sample_reward"] = float(np.mean(make_scorer(a.eval_scorer)(flat_prompts, flat)))
     return result
-
-
-@functools.lru_cache(maxsize=8)
-def _rescore(model):
-    return jax.jit(lambda params, rows: sequence_logprobs(model, params, rows).logps)
 
 
 def evaluate_policy(s: AlignSetup, params, ref_params, eval_data, *, seed: int = 0) -> dict:
