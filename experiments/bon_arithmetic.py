@@ -1,4 +1,4 @@
-"""BoN-aware fine-tuning vs REINFORCE vs SFT on best-of-N, on arithmetic.
+"""BoN-aware RL and imitation vs REINFORCE vs SFT on best-of-N, on arithmetic.
 
     lm-align bon --config experiments/bon_arithmetic.py --workdir runs/bon
     lm-align bon --config experiments/bon_arithmetic.py:quick ...   # minutes, for CI
@@ -27,7 +27,7 @@ def _quick(arg):
 def get_bon(arg=None):
     quick = _quick(arg)
     return {
-        "methods": ("bon_rl", "reinforce", "bon_sft"),
+        "methods": ("bon_rl", "bon_imitation", "reinforce", "bon_sft"),
         "rounds": 1,
         "num_problems": 128 if quick else 4096,
         "num_samples": 4 if quick else 8,

@@ -53,3 +53,49 @@ def test_bon_sft_is_the_nll_of_the_first_correct_sample():
     loss = pg.bon_sft(LOGPS, REWARDS, MASK)
     np.testing.assert_allclose(loss, [1.0, 0.5], rtol=1e-6)
     assert float(pg.bon_sft(LOGPS, jnp.zeros((2, 4)), MASK)[0]) == 0.0
+
+
+def test_bon_imitation_gradient_is_the_gradient_of_log_pi_bon():
+    # A categorical policy over 4 responses, 0 and 1 correct. Eight samples in
+    # exact proportion to pi = (1/2, 1/4, 1/8, 1/8), so their mean equals the
+    # expectation, and the surrogate's gradient must equal the exact gradient
+    # of log pi_bon(y*) = log((1 - p^N) pi(y*) / q) with y* = response 0, N = 8.
+    theta = jnp.log(jnp.array([0.5, 0.25, 0.125, 0.125]))
+    drawn = jnp.array([0, 0, 0, 0, 1, 1, 2, 3])
+    rewards = (drawn < 2).astype(jnp.float32)[None]
+    mask = jnp.ones((1, 8))
+
+    def surrogate(t):
+        logps = jax.nn.log_softmax(t)[drawn][None]
+        return pg.bon_imitation(logps, rewards, mask)[0]
+
+    def exact(t):
+        pi = jax.nn.softmax(t)
+        q = pi[0] + pi[1]
+        return -jnp.log((1 - (1 - q) ** 8) * pi[0] / q)
+
+    np.testing.assert_allclose(jax.grad(surrogate)(theta), jax.grad(exact)(theta), atol=1e-6)
+    # The correction is what makes it BoN-aware: plain SFT on y* differs.
+    sft = jax.grad(lambda t: pg.bon_sft(jax.nn.log_softmax(t)[drawn][None], rewards, mask)[0])
+    assert np.abs(np.asarray(sft(theta) - jax.grad(exact)(theta))).max() > 0.05
+
+
+def test_bon_imitation_with_one_correct_response_is_g_weighted_sft():
+    # All correct samples are y* (same log-prob): the weights sum to g(p).
+    lp = jnp.array([[-0.7, -2.0, -0.7, -3.0]])
+    r = jnp.array([[1.0, 0.0, 1.0, 0.0]])
+    grad = jax.grad(lambda x: pg.bon_imitation(x, r, MASK[:1])[0])(lp)
+    np.testing.assert_allclose(-float(grad[0, 0] + grad[0, 2]), bon_weight(0.5, 4), rtol=1e-5)
+
+
+def test_bon_imitation_is_finite_at_the_limits():
+    for rewards in (jnp.ones((1, 4)), jnp.zeros((1, 4)), jnp.array([[0.0, 0.0, 0.0, 1.0]])):
+        value, grad = jax.value_and_grad(lambda x, r=rewards: pg.bon_imitation(x, r, MASK[:1])[0])(
+            LOGPS[:1]
+        )
+        assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    # Nothing correct: no target, no gradient.
+    assert float(pg.bon_imitation(LOGPS, jnp.zeros((2, 4)), MASK)[0]) == 0.0
+    # p = 0 (all correct): g = 0, weights N on y* and -1 on every sample.
+    w = _weights(pg.bon_imitation, jnp.ones((2, 4)))
+    np.testing.assert_allclose(w[0], [4 - 1, -1, -1, -1], atol=1e-5)

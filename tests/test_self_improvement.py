@@ -129,7 +129,13 @@ def test_bon_quick_reports_every_method(tmp_path):
         ]
     )  # fmt: skip
     rows = json.loads((workdir / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["start", "bon_rl", "reinforce", "bon_sft"]
+    assert [r["method"] for r in rows] == [
+        "start",
+        "bon_rl",
+        "bon_imitation",
+        "reinforce",
+        "bon_sft",
+    ]
     for r in rows:
         assert 0 <= r["pass@1"] <= r["pass@4"] <= 1 and "bon@4" in r
 

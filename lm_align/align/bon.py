@@ -1,14 +1,16 @@
 """BoN-aware fine-tuning vs baselines: `lm-align bon --config experiments/bon_arithmetic.py`.
 
 Chow et al. 2024, "Inference-Aware Fine-Tuning for Best-of-N Sampling in Large
-Language Models" (arXiv:2412.15287), binary-reward RL variant. From one start
-policy:
+Language Models" (arXiv:2412.15287), binary-reward RL and imitation variants.
+From one start policy:
 
   samples  N responses per train problem from the start policy, each with its
            binary verifier reward -> WORKDIR/samples.jsonl ("samples" format)
   methods  one `lm-align align` run per loss on those samples
            (`lm_align.losses.policy_gradient`): `bon_rl` (correct samples
-           weighted by g(P_fail)), `reinforce` (the same samples, weights
+           weighted by g(P_fail)), `bon_imitation` (log-likelihood of the
+           best of N under the BoN policy, with the exploration correction),
+           `reinforce` (the same samples, weights
            r - mean r, no BoN weighting) and `bon_sft` (SFT on the verifier's
            best of N); further rounds resample from each method's own policy
   eval     on held-out problems, before and after: greedy accuracy, pass@1,
@@ -28,7 +30,7 @@ from typing import Any
 from lm_align.align.rest_em import _log, _write_json, _write_jsonl
 
 DEFAULTS: dict[str, Any] = {
-    "methods": ("bon_rl", "reinforce", "bon_sft"),
+    "methods": ("bon_rl", "bon_imitation", "reinforce", "bon_sft"),
     "rounds": 1,  # sample -> train rounds per method (round r samples from round r-1's policy)
     "base_checkpoint": "",
     "num_problems": 1024,

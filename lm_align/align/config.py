@@ -39,7 +39,7 @@ LISTWISE_LOSSES = (
 )
 REWARD_LOSSES = ("bradley_terry",)  # trains a reward model (scalar head), not a policy
 # On sampled responses with rewards (format "samples"): lm_align.losses.policy_gradient.
-POLICY_GRADIENT_LOSSES = ("reinforce", "bon_rl", "bon_sft")
+POLICY_GRADIENT_LOSSES = ("reinforce", "bon_rl", "bon_imitation", "bon_sft")
 LOSSES = PAIRWISE_LOSSES + LISTWISE_LOSSES + REWARD_LOSSES + POLICY_GRADIENT_LOSSES
 REFERENCE_FREE = ("slic", "rso_hinge")  # the loss itself ignores the reference log-probs
 FORMATS = ("auto", "pairwise", "listwise", "samples")
