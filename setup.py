@@ -17,7 +17,7 @@ CORE = [
 ]
 SEQIO = ["seqio", "tensorflow-datasets", "sentencepiece"]
 TEST = SEQIO + ["pytest", "pytest-xdist"]
-DOCS = ["mkdocs", "mkdocs-material", "mkdocstrings[python]"]
+DOCS = ["mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"]  # ruff formats API signatures
 
 setuptools.setup(
     name="lm_align",

@@ -211,8 +211,8 @@ def rso_pairs(
     labelled by the same rewards.
 
     Args:
-      prompts: [P] strings; responses: [P][N_c] candidate texts from the SFT
-        policy; rewards: [P][N_c] their rewards (reward model or verifier).
+      prompts: `[P]` strings; responses: `[P][N_c]` candidate texts from the SFT
+        policy; rewards: `[P][N_c]` their rewards (reward model or verifier).
     Returns ``(records, stats)`` as ``lm_align.align.datagen.build_pairwise``.
     """
     from lm_align.align.datagen import build_pairwise
