@@ -17,6 +17,7 @@ CORE = [
 ]
 SEQIO = ["seqio", "tensorflow-datasets", "sentencepiece"]
 TEST = SEQIO + ["pytest", "pytest-xdist"]
+TPU = ["jax[tpu]"]  # Cloud TPU VMs (launch/tpu_worker_setup.sh installs `.[tpu]`)
 DOCS = ["mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"]  # ruff formats API signatures
 
 setuptools.setup(
@@ -28,6 +29,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["lm_align", "lm_align.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"seqio": SEQIO, "test": TEST, "docs": DOCS},
+    extras_require={"seqio": SEQIO, "test": TEST, "docs": DOCS, "tpu": TPU},
     entry_points={"console_scripts": ["lm-align=lm_align.cli:main"]},
 )
