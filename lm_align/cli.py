@@ -12,7 +12,14 @@
     lm-align rest-em --config experiments/rest_em_arithmetic.py[:quick] [--workdir DIR]
     lm-align bon --config experiments/bon_arithmetic.py[:quick] [--workdir DIR]
     lm-align eval --policy RUN [--reference RUN] [--num-samples N] [--ks 1,4,8] [--json]
+    lm-align launch local --num-processes N [--devices-per-process K] -- <command> ...
+    lm-align launch tpu [--dry-run] --name NAME --accelerator TYPE --zone ZONE [--num-slices N] -- <command> ...
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY] [--metric eval_loss] [--out DIR]
+
+`train` and `align` run as one of several processes (one per host) when
+given --coordinator/--num-processes/--process-id, the LM_ALIGN_* environment
+variables `launch local` sets, or on a multi-host Cloud TPU VM
+(`lm_align.distributed`).
 
 Without --config, `train` runs experiments/default.py's config (a small model
 on the built-in arithmetic task).
@@ -27,6 +34,8 @@ import sys
 
 from lm_align.align.commands import add_parsers as add_align_parsers
 from lm_align.coordcheck import add_parser as add_coordcheck_parser
+from lm_align.distributed import add_process_flags
+from lm_align.launch.commands import add_parsers as add_launch_parsers
 from lm_align.sweeps.commands import add_parsers as add_sweep_parsers
 
 DEFAULT_EXPERIMENT = "default"
@@ -167,8 +176,22 @@ def _cmd_tokenizer_train(args, overrides) -> int:
     return 0
 
 
+def start_processes(args) -> None:
+    """Initialises jax.distributed when this process is one of several."""
+    from lm_align import distributed
+
+    distributed.initialize(
+        distributed.resolve(
+            getattr(args, "coordinator", None),
+            getattr(args, "num_processes", None),
+            getattr(args, "process_id", None),
+        )
+    )
+
+
 def main(argv=None) -> int:
     from lm_align import config as config_lib
+    from lm_align.distributed import DistributedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -185,6 +208,7 @@ def main(argv=None) -> int:
         "--config", help="experiment file, optionally with :arg (default experiments/default.py)"
     )
     p.add_argument("--workdir", help="run directory (default runs/<experiment name>)")
+    add_process_flags(p)
     p.set_defaults(fn=_cmd_train)
     p = sub.add_parser("bench", help="measure step time, tokens/s, MFU, compile time, memory")
     p.add_argument("--config", help="experiment file (default experiments/bench.py)")
@@ -229,10 +253,13 @@ def main(argv=None) -> int:
     add_sweep_parsers(sub)
     add_coordcheck_parser(sub)
     add_align_parsers(sub)
+    add_launch_parsers(sub)
     args = parser.parse_args(rest)
     try:
+        if args.command != "launch":
+            start_processes(args)
         return args.fn(args, overrides)
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

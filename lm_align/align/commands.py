@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from lm_align.distributed import add_process_flags
+
 PAIRINGS = ("first_round", "tournament", "best_worst", "all")
 
 
@@ -29,6 +31,7 @@ def add_parsers(subparsers) -> None:
     )
     p.add_argument("--config", required=True, help="experiment file with an `align` group, [:arg]")
     p.add_argument("--workdir", help="run directory (default runs/<experiment>[_<arg>])")
+    add_process_flags(p)
     p.set_defaults(fn=cmd_align)
 
     _add_stages_parser(

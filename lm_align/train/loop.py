@@ -25,7 +25,7 @@ import numpy as np
 
 from lm_align import config as config_lib
 from lm_align import data as data_lib
-from lm_align import parallel
+from lm_align import distributed, parallel
 from lm_align.train import evaluate
 from lm_align.train.checkpoint import Checkpointer
 from lm_align.train.metrics import MetricWriter, Progress
@@ -37,13 +37,31 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StopFlag:
-    """Records SIGTERM/SIGINT so the loop can checkpoint at a step boundary."""
+    """Records SIGTERM/SIGINT so the loop can checkpoint at a step boundary.
+
+    With several processes, JAX's preemption sync manager (started by
+    `jax.distributed`) receives SIGTERM instead, and `should_stop(step)` is
+    true on every process at the same step, so all of them save the same
+    checkpoint: a process that stopped alone would leave the others waiting
+    in a collective.
+    """
 
     def __init__(self):
         self.signal = None
         self._previous = {}
+        self._multiprocess = jax.process_count() > 1
+
+    def should_stop(self, step: int) -> bool:
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = "SIGTERM"
+        return self.signal is not None
 
     def __enter__(self):
+        if self._multiprocess:
+            return self  # SIGTERM belongs to the preemption sync manager
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -82,6 +100,10 @@ def _per_step_tokens(cfg) -> int:
 def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     """Trains (or resumes) the experiment `cfg` in `workdir`."""
     devices = list(jax.devices() if devices is None else devices)
+    if jax.process_count() > 1:
+        print(distributed.describe(), flush=True)  # every process: bring-up problems show here
+        distributed.check_devices()
+        distributed.check_same_config(config_lib.to_json(cfg))
     exp = build_experiment(cfg, devices)
     t = cfg.train
     os.makedirs(workdir, exist_ok=True)
@@ -211,7 +233,7 @@ def restore_or_init(
     finished (`final.json` written at `total_steps`) the final metrics are
     returned and the checkpointer is closed.
     """
-    start = ckpt.latest_step()
+    start = _newest_intact_step(ckpt)
     if start is None:
         return 0, init_state(), None
     state, data_state, saved_config = ckpt.restore(start, abstract_state)
@@ -226,6 +248,25 @@ def restore_or_init(
         with open(final_path) as f:
             return start, state, json.load(f)
     return start, state, None
+
+
+def _newest_intact_step(ckpt: Checkpointer) -> int | None:
+    """The newest checkpoint step that verifies; broken newer ones are moved aside and reported."""
+    for path in ckpt.interrupted_saves():
+        _log(f"ignoring {path}: a save that was interrupted before it finished")
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        problem = ckpt.verify(step)
+        if problem is None:
+            return step
+        dest = ckpt.quarantine(step)
+        older = steps[i + 1 :]
+        fallback = f"step {older[0]}" if older else "the start (no older checkpoint)"
+        _log(
+            f"checkpoint {ckpt.directory}/{step} is incomplete or corrupt ({problem}); moved it to "
+            f"{dest} and resuming from {fallback}"
+        )
+    return None
 
 
 def run_loop(
@@ -312,11 +353,12 @@ def run_loop(
                 save_now = (
                     t.checkpoint_every and step % t.checkpoint_every == 0
                 ) or step == t.steps
-                if stop.signal is not None or save_now or is_eval_step(step):
+                stopping = stop.should_stop(step)
+                if stopping or save_now or is_eval_step(step):
                     drain(state.params)
-                if stop.signal is not None or save_now:
+                if stopping or save_now:
                     ckpt.save(step, state, data_state(), config_dict)
-                if stop.signal is not None:
+                if stopping:
                     stopped_by = stop.signal
                     _log(
                         f"{stop.signal}: saved checkpoint at step {step}; "

@@ -83,7 +83,12 @@ def check_config(
         mesh_shape = parallel.resolve_mesh_shape(cfg.mesh, num_devices)
         dp = mesh_shape[0] * mesh_shape[1]
     except ValueError as e:
-        errors.append(str(e))
+        where = (
+            f" ({process_count} processes x {num_devices // process_count} local devices each)"
+            if process_count > 1
+            else ""
+        )
+        errors.append(f"{e}{where}")
 
     if dp and t.batch_size > 0:
         if t.batch_size % dp:

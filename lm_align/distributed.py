@@ -1,0 +1,217 @@
+"""Multi-process (multi-host) start-up: `jax.distributed` from flags, environment or Cloud TPU.
+
+One code path runs on one CPU and on a pod: JAX's multi-controller runtime
+starts one process per host, every process runs the same program, and XLA
+SPMD runs the sharded steps over all devices. This module decides whether a
+process is one of several, initialises `jax.distributed` accordingly, and
+checks that what started agrees with what the config asked for.
+
+Where the settings come from, first match wins:
+
+1. flags (`lm-align train --coordinator HOST:PORT --num-processes N
+   --process-id I`);
+2. the environment: `LM_ALIGN_COORDINATOR`, `LM_ALIGN_NUM_PROCESSES`,
+   `LM_ALIGN_PROCESS_ID` (what `lm-align launch local` sets);
+3. Cloud TPU: on a multi-host TPU VM (`TPU_WORKER_HOSTNAMES` lists more than
+   one host, or a multislice job sets `MEGASCALE_NUM_SLICES`), JAX detects
+   the cluster itself;
+4. otherwise: one process, no initialisation.
+
+`LM_ALIGN_HEARTBEAT_TIMEOUT` (seconds, default 100) bounds how long the
+others wait when a process dies: JAX's coordination service stops every
+process once a peer has missed heartbeats for that long, so a dead host
+never leaves the rest hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+ENV_COORDINATOR = "LM_ALIGN_COORDINATOR"
+ENV_NUM_PROCESSES = "LM_ALIGN_NUM_PROCESSES"
+ENV_PROCESS_ID = "LM_ALIGN_PROCESS_ID"
+ENV_HEARTBEAT = "LM_ALIGN_HEARTBEAT_TIMEOUT"
+DEFAULT_HEARTBEAT_S = 100
+
+
+class DistributedError(RuntimeError):
+    """The processes, devices and mesh of a multi-process run do not agree."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    """How this process takes part: `mode` is "single", "explicit" or "tpu"."""
+
+    mode: str
+    coordinator: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
+    heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_S
+    source: str = ""  # where the settings came from, for messages
+
+
+def add_process_flags(parser) -> None:
+    """Adds --coordinator/--num-processes/--process-id to an argparse parser."""
+    g = parser.add_argument_group("multi-process runs (one process per host)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int, help="processes in the run")
+    g.add_argument("--process-id", type=int, help="this process's id, from 0")
+
+
+def _int(value, name: str, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedError(f"{name}={value!r} ({where}) is not an integer") from None
+
+
+def _on_multihost_tpu(env: Mapping[str, str]) -> bool:
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    slices = _int(env.get("MEGASCALE_NUM_SLICES") or 1, "MEGASCALE_NUM_SLICES", "environment")
+    return len(hosts) > 1 or slices > 1
+
+
+def resolve(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ProcessSpec:
+    """The ProcessSpec for these flags (None: not given) and environment; validates it."""
+    env = os.environ if env is None else env
+    heartbeat = _int(env.get(ENV_HEARTBEAT, DEFAULT_HEARTBEAT_S), ENV_HEARTBEAT, "environment")
+    if heartbeat < 1:
+        raise DistributedError(f"{ENV_HEARTBEAT}={heartbeat}; use a number of seconds >= 1")
+    if any(v is not None for v in (coordinator, num_processes, process_id)):
+        source = "flags --coordinator/--num-processes/--process-id"
+    elif any(env.get(k) for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)):
+        source = f"environment {ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}"
+        coordinator = env.get(ENV_COORDINATOR) or None
+        num_processes = env.get(ENV_NUM_PROCESSES) or None
+        process_id = env.get(ENV_PROCESS_ID) or None
+    elif _on_multihost_tpu(env):
+        return ProcessSpec("tpu", heartbeat_timeout_s=heartbeat, source="Cloud TPU environment")
+    else:
+        return ProcessSpec("single", heartbeat_timeout_s=heartbeat, source="default")
+
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise DistributedError(
+            f"{source}: {', '.join(missing)} not given; a multi-process run needs all three "
+            "(coordinator HOST:PORT of process 0, the number of processes, and this process's "
+            "id from 0)"
+        )
+    n = _int(num_processes, "num_processes", source)
+    i = _int(process_id, "process_id", source)
+    if n < 1:
+        raise DistributedError(f"num_processes={n} ({source}); use 1 or more")
+    if not 0 <= i < n:
+        raise DistributedError(
+            f"process_id={i} with num_processes={n} ({source}); ids run from 0 to {n - 1}, "
+            "one per process"
+        )
+    host, sep, port = str(coordinator).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DistributedError(
+            f"coordinator={coordinator!r} ({source}); give HOST:PORT of process 0, "
+            "e.g. 10.0.0.2:1234 or localhost:1234"
+        )
+    if n == 1:
+        return ProcessSpec("single", heartbeat_timeout_s=heartbeat, source=source)
+    return ProcessSpec("explicit", str(coordinator), n, i, heartbeat, source)
+
+
+def initialize(spec: ProcessSpec) -> None:
+    """Initialises jax.distributed for `spec` (nothing for one process) and checks the result.
+
+    Call before any other JAX call that touches devices. Raises
+    DistributedError when the runtime disagrees with `spec`, e.g. every
+    process believing it is process 0 (mismatched or missing settings).
+    """
+    if spec.mode == "single":
+        return
+    import jax
+
+    if spec.mode == "explicit":
+        jax.distributed.initialize(
+            coordinator_address=spec.coordinator,
+            num_processes=spec.num_processes,
+            process_id=spec.process_id,
+            heartbeat_timeout_seconds=spec.heartbeat_timeout_s,
+        )
+        if jax.process_count() != spec.num_processes or jax.process_index() != spec.process_id:
+            raise DistributedError(
+                f"jax.distributed reports process {jax.process_index()} of "
+                f"{jax.process_count()}, but {spec.source} asked for process "
+                f"{spec.process_id} of {spec.num_processes}"
+            )
+    else:
+        jax.distributed.initialize(heartbeat_timeout_seconds=spec.heartbeat_timeout_s)
+        if jax.process_count() == 1:
+            raise DistributedError(
+                "this TPU VM has several hosts (TPU_WORKER_HOSTNAMES) but JAX started as a single "
+                "process: run the same command on every worker (`gcloud compute tpus tpu-vm ssh "
+                "... --worker=all`, or `lm-align launch tpu`), not on one"
+            )
+
+
+def describe() -> str:
+    """'process I of N: L local <platform> devices of T' for this process."""
+    import jax
+
+    return (
+        f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} "
+        f"local {jax.devices()[0].platform} device(s) of {jax.device_count()}"
+    )
+
+
+def check_devices() -> None:
+    """Every process sees the same number of local devices."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    counts = multihost_utils.process_allgather(np.int32(jax.local_device_count())).ravel()
+    if len(set(counts.tolist())) != 1:
+        raise DistributedError(
+            f"processes see different numbers of local devices {counts.tolist()}; start every "
+            "process with the same devices (e.g. the same "
+            "--xla_force_host_platform_device_count, or one process per TPU host)"
+        )
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` is true on every process (a collective: call it on all of them)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def check_same_config(config_json: str) -> None:
+    """Fails when the processes were started with different configs."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(config_json.encode()).digest()[:8]
+    mine = np.frombuffer(digest, dtype=np.uint32)
+    everyone = multihost_utils.process_allgather(mine)
+    if not np.all(everyone == mine[None]):
+        raise DistributedError(
+            f"process {jax.process_index()}'s config differs from another process's; start every "
+            "process with the same --config and --config.* overrides"
+        )

@@ -1,0 +1,141 @@
+"""Multi-process runs on this machine (`lm-align launch local`), as hosts of a pod run.
+
+Two processes x 4 simulated CPU devices talk through JAX's CPU collectives.
+They must train exactly like one process with 8 devices and like 1 device,
+stop together on SIGTERM and resume exactly, and not hang when one of them
+dies.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import DEFAULT_EXPERIMENT, REPO, TINY, env_with_devices, losses, run_cli
+
+pytestmark = pytest.mark.slow
+
+STEPS = 30
+RUN = TINY + [
+    f"train.steps={STEPS}",
+    "train.checkpoint_every=5",
+    "train.async_checkpointing=true",
+    "data.packing=pad",  # each process packs its own rows; padding keeps the rows identical
+    "model.vocab_size=260",
+]
+HEARTBEAT_S = 5
+
+
+def _launch_cmd(workdir, overrides=RUN, processes=2, devices=4):
+    return [
+        sys.executable, "-m", "lm_align.cli", "launch", "local",
+        f"--num-processes={processes}", f"--devices-per-process={devices}",
+        f"--heartbeat-timeout={HEARTBEAT_S}", "--",
+        "train", "--config", DEFAULT_EXPERIMENT, "--workdir", str(workdir),
+        *[f"--config.{o}" for o in overrides],
+    ]  # fmt: skip
+
+
+def _launch(workdir, overrides=RUN, timeout=400):
+    proc = subprocess.run(
+        _launch_cmd(workdir, overrides), env=env_with_devices(1), capture_output=True,
+        text=True, timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 2-process x 4-device run."""
+    workdir = tmp_path_factory.mktemp("straight")
+    out = _launch(workdir)
+    assert "[p0] process 0 of 2: 4 local cpu device(s) of 8" in out
+    assert "[p1] process 1 of 2: 4 local cpu device(s) of 8" in out
+    return losses(workdir)
+
+
+def test_two_processes_match_one_process_and_one_device(straight, tmp_path):
+    run_cli(tmp_path / "eight", RUN, devices=8)  # 1 process, mesh data=8
+    run_cli(tmp_path / "one", RUN + ["mesh.data=1"], devices=1)
+    eight, one = losses(tmp_path / "eight"), losses(tmp_path / "one")
+    assert sorted(straight) == sorted(eight) == sorted(one) == list(range(1, STEPS + 1))
+    steps = sorted(straight)
+    np.testing.assert_allclose([straight[s] for s in steps], [eight[s] for s in steps], rtol=1e-5)
+    np.testing.assert_allclose([straight[s] for s in steps], [one[s] for s in steps], rtol=1e-5)
+
+
+def _popen_launch(workdir, overrides=RUN):
+    """The launcher, running; its output lines collect in `proc.lines` (read by a thread)."""
+    proc = subprocess.Popen(
+        _launch_cmd(workdir, overrides), env=env_with_devices(1), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )  # fmt: skip
+    proc.lines = []
+    proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True)
+    proc.reader.start()
+    return proc
+
+
+def _finish(proc, timeout):
+    proc.wait(timeout=timeout)
+    proc.reader.join(timeout=10)
+    return "".join(proc.lines)
+
+
+def _wait_rows(path, rows, proc, timeout=300):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode})")
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= rows:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never reached {rows} rows")
+
+
+def test_sigterm_to_both_processes_then_relaunch_matches_uninterrupted(straight, tmp_path):
+    workdir = tmp_path / "interrupted"
+    proc = _popen_launch(workdir, RUN + ["train.checkpoint_every=1000"])
+    _wait_rows(workdir / "metrics.jsonl", 7, proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both processes
+    out = _finish(proc, timeout=120)
+    assert proc.returncode == 0, out
+    saved = re.findall(r"\[p0\] SIGTERM: saved checkpoint at step (\d+)", out)
+    assert saved, out
+    stopped_at = int(saved[0])
+    assert 7 <= stopped_at < STEPS
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped_at)]
+
+    out = _launch(workdir, RUN + ["train.checkpoint_every=1000"])
+    assert f"resumed from {workdir / 'checkpoints'}/{stopped_at}" in out
+    assert losses(workdir) == straight  # every step, bitwise
+
+
+def test_a_dead_process_stops_the_other_and_a_restart_resumes(straight, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = _popen_launch(workdir)
+    _wait_rows(workdir / "metrics.jsonl", 8, proc)  # past the step-5 checkpoint
+    pid = int(re.search(r"process 1 is pid (\d+)", "".join(proc.lines)).group(1))
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    out = _finish(proc, timeout=HEARTBEAT_S + 60)
+    waited = time.monotonic() - killed_at
+    assert proc.returncode != 0
+    assert "process 1 exited with status -9 (killed by SIGKILL)" in out
+    # Process 0 stopped by itself, from the missed heartbeats, not by the launcher.
+    assert "still alive; killing it" not in out
+    assert "another task died" in out, out[-3000:]
+    assert waited < HEARTBEAT_S + 45, waited
+
+    last = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert last >= 5
+    out = _launch(workdir)
+    assert f"resumed from {workdir / 'checkpoints'}/{last}" in out
+    assert losses(workdir) == straight
