@@ -2,6 +2,8 @@
 
     lm-align sweep --config experiments/x.py[:arg] --workdir DIR [--parallel N] [--max-runs N]
                    [--dry-run] [--config.group.field=value ...]
+                   [--executor tpu --tpu-name NAME --accelerator TYPE --zone ZONE
+                    [--num-slices N] [--project P] [--max-retries K] [--spot]]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY]
                   [--metric eval_loss] [--out DIR]
 
@@ -9,6 +11,9 @@
 left for a later call by --max-runs), 1 when a run failed, 2 on a config
 error (nothing started), and 128 + the signal number when stopped by
 SIGTERM/SIGINT/SIGHUP (rerun the same command to resume).
+
+`--executor tpu` runs the runs on Cloud TPU VMs instead of this machine
+(`lm_align.sweeps.tpu_executor`, docs/launching_tpu.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ import signal
 import sys
 
 NONE = "none"  # --group none / --compare none: do not split by a key
+# --executor tpu's flags: (option, attribute); given without it they are an error.
+TPU_FLAGS = (
+    ("--tpu-name", "tpu_name"),
+    ("--accelerator", "accelerator"),
+    ("--zone", "zone"),
+    ("--num-slices", "num_slices"),
+    ("--project", "project"),
+    ("--max-retries", "max_retries"),
+    ("--runtime-version", "runtime_version"),
+    ("--spot", "spot"),
+)
 
 
 def add_parsers(subparsers) -> None:
@@ -31,6 +47,21 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--parallel", type=int, default=1, help="runs alive at once (default 1)")
     p.add_argument("--max-runs", type=int, help="start at most N runs now (rerun to continue)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides")
+    p.add_argument(
+        "--executor",
+        choices=("local", "tpu"),
+        default="local",
+        help="local: processes on this machine (default); tpu: Cloud TPU VMs",
+    )
+    g = p.add_argument_group("--executor tpu (docs/launching_tpu.md)")
+    g.add_argument("--tpu-name", help="TPU VM name (several slices: NAME-0, NAME-1, ...)")
+    g.add_argument("--accelerator", help="slice type, e.g. v5litepod-8 (alias v5e-8), v4-8")
+    g.add_argument("--zone", help="zone of the TPU VMs, e.g. us-west4-a")
+    g.add_argument("--num-slices", type=int, help="TPU VMs, each one run at a time (default 1)")
+    g.add_argument("--project", help="Google Cloud project (default: gcloud's)")
+    g.add_argument("--max-retries", type=int, help="reruns of a preempted run (default 2)")
+    g.add_argument("--runtime-version", help="TPU software version (default: per generation)")
+    g.add_argument("--spot", action="store_true", default=None, help="create Spot TPU VMs")
     p.set_defaults(fn=cmd_sweep)
 
     p = subparsers.add_parser("plot", help="loss vs LR, optimal LR per width, LR sensitivity")
@@ -49,10 +80,16 @@ def add_parsers(subparsers) -> None:
 
 
 def cmd_sweep(args, overrides) -> int:
+    from lm_align.launch.tpu import LaunchError
     from lm_align.sweeps import runner
 
     if args.parallel < 1:
         print(f"error: --parallel={args.parallel}; use 1 or more", file=sys.stderr)
+        return 2
+    try:
+        executor = _executor(args)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         runs = runner.plan_sweep(args.config, args.workdir, overrides)
@@ -60,15 +97,22 @@ def cmd_sweep(args, overrides) -> int:
         print(f"{len(runs)} runs of {args.config} in {args.workdir} (dry run: nothing started)")
         for line in runner.describe_runs(runs):
             print(f"  {line}")
+        if executor is not None:
+            _print_tpu_plan(executor, runs)
         return 0
     print(f"lm-align sweep: {args.config} -> {args.workdir}", flush=True)
-    result = runner.run_sweep(
-        args.config,
-        args.workdir,
-        parallel=args.parallel,
-        extra_overrides=overrides,
-        max_runs=args.max_runs,
-    )
+    try:
+        result = runner.run_sweep(
+            args.config,
+            args.workdir,
+            parallel=args.parallel,
+            executor=executor,
+            extra_overrides=overrides,
+            max_runs=args.max_runs,
+        )
+    except LaunchError as e:  # e.g. the experiment file is outside the copied checkout
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     counts = ", ".join(
         f"{result.count(s)} {s}"
         for s in ("finished", "diverged", "failed", "interrupted", "pending")
@@ -90,6 +134,62 @@ def cmd_sweep(args, overrides) -> int:
     if left:
         print(f"{left} runs not done; rerun the same command to continue")
     return 0
+
+
+def _executor(args):
+    """None (run_sweep's LocalExecutor) or the TPUExecutor the tpu flags describe."""
+    from lm_align.launch.tpu import LaunchError
+
+    given = [flag for flag, attr in TPU_FLAGS if getattr(args, attr) is not None]
+    if args.executor != "tpu":
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise LaunchError(
+                f"{', '.join(given)} {verb} to --executor tpu; add --executor tpu, or drop "
+                f"{'it' if len(given) == 1 else 'them'} to run on this machine"
+            )
+        return None
+    missing = [f for f, a in TPU_FLAGS[:3] if not getattr(args, a)]
+    if missing:
+        raise LaunchError(
+            f"--executor tpu needs {', '.join(missing)} (e.g. --tpu-name sweep "
+            "--accelerator v5litepod-8 --zone us-west4-a)"
+        )
+    if args.parallel != 1:
+        raise LaunchError(
+            f"--parallel={args.parallel} applies to --executor local; on TPU each slice runs one "
+            "run at a time: use --num-slices N to run N at once"
+        )
+    from lm_align.sweeps.tpu_executor import TPUExecutor
+
+    return TPUExecutor(
+        args.tpu_name,
+        args.accelerator,
+        args.zone,
+        num_slices=1 if args.num_slices is None else args.num_slices,
+        project=args.project,
+        runtime_version=args.runtime_version,
+        spot=bool(args.spot),
+        max_retries=2 if args.max_retries is None else args.max_retries,
+    )
+
+
+def _print_tpu_plan(executor, runs) -> None:
+    from lm_align.launch.tpu import shell_line
+
+    acc = executor.accelerator
+    print(
+        f"\n--executor tpu: {len(executor.slices)} slice(s) of {acc.describe()}; "
+        "the gcloud commands, if every slice were missing and no run preempted:"
+    )
+    shown = runs[: len(executor.slices)]
+    for i, step in enumerate(executor.plan(shown), 1):
+        print(f"# {i}. {step.comment}")
+        if step.argv is not None:
+            print(shell_line(step.argv))
+    if len(runs) > len(shown):
+        print(f"# ... and the same three commands for each of the other {len(runs) - len(shown)} "
+              "runs, on whichever slice is free")  # fmt: skip
 
 
 def _override_keys(sweep_dir: str, rows) -> list[str]:

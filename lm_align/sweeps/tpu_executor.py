@@ -1,0 +1,501 @@
+"""`TPUExecutor`: a sweep's runs on Cloud TPU VMs, one run at a time per slice.
+
+    lm-align sweep --config experiments/x.py --workdir runs/x --executor tpu \\
+        --tpu-name sweep --accelerator v5litepod-8 --zone us-west4-a [--num-slices 2]
+
+The executor fans the runs out over `num_slices` independent TPU VMs (`NAME`
+for one slice, `NAME-0`, `NAME-1`, ... for several); each slice runs one run at
+a time and takes the next from one shared queue. A run's `lm-align train`
+command runs on every worker of its slice at once (`gcloud compute tpus tpu-vm
+ssh --worker=all`), so a multi-host slice (e.g. v5litepod-16, 4 hosts) trains
+one run over all its hosts.
+
+Before its first run each slice is created if missing (deleted and created
+again if preempted), waited for until READY, and given this checkout (packed,
+copied to ~/lm_align on every worker, installed with
+launch/tpu_worker_setup.sh), exactly as `lm-align launch tpu` does.
+
+Where things live:
+
+- The run's files are written on the workers under
+  `~/lm_align_runs/<sweep>/<run>` (<sweep>: the basename of the sweep's
+  --workdir; `remote_root` changes `lm_align_runs`). Process 0 (worker 0)
+  writes final.json, metrics.jsonl and config.json there.
+- Locally, the ssh session's stdout and stderr (all workers' output) are
+  appended to `<run workdir>/stdout.log` and `stderr.log`, as with
+  `LocalExecutor`, and after every attempt the remote run directory of worker 0
+  is copied into the local run directory (`gcloud compute tpus tpu-vm scp
+  --recurse --worker=0`): final.json, metrics.jsonl, config.json and whatever
+  else the run wrote, checkpoints included. The sweep's status logic
+  (final.json + exit status) and summary then work as with local runs.
+
+Preemption: when an attempt ends with ssh's exit status 255 (a worker could
+not be reached), when the slice's state is no longer READY afterwards (e.g.
+PREEMPTED), or when the run exited 0 without final.json and without having
+been asked to stop (the machine sent it SIGTERM), the slice is recreated if
+needed (deleted if preempted, created, set up again) and the run started again,
+at most `max_retries` times; `lm-align train` resumes from the last checkpoint
+in its run directory.
+
+LIMITATION: the remote run directory is on the workers' own disks. A
+preemption that keeps the VM (the process is stopped, the disk survives) lets
+the retry resume from the last checkpoint; a preemption that deletes the VM
+(Spot and preemptible TPU VMs usually end this way) loses the run directory,
+and the retry starts the run from step 0. Resuming across such preemptions
+needs a workdir that outlives the VM (e.g. a gs:// bucket, which this executor
+does not manage); the copy back after each attempt does not help, since a
+preempted attempt is never copied back. Likewise, checkpoints of runs over
+several hosts are written to each host's own disk.
+
+`stop()` sends SIGTERM (force: SIGKILL) to the lm-align processes of every
+worker of every busy slice (`pkill` through ssh): `lm-align train` saves a
+checkpoint and exits, the run is recorded `interrupted`, and no new run starts.
+The TPU VMs are left running: delete them with `gcloud compute tpus tpu-vm
+delete NAME --zone=ZONE` (see docs/launching_tpu.md).
+
+Any paths inside the train command other than --config and --workdir (e.g. a
+data file given as an override) must be valid on the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import queue
+import shlex
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from lm_align import config as config_lib
+from lm_align.launch import tpu
+from lm_align.sweeps.executor import RunEvent, RunSpec, _tail, lock_run_dir
+
+SSH_UNREACHABLE = 255  # gcloud's exit status when ssh could not reach a worker
+REMOTE_ROOT = "lm_align_runs"
+
+
+class SliceError(RuntimeError):
+    """A slice could not be created, reached or set up."""
+
+
+@dataclasses.dataclass
+class _Slice:
+    index: int
+    name: str  # the TPU VM
+    current: RunSpec | None = None  # the run it is running
+    ready: bool = False  # set up with this sweep's checkout
+
+
+class TPUExecutor:
+    """Runs a sweep's runs on `num_slices` TPU VMs through gcloud; see the module doc.
+
+    Args:
+      tpu_name: the TPU VM's name (one slice) or the prefix of `NAME-i` (several).
+      accelerator: slice type, e.g. "v5litepod-8" or its alias "v5e-8".
+      zone, project: where the TPU VMs are (project: gcloud's default if None).
+      num_slices: TPU VMs working through the runs, each one run at a time.
+      runtime_version: TPU software version (default: the generation's).
+      spot: create missing slices as Spot VMs.
+      max_retries: restarts of a run whose slice was preempted.
+      remote_root: the runs' directory on the workers, relative to the home directory.
+      source_dir: the checkout copied to the workers (default: this lm_align's).
+      runner: runs one command (`lm_align.launch.tpu.subprocess_runner`'s signature);
+        tests pass a fake.
+      poll_s: seconds between state checks while a slice is being created.
+      log: receives progress lines.
+    """
+
+    def __init__(
+        self,
+        tpu_name: str,
+        accelerator: str,
+        zone: str,
+        *,
+        num_slices: int = 1,
+        project: str | None = None,
+        runtime_version: str | None = None,
+        spot: bool = False,
+        max_retries: int = 2,
+        remote_root: str = REMOTE_ROOT,
+        source_dir: str | None = None,
+        runner: tpu.Runner | None = None,
+        poll_s: float = tpu.POLL_S,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.accelerator = tpu.parse_accelerator(accelerator)
+        tpu.check_name(tpu_name, "--tpu-name")
+        if num_slices < 1:
+            raise tpu.LaunchError(f"--num-slices={num_slices}; use 1 or more TPU VMs")
+        if max_retries < 0:
+            raise tpu.LaunchError(f"--max-retries={max_retries}; use 0 or more")
+        if not zone:
+            raise tpu.LaunchError("--zone is empty; give the zone of the TPU VMs, e.g. us-west4-a")
+        names = [tpu_name] if num_slices == 1 else [f"{tpu_name}-{i}" for i in range(num_slices)]
+        for name in names:
+            tpu.check_name(name, "TPU VM name")
+        self.slices = [_Slice(i, name) for i, name in enumerate(names)]
+        self.zone, self.project = zone, project
+        self.runtime_version = runtime_version or self.accelerator.generation.runtime_version
+        self.spot = spot
+        self.max_retries = max_retries
+        self.remote_root = remote_root.strip("/")
+        self.source_dir = os.path.abspath(source_dir or tpu.SOURCE_DIR)
+        self.runner = runner or tpu.subprocess_runner
+        self.poll_s = poll_s
+        self.log = log or (lambda line: print(line, flush=True))
+        self._stop_force: bool | None = None  # None: running; False: SIGTERM; True: SIGKILL
+        self._lock = threading.Lock()
+        self._archive: str | None = None
+
+    # -- commands (pure) -------------------------------------------------------
+
+    def _where(self) -> tuple[str, str | None]:
+        return self.zone, self.project
+
+    def remote_run_dir(self, run: RunSpec) -> str:
+        """The run's directory on the workers, relative to the home directory."""
+        sweep = os.path.basename(os.path.dirname(os.path.abspath(run.workdir)))
+        return f"{self.remote_root}/{sweep}/{run.name}"
+
+    def remote_args(self, run: RunSpec) -> list[str]:
+        """The run's `lm-align` arguments as the workers run them (from ~/lm_align).
+
+        --config is made relative to the checkout (it must lie inside it) and
+        --workdir points at `remote_run_dir` (relative to ~/lm_align).
+        """
+        argv = list(run.argv)
+        try:
+            args = argv[argv.index("lm_align.cli") + 1 :]
+        except ValueError:
+            raise tpu.LaunchError(f"run {run.name}: not an lm_align.cli command: {argv}") from None
+        out = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg in ("--config", "--workdir") and i + 1 < len(args):
+                value = args[i + 1]
+                if arg == "--config":
+                    value = self._remote_config(value)
+                else:
+                    value = f"../{self.remote_run_dir(run)}"
+                out += [arg, value]
+                i += 2
+                continue
+            out.append(arg)
+            i += 1
+        return out
+
+    def _remote_config(self, config_arg: str) -> str:
+        path, arg = config_lib.split_config_arg(config_arg)
+        full = os.path.abspath(path)
+        rel = os.path.relpath(full, self.source_dir)
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            raise tpu.LaunchError(
+                f"the experiment file {full} is outside the checkout {self.source_dir} that is "
+                "copied to the TPU workers; move it into the checkout (e.g. experiments/)"
+            )
+        return rel if arg is None else f"{rel}:{arg}"
+
+    def run_command(self, run: RunSpec) -> str:
+        """The shell command that runs `run` on a worker."""
+        mkdir = f"mkdir -p {shlex.quote('../' + self.remote_run_dir(run))}"
+        return tpu.remote_command(self.remote_args(run), pre=mkdir)
+
+    def plan(self, runs: Sequence[RunSpec]) -> list[tpu.Step]:
+        """What `run` would do if every slice were missing and no run were preempted (pure).
+
+        Runs are shown on slices in turn; the real order depends on which slice
+        is free first.
+        """
+        z, p = self._where()
+        acc = self.accelerator
+        archive = os.path.join(tempfile.gettempdir(), "lm_align-sweep-XXXX.tar.gz")
+        steps = [
+            tpu.Step(
+                f"Pack the git-tracked (and untracked, not ignored) files of {self.source_dir} "
+                f"into {archive} (here, in Python)",
+                None,
+                "pack",
+            )
+        ]
+        spot = " (spot)" if self.spot else ""
+        for s in self.slices:
+            steps += [
+                tpu.Step(
+                    f"Slice {s.index}: look up the TPU VM {s.name} (kept if READY)",
+                    tuple(tpu.tpu_vm_describe_argv(s.name, z, p)),
+                    "lookup",
+                ),
+                tpu.Step(
+                    f"Slice {s.index}: create it unless found: {acc.name}, "
+                    f"{acc.hosts} host{'s' if acc.hosts > 1 else ''}{spot}",
+                    tuple(
+                        tpu.tpu_vm_create_argv(
+                            s.name, z, p, acc.name, self.runtime_version, self.spot
+                        )
+                    ),
+                    "create",
+                ),
+                tpu.Step(
+                    f"Slice {s.index}: wait until it is READY",
+                    tuple(tpu.tpu_vm_describe_argv(s.name, z, p)),
+                    "wait",
+                ),
+                tpu.Step(
+                    f"Slice {s.index}: copy the checkout to its workers",
+                    tuple(tpu.tpu_vm_scp_to_argv(s.name, z, p, archive, tpu.REMOTE_ARCHIVE)),
+                ),
+                tpu.Step(
+                    f"Slice {s.index}: unpack it to ~/{tpu.REMOTE_DIR} and install lm_align "
+                    "with jax[tpu]",
+                    tuple(tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command())),
+                ),
+            ]
+        for k, run in enumerate(runs):
+            s = self.slices[k % len(self.slices)]
+            local = os.path.dirname(os.path.abspath(run.workdir))
+            steps += [
+                tpu.Step(
+                    f"Run {run.name} on every worker of {s.name} (logs: {run.workdir}/stdout.log, "
+                    "stderr.log)",
+                    tuple(tpu.tpu_vm_ssh_argv(s.name, z, p, self.run_command(run))),
+                ),
+                tpu.Step(
+                    f"Check {s.name} is still READY (else: preempted; recreate it and rerun, "
+                    f"at most {self.max_retries} times)",
+                    tuple(tpu.tpu_vm_describe_argv(s.name, z, p)),
+                ),
+                tpu.Step(
+                    f"Copy the run directory of worker 0 back into {run.workdir}",
+                    tuple(tpu.tpu_vm_scp_from_argv(s.name, z, p, self.remote_run_dir(run), local)),
+                ),
+            ]
+        return steps
+
+    # -- Executor protocol ------------------------------------------------------
+
+    def stop(self, force: bool = False) -> None:
+        first = self._stop_force is None
+        self._stop_force = bool(force or self._stop_force)
+        if first or force:  # ssh from a thread: this may run inside a signal handler
+            threading.Thread(target=self._send_stop, args=(bool(force),), daemon=True).start()
+
+    def run(self, runs: Sequence[RunSpec], callback: Callable[[RunEvent], None]) -> None:
+        work = collections.deque(runs)
+        if not work:
+            return
+        for run in runs:  # fail before creating anything
+            self.remote_args(run)
+        self._archive = self._pack()
+        events: queue.Queue[RunEvent] = queue.Queue()
+        threads = [
+            threading.Thread(target=self._slice_loop, args=(s, work, events), daemon=True)
+            for s in self.slices
+        ]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads) or not events.empty():
+                try:
+                    event = events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                callback(event)
+        except BaseException:
+            self.stop()  # do not leave runs going on the TPUs unattended
+            raise
+        finally:
+            if self._archive and os.path.exists(self._archive):
+                os.remove(self._archive)
+        if work and self._stop_force is None:
+            self.log(f"tpu: {len(work)} runs not started: no slice could be set up")
+
+    # -- internals ---------------------------------------------------------------
+
+    def _pack(self) -> str:
+        fd, archive = tempfile.mkstemp(prefix="lm_align-sweep-", suffix=".tar.gz")
+        os.close(fd)
+        n = tpu.pack_source(self.source_dir, archive)
+        self.log(f"tpu: packed {n} files of {self.source_dir}")
+        return archive
+
+    def _call(self, argv, **kwargs) -> tpu.Result:
+        return self.runner(argv, **kwargs)
+
+    def _state(self, s: _Slice) -> str | None:
+        """The slice's state (READY, PREEMPTED, ...); None if it does not exist."""
+        result = self._call(tpu.tpu_vm_describe_argv(s.name, *self._where()))
+        return result.output.strip() if result.returncode == 0 else None
+
+    def _prepare(self, s: _Slice) -> None:
+        """Makes the slice READY (creating it, or recreating it if dead) and sets it up."""
+        z, p = self._where()
+        state = self._state(s)
+        if state in tpu.TPU_VM_DEAD:
+            self.log(f"tpu: {s.name} is {state}; deleting it to create it again")
+            self._call(tpu.tpu_vm_delete_argv(s.name, z, p), out=None, err=None)
+            state = None
+        if state is None:
+            self.log(f"tpu: creating {s.name} ({self.accelerator.describe()})")
+            acc = self.accelerator
+            create = tpu.tpu_vm_create_argv(s.name, z, p, acc.name, self.runtime_version, self.spot)
+            result = self._call(create, prefix=f"[{s.name}] ")
+            if result.returncode != 0:
+                raise SliceError(f"creating {s.name} failed: {tpu.shell_line(create)}")
+            s.ready = False
+        try:
+            tpu.wait_for_state(
+                self.runner,
+                tpu.tpu_vm_describe_argv(s.name, z, p),
+                tpu.TPU_VM_READY,
+                tpu.TPU_VM_DEAD,
+                name=s.name,
+                poll_s=self.poll_s,
+                log=self.log,
+            )
+        except tpu.LaunchError as e:
+            raise SliceError(str(e)) from None
+        if s.ready:
+            return
+        self.log(f"tpu: setting up {s.name} (copy the checkout, install lm_align)")
+        for argv in (
+            tpu.tpu_vm_scp_to_argv(s.name, z, p, self._archive, tpu.REMOTE_ARCHIVE),
+            tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command()),
+        ):
+            result = self._call(argv, prefix=f"[{s.name}] ")
+            if result.returncode != 0:
+                raise SliceError(
+                    f"setting up {s.name} failed (exit status {result.returncode}): "
+                    f"{tpu.shell_line(argv)}"
+                )
+        s.ready = True
+
+    def _slice_loop(self, s: _Slice, work: collections.deque, events: queue.Queue) -> None:
+        try:
+            self._prepare(s)
+        except SliceError as e:
+            self.log(f"tpu: {e}; slice {s.name} takes no runs")
+            return
+        while True:
+            with self._lock:
+                if self._stop_force is not None or not work:
+                    return
+                run = work.popleft()
+                s.current = run
+            try:
+                alive = self._run_one(s, run, events)
+            except Exception as e:  # e.g. the run directory is locked: record it, go on
+                message = f"{type(e).__name__}: {e}"
+                self.log(f"tpu: {run.name} on {s.name}: {message}")
+                events.put(RunEvent("ended", run, returncode=1, stderr_tail=message))
+                alive = True
+            finally:
+                with self._lock:
+                    s.current = None
+            if not alive:
+                return
+
+    def _run_one(self, s: _Slice, run: RunSpec, events: queue.Queue) -> bool:
+        """Runs `run` on slice `s` (retrying after preemptions); False if the slice is lost."""
+        lock_fd = lock_run_dir(run.workdir)
+        try:
+            wall = 0.0
+            attempt = 0
+            while True:
+                attempt += 1
+                events.put(RunEvent("started", run))
+                start = time.monotonic()
+                returncode, tail = self._attempt(s, run, attempt)
+                wall += time.monotonic() - start
+                stopped = self._stop_force is not None
+                state = self._state(s)
+                if state == tpu.TPU_VM_READY:
+                    self._copy_back(s, run)
+                finished = os.path.exists(os.path.join(run.workdir, "final.json"))
+                lost = (
+                    returncode == SSH_UNREACHABLE
+                    or state != tpu.TPU_VM_READY
+                    or (returncode == 0 and not finished)
+                )
+                if lost and not stopped:
+                    why = f"exit status {returncode}, {s.name} is {state or 'gone'}"
+                    if attempt <= self.max_retries:
+                        self.log(
+                            f"tpu: {run.name} was interrupted on {s.name} ({why}); "
+                            f"retry {attempt}/{self.max_retries}"
+                        )
+                        try:
+                            self._recover(s, state)
+                            continue
+                        except SliceError as e:
+                            self.log(f"tpu: {e}")
+                            tail += f"\n{e}"
+                    else:
+                        tail += f"\ninterrupted on {s.name} ({why}); gave up after {attempt} tries"
+                    if returncode == 0:
+                        returncode = SSH_UNREACHABLE  # not finished: recorded as failed
+                events.put(
+                    RunEvent(
+                        "ended",
+                        run,
+                        returncode=returncode,
+                        wall_s=wall,
+                        stopped=stopped,
+                        stderr_tail=tail.strip(),
+                    )
+                )
+                if lost and not stopped:
+                    try:
+                        self._recover(s, self._state(s))  # fit for the next run
+                    except SliceError as e:
+                        self.log(f"tpu: {e}; slice {s.name} takes no more runs")
+                        return False
+                return True
+        finally:
+            os.close(lock_fd)
+
+    def _recover(self, s: _Slice, state: str | None) -> None:
+        """After an interrupted attempt: recreate the slice if it is gone or dead."""
+        if state != tpu.TPU_VM_READY:
+            s.ready = False
+        self._prepare(s)
+
+    def _attempt(self, s: _Slice, run: RunSpec, attempt: int) -> tuple[int, str]:
+        """One ssh session running `run` on every worker of `s`: (exit status, stderr tail)."""
+        command = self.run_command(run)
+        argv = tpu.tpu_vm_ssh_argv(s.name, *self._where(), command)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        header = f"=== {stamp} {s.name} attempt {attempt}: {command}\n"
+        out_path = os.path.join(run.workdir, "stdout.log")
+        err_path = os.path.join(run.workdir, "stderr.log")
+        with open(out_path, "a") as out, open(err_path, "a") as err:
+            out.write(header)
+            err.write(header)
+            out.flush()
+            err.flush()
+            offset = err.tell()
+            self.log(f"tpu: {run.name} -> {s.name} (attempt {attempt})")
+            result = self._call(argv, out=out, err=err)
+        return result.returncode, _tail(err_path, offset)
+
+    def _copy_back(self, s: _Slice, run: RunSpec) -> None:
+        local = os.path.dirname(os.path.abspath(run.workdir))
+        argv = tpu.tpu_vm_scp_from_argv(s.name, *self._where(), self.remote_run_dir(run), local)
+        with open(os.path.join(run.workdir, "stderr.log"), "a") as err:
+            result = self._call(argv, out=err, err=err)
+        if result.returncode != 0:
+            self.log(f"tpu: copying {run.name} back from {s.name} failed: {tpu.shell_line(argv)}")
+
+    def _send_stop(self, force: bool) -> None:
+        with self._lock:
+            busy = [s for s in self.slices if s.current is not None]
+        for s in busy:
+            self.log(f"tpu: stopping the run on {s.name} ({'SIGKILL' if force else 'SIGTERM'})")
+            self._call(
+                tpu.tpu_vm_ssh_argv(s.name, *self._where(), tpu.stop_command(force)),
+                out=None,
+                err=None,
+            )
