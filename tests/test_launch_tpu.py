@@ -44,7 +44,7 @@ gcloud compute tpus tpu-vm describe my-tpu --zone=us-west4-a --project=my-projec
 # 4. Copy it to all 4 workers
 gcloud compute tpus tpu-vm scp {TMP}/lm_align-my-tpu.tar.gz my-tpu:lm_align_src.tar.gz --zone=us-west4-a --project=my-project --worker=all
 # 5. Unpack it to ~/lm_align and install lm_align with jax[tpu] on all 4 workers (launch/tpu_worker_setup.sh)
-gcloud compute tpus tpu-vm ssh my-tpu --zone=us-west4-a --project=my-project --worker=all --command='rm -rf lm_align && mkdir -p lm_align && tar -xzf lm_align_src.tar.gz -C lm_align && bash lm_align/launch/tpu_worker_setup.sh'
+gcloud compute tpus tpu-vm ssh my-tpu --zone=us-west4-a --project=my-project --worker=all --command='mkdir -p lm_align && tar -xzf lm_align_src.tar.gz -C lm_align && bash lm_align/launch/tpu_worker_setup.sh'
 # 6. Run lm-align train on all 4 workers at once (output prefixed [slice 0])
 gcloud compute tpus tpu-vm ssh my-tpu --zone=us-west4-a --project=my-project --worker=all --command='cd lm_align && PYTHONUNBUFFERED=1 exec python3 -m lm_align.cli train --config experiments/default.py --workdir runs/default --config.train.steps=1000'
 """  # noqa: E501
@@ -63,9 +63,9 @@ gcloud compute tpus tpu-vm scp {TMP}/lm_align-ms.tar.gz ms-0:lm_align_src.tar.gz
 # 5. Copy it to all 4 workers of slice 1 (ms-1)
 gcloud compute tpus tpu-vm scp {TMP}/lm_align-ms.tar.gz ms-1:lm_align_src.tar.gz --zone=us-west4-a --project=my-project --worker=all
 # 6. Unpack it to ~/lm_align and install lm_align with jax[tpu] on all 4 workers of slice 0 (launch/tpu_worker_setup.sh)
-gcloud compute tpus tpu-vm ssh ms-0 --zone=us-west4-a --project=my-project --worker=all --command='rm -rf lm_align && mkdir -p lm_align && tar -xzf lm_align_src.tar.gz -C lm_align && bash lm_align/launch/tpu_worker_setup.sh'
+gcloud compute tpus tpu-vm ssh ms-0 --zone=us-west4-a --project=my-project --worker=all --command='mkdir -p lm_align && tar -xzf lm_align_src.tar.gz -C lm_align && bash lm_align/launch/tpu_worker_setup.sh'
 # 7. Unpack it to ~/lm_align and install lm_align with jax[tpu] on all 4 workers of slice 1 (launch/tpu_worker_setup.sh)
-gcloud compute tpus tpu-vm ssh ms-1 --zone=us-west4-a --project=my-project --worker=all --command='rm -rf lm_align && mkdir -p lm_align && tar -xzf lm_align_src.tar.gz -C lm_align && bash lm_align/launch/tpu_worker_setup.sh'
+gcloud compute tpus tpu-vm ssh ms-1 --zone=us-west4-a --project=my-project --worker=all --command='mkdir -p lm_align && tar -xzf lm_align_src.tar.gz -C lm_align && bash lm_align/launch/tpu_worker_setup.sh'
 # 8. Run lm-align train on all 4 workers of slice 0 at once, with the other slices (output prefixed [slice 0])
 gcloud compute tpus tpu-vm ssh ms-0 --zone=us-west4-a --project=my-project --worker=all --command='cd lm_align && PYTHONUNBUFFERED=1 exec python3 -m lm_align.cli train --config experiments/default.py --config.train.steps=1000'
 # 9. Run lm-align train on all 4 workers of slice 1 at once, with the other slices (output prefixed [slice 1])
@@ -260,3 +260,13 @@ def test_pack_source_holds_the_checkout_files(tmp_path):
     with pytest.raises(tpu.LaunchError, match="not a git checkout"):
         tpu.pack_source(str(tmp_path / "nowhere"), archive)
     assert os.path.exists(archive)
+
+
+def test_docs_show_the_current_dry_run_commands():
+    """docs/launching_tpu.md pastes these dry runs: every command line must still match."""
+    with open(os.path.join(SRC, "docs", "launching_tpu.md")) as f:
+        doc = f.read()
+    for text in (SINGLE_V5E_16, MULTISLICE_2, XPK_2):
+        for line in text.splitlines():
+            if TMP not in line and SRC not in line:
+                assert line in doc, line

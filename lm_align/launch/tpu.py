@@ -250,10 +250,14 @@ def xpk_delete_argv(cluster, workload, zone, project) -> list[str]:
 
 
 def setup_command() -> str:
-    """Unpacks the copied checkout to ~/lm_align and installs it (on a worker)."""
+    """Unpacks the copied checkout over ~/lm_align and installs it (on a worker).
+
+    Unpacked over, not into an emptied directory: run directories under
+    ~/lm_align (a relative --workdir) survive a relaunch with --reuse.
+    """
     return (
-        f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && "
-        f"tar -xzf {REMOTE_ARCHIVE} -C {REMOTE_DIR} && bash {REMOTE_DIR}/{SETUP_SCRIPT}"
+        f"mkdir -p {REMOTE_DIR} && tar -xzf {REMOTE_ARCHIVE} -C {REMOTE_DIR} && "
+        f"bash {REMOTE_DIR}/{SETUP_SCRIPT}"
     )
 
 
