@@ -270,3 +270,22 @@ def test_docs_show_the_current_dry_run_commands():
         for line in text.splitlines():
             if TMP not in line and SRC not in line:
                 assert line in doc, line
+
+
+def test_ctrl_c_stops_the_workers_then_tears_down(monkeypatch, capsys):
+    monkeypatch.setattr(tpu, "pack_source", lambda src, archive: 3)
+    real = tpu._run_parallel
+
+    def interrupted(runner, group):
+        if "exec python3" in group[0].argv[-1]:  # the command itself: Ctrl-C while it runs
+            raise KeyboardInterrupt
+        return real(runner, group)
+
+    monkeypatch.setattr(tpu, "_run_parallel", interrupted)
+    job = _job(capsys, "--num-slices", "2", "--teardown")
+    runner = FakeRunner(state="ACTIVE")
+    status = tpu.execute(tpu.plan(job), job=job, runner=runner, poll_s=0, log=lambda s: None)
+    assert status == 130
+    stops = [c[5] for c in runner.calls if "pkill" in c[-1]]
+    assert stops == ["t-0", "t-1"]  # SIGTERM to every slice's workers
+    assert runner.verbs()[-1] == "queued-resources delete"

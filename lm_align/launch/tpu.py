@@ -696,6 +696,7 @@ def execute(
     The "teardown" steps run last in any case (after a failure or Ctrl-C too).
     """
     skip_create = False
+    running = False  # the command is running on the workers
     status = 0
     i = 0
     main = [s for s in steps if s.kind != "teardown"]
@@ -728,9 +729,12 @@ def execute(
                 log(f"launcher: packed {n} files")
             elif step.kind == "stream":
                 group = [s for s in main[i:] if s.kind == "stream" and s.group == step.group]
+                for other in group[1:]:
+                    log(f"launcher: {other.comment}\n  {shell_line(other.argv)}")
+                last_group = not any(s.kind == "stream" for s in main[i + len(group) :])
+                running = last_group
                 codes = _run_parallel(runner, group)
                 i += len(group) - 1
-                last_group = not any(s.kind == "stream" for s in main[i + 1 :])
                 if any(codes):
                     if not last_group:
                         _check(Result(next(c for c in codes if c)), step)
@@ -741,7 +745,7 @@ def execute(
     except KeyboardInterrupt:
         log("launcher: interrupted")
         status = 130
-        if job is not None and not job.gke_cluster:
+        if running and job is not None and not job.gke_cluster:
             for node in job.nodes:  # ssh does not carry Ctrl-C to the workers
                 runner(tpu_vm_ssh_argv(node, job.zone, job.project, stop_command()), prefix="")
     finally:
