@@ -17,7 +17,15 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import DEFAULT_EXPERIMENT, REPO, TINY, env_with_devices, losses, run_cli
+from tests.helpers import (
+    DEFAULT_EXPERIMENT,
+    REPO,
+    TINY,
+    env_with_devices,
+    losses,
+    read_rows,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -139,3 +147,30 @@ def test_a_dead_process_stops_the_other_and_a_restart_resumes(straight, tmp_path
     out = _launch(workdir)
     assert f"resumed from {workdir / 'checkpoints'}/{last}" in out
     assert losses(workdir) == straight
+
+
+def test_preference_training_two_processes_match_one(tmp_path):
+    from tests.test_align_trainer import EXPERIMENT, _write_data
+
+    _write_data(tmp_path)
+    pairs = str(tmp_path / "pairs.jsonl")
+    (tmp_path / "exp.py").write_text(EXPERIMENT.format(train=pairs, eval=pairs))
+    common = ["align", "--config", str(tmp_path / "exp.py")]
+    launch = [
+        sys.executable, "-m", "lm_align.cli", "launch", "local", "--num-processes=2",
+        "--devices-per-process=2", "--", *common, "--workdir", str(tmp_path / "two"),
+    ]  # fmt: skip
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "[p0] end: greedy accuracy" in proc.stdout  # evals ran on both processes
+    single = [sys.executable, "-m", "lm_align.cli", *common, "--workdir", str(tmp_path / "one")]
+    proc = subprocess.run(
+        single, env=env_with_devices(4), capture_output=True, text=True, timeout=400, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two, one = (
+        {r["step"]: r["loss"] for r in read_rows(tmp_path / w) if "loss" in r}  # not step 0's eval
+        for w in ("two", "one")
+    )
+    assert sorted(two) == sorted(one) == list(range(1, 13))
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)

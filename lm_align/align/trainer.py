@@ -715,7 +715,7 @@ def align(cfg, workdir: str, *, devices=None) -> TrainResult:
     def run_eval(params):
         return evaluate_policy(s, params, ref_params, eval_data, seed=t.seed)
 
-    if start == 0 and a.eval_at_start and jax.process_index() == 0:
+    if start == 0 and a.eval_at_start:  # every process: the eval runs collectives
         row = run_eval(state.params)
         writer.write(0, row)
         _log("start: " + _describe_eval(row))
