@@ -161,6 +161,22 @@ def initialize(spec: ProcessSpec) -> None:
             )
 
 
+def check_startup(config_json: str, workdir: str) -> None:
+    """The start-up checks of a multi-process run (nothing for one process).
+
+    Every process prints `describe()`, then all must agree on their local
+    device counts, their config and their view of `workdir`.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    print(describe(), flush=True)  # every process: bring-up problems show here
+    check_devices()
+    check_same_config(config_json)
+    check_shared_workdir(workdir)
+
+
 def describe() -> str:
     """'process I of N: L local <platform> devices of T' for this process."""
     import jax
@@ -197,6 +213,41 @@ def all_true(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Fails unless every process sees the same `workdir` (checkpoints need one directory).
+
+    Process 0 writes a marker file; every other process must find it. On a
+    pod, put the run directory on storage every host mounts at the same path
+    (a gcsfuse-mounted bucket or a Filestore/NFS share).
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    nonce = multihost_utils.broadcast_one_to_all(np.int64(np.random.SeedSequence().entropy % 2**62))
+    marker = os.path.join(workdir, f".lm_align_shared_{int(nonce)}")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write("written by process 0 to check that every process sees this directory\n")
+    multihost_utils.sync_global_devices("lm_align shared workdir marker written")
+    seen = os.path.exists(marker)
+    everyone = multihost_utils.process_allgather(np.int32(seen)).ravel()
+    multihost_utils.sync_global_devices("lm_align shared workdir marker checked")
+    if jax.process_index() == 0:
+        os.remove(marker)
+    if not everyone.all():
+        blind = [i for i, ok in enumerate(everyone.tolist()) if not ok]
+        raise DistributedError(
+            f"process(es) {blind} do not see {workdir} as process 0 writes it: the run directory "
+            "must be one directory shared by every host (checkpoints are written by all of them "
+            "together). Mount the same storage at the same path on every host (e.g. a Cloud "
+            "Storage bucket with gcsfuse, or a Filestore share) and pass --workdir inside it"
+        )
 
 
 def check_same_config(config_json: str) -> None:

@@ -174,3 +174,50 @@ def test_preference_training_two_processes_match_one(tmp_path):
     )
     assert sorted(two) == sorted(one) == list(range(1, 13))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
+
+
+CHECKS_SCRIPT = """
+import sys
+from lm_align import distributed as d
+d.initialize(d.resolve())
+what, value = sys.argv[1], sys.argv[2]
+try:
+    d.check_same_config(value) if what == "config" else d.check_shared_workdir(value)
+    print("ok", flush=True)
+except d.DistributedError as e:
+    print(f"error: {e}", flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("config", "config differs from another process's"),
+        ("workdir", "process(es) [1] do not see"),
+    ],
+)
+def test_processes_that_disagree_are_told_why(tmp_path, what, message):
+    """Different configs, or run directories that are not one shared directory."""
+    from lm_align.launch.local import free_port, process_env
+
+    coordinator = f"localhost:{free_port()}"
+    procs = []
+    for i in range(2):
+        env = process_env(
+            dict(os.environ), coordinator=coordinator, num_processes=2, process_id=i,
+            devices=1, heartbeat_s=HEARTBEAT_S,
+        )  # fmt: skip
+        value = str(tmp_path / f"dir{i}") if what == "workdir" else f"config {i}"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CHECKS_SCRIPT, what, value],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for out in outs:
+        assert message in out, out[-2000:]

@@ -41,7 +41,7 @@ import optax
 
 from lm_align import config as config_lib
 from lm_align import data as data_lib
-from lm_align import optim, parallel
+from lm_align import distributed, optim, parallel
 from lm_align.align import checkpoints
 from lm_align.align.config import (
     LISTWISE_LOSSES,
@@ -631,6 +631,7 @@ def _eval_fn(s: AlignSetup, online: bool):
 def align(cfg, workdir: str, *, devices=None) -> TrainResult:
     """Trains (or resumes) the preference experiment `cfg` in `workdir`."""
     devices = list(jax.devices() if devices is None else devices)
+    distributed.check_startup(config_lib.to_json(cfg), workdir)
     s = setup(cfg, devices)
     cfg, a, t = s.cfg, s.cfg.align, s.cfg.train
     os.makedirs(workdir, exist_ok=True)

@@ -100,10 +100,7 @@ def _per_step_tokens(cfg) -> int:
 def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     """Trains (or resumes) the experiment `cfg` in `workdir`."""
     devices = list(jax.devices() if devices is None else devices)
-    if jax.process_count() > 1:
-        print(distributed.describe(), flush=True)  # every process: bring-up problems show here
-        distributed.check_devices()
-        distributed.check_same_config(config_lib.to_json(cfg))
+    distributed.check_startup(config_lib.to_json(cfg), workdir)
     exp = build_experiment(cfg, devices)
     t = cfg.train
     os.makedirs(workdir, exist_ok=True)
