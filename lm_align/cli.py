@@ -177,16 +177,18 @@ def _cmd_tokenizer_train(args, overrides) -> int:
 
 
 def start_processes(args) -> None:
-    """Initialises jax.distributed when this process is one of several."""
+    """Initialises jax.distributed when this process is one of several; watches for
+    host maintenance on Cloud TPU."""
     from lm_align import distributed
 
-    distributed.initialize(
-        distributed.resolve(
-            getattr(args, "coordinator", None),
-            getattr(args, "num_processes", None),
-            getattr(args, "process_id", None),
-        )
+    spec = distributed.resolve(
+        getattr(args, "coordinator", None),
+        getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
     )
+    distributed.initialize(spec)
+    if distributed.should_watch_maintenance(spec):
+        distributed.watch_maintenance()
 
 
 def main(argv=None) -> int:

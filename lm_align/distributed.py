@@ -12,15 +12,22 @@ Where the settings come from, first match wins:
    --process-id I`);
 2. the environment: `LM_ALIGN_COORDINATOR`, `LM_ALIGN_NUM_PROCESSES`,
    `LM_ALIGN_PROCESS_ID` (what `lm-align launch local` sets);
-3. Cloud TPU: on a multi-host TPU VM (`TPU_WORKER_HOSTNAMES` lists more than
-   one host, or a multislice job sets `MEGASCALE_NUM_SLICES`), JAX detects
-   the cluster itself;
+3. Cloud TPU: on a TPU VM (TPU chips present), or where
+   `TPU_WORKER_HOSTNAMES` lists several hosts or `MEGASCALE_NUM_SLICES` > 1,
+   `jax.distributed.initialize()` is called without arguments and JAX finds
+   the hosts, this one's id and the slices from the TPU metadata;
 4. otherwise: one process, no initialisation.
 
 `LM_ALIGN_HEARTBEAT_TIMEOUT` (seconds, default 100) bounds how long the
 others wait when a process dies: JAX's coordination service stops every
 process once a peer has missed heartbeats for that long, so a dead host
 never leaves the rest hanging in a collective.
+
+On a Cloud TPU VM (or with `LM_ALIGN_WATCH_MAINTENANCE=1` on any Compute
+Engine VM) a background thread also watches the metadata server's
+`maintenance-event` key, which changes about 60 s before the host is taken
+down for maintenance; on `TERMINATE_ON_HOST_MAINTENANCE` the process sends
+itself SIGTERM, so the run checkpoints and stops as on a preemption.
 """
 
 from __future__ import annotations
@@ -28,7 +35,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -36,6 +47,8 @@ ENV_COORDINATOR = "LM_ALIGN_COORDINATOR"
 ENV_NUM_PROCESSES = "LM_ALIGN_NUM_PROCESSES"
 ENV_PROCESS_ID = "LM_ALIGN_PROCESS_ID"
 ENV_HEARTBEAT = "LM_ALIGN_HEARTBEAT_TIMEOUT"
+ENV_WATCH_MAINTENANCE = "LM_ALIGN_WATCH_MAINTENANCE"  # 1: watch, 0: never; unset: on TPU VMs
+ENV_MAINTENANCE_POLL = "LM_ALIGN_MAINTENANCE_POLL_S"
 DEFAULT_HEARTBEAT_S = 100
 
 
@@ -70,6 +83,16 @@ def _int(value, name: str, where: str) -> int:
         raise DistributedError(f"{name}={value!r} ({where}) is not an integer") from None
 
 
+def on_tpu_vm() -> bool:
+    """Whether this machine has TPU chips (a Cloud TPU VM), without starting a JAX backend."""
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # a JAX without this helper: rely on the environment variables
+        return False
+
+
 def _on_multihost_tpu(env: Mapping[str, str]) -> bool:
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     slices = _int(env.get("MEGASCALE_NUM_SLICES") or 1, "MEGASCALE_NUM_SLICES", "environment")
@@ -81,8 +104,12 @@ def resolve(
     num_processes: int | None = None,
     process_id: int | None = None,
     env: Mapping[str, str] | None = None,
+    tpu_vm: bool | None = None,
 ) -> ProcessSpec:
-    """The ProcessSpec for these flags (None: not given) and environment; validates it."""
+    """The ProcessSpec for these flags (None: not given) and environment; validates it.
+
+    `tpu_vm`: whether this is a Cloud TPU VM (None: `on_tpu_vm()`).
+    """
     env = os.environ if env is None else env
     heartbeat = _int(env.get(ENV_HEARTBEAT, DEFAULT_HEARTBEAT_S), ENV_HEARTBEAT, "environment")
     if heartbeat < 1:
@@ -94,8 +121,8 @@ def resolve(
         coordinator = env.get(ENV_COORDINATOR) or None
         num_processes = env.get(ENV_NUM_PROCESSES) or None
         process_id = env.get(ENV_PROCESS_ID) or None
-    elif _on_multihost_tpu(env):
-        return ProcessSpec("tpu", heartbeat_timeout_s=heartbeat, source="Cloud TPU environment")
+    elif _on_multihost_tpu(env) or (on_tpu_vm() if tpu_vm is None else tpu_vm):
+        return ProcessSpec("tpu", heartbeat_timeout_s=heartbeat, source="Cloud TPU VM")
     else:
         return ProcessSpec("single", heartbeat_timeout_s=heartbeat, source="default")
 
@@ -153,12 +180,67 @@ def initialize(spec: ProcessSpec) -> None:
             )
     else:
         jax.distributed.initialize(heartbeat_timeout_seconds=spec.heartbeat_timeout_s)
-        if jax.process_count() == 1:
+        hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+        if jax.process_count() == 1 and len(hosts) > 1:
             raise DistributedError(
-                "this TPU VM has several hosts (TPU_WORKER_HOSTNAMES) but JAX started as a single "
-                "process: run the same command on every worker (`gcloud compute tpus tpu-vm ssh "
-                "... --worker=all`, or `lm-align launch tpu`), not on one"
+                f"this TPU VM has {len(hosts)} hosts (TPU_WORKER_HOSTNAMES) but JAX started as a "
+                "single process: run the same command on every worker (`gcloud compute tpus "
+                "tpu-vm ssh ... --worker=all`, or `lm-align launch tpu`), not on one"
             )
+
+
+def metadata_url(key: str, env: Mapping[str, str] | None = None) -> str:
+    """The Compute Engine metadata server URL of `key` (`GCE_METADATA_IP` overrides the host)."""
+    env = os.environ if env is None else env
+    host = env.get("GCE_METADATA_IP", "metadata.google.internal")
+    return f"http://{host}/computeMetadata/v1/{key}"
+
+
+def watch_maintenance(
+    on_event: Callable[[str], None] | None = None,
+    *,
+    interval_s: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> threading.Thread:
+    """Starts a daemon thread that polls `instance/maintenance-event`.
+
+    On a value starting with TERMINATE it calls `on_event(value)` (default:
+    print a line and send this process SIGTERM) and ends. An unreachable
+    metadata server is retried at the same interval.
+    """
+    env = os.environ if env is None else env
+    interval = float(env.get(ENV_MAINTENANCE_POLL, 5.0) if interval_s is None else interval_s)
+    request = urllib.request.Request(
+        metadata_url("instance/maintenance-event", env), headers={"Metadata-Flavor": "Google"}
+    )
+
+    def stop_now(value: str) -> None:
+        print(f"maintenance event {value}: checkpointing and stopping (SIGTERM)", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def loop():
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    value = r.read().decode().strip()
+            except OSError:
+                value = ""
+            if value.startswith("TERMINATE"):
+                (on_event or stop_now)(value)
+                return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=loop, name="lm_align maintenance watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def should_watch_maintenance(spec: ProcessSpec, env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    setting = env.get(ENV_WATCH_MAINTENANCE, "")
+    if setting not in ("", "0", "1"):
+        raise DistributedError(f"{ENV_WATCH_MAINTENANCE}={setting!r}; use 1 (watch) or 0 (never)")
+    return setting == "1" or (setting == "" and spec.mode == "tpu")
 
 
 def check_startup(config_json: str, workdir: str) -> None:

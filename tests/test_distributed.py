@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -77,3 +79,95 @@ def test_launch_local_rejects_bad_counts():
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--num-processes=0; use 1 or more" in proc.stderr
+
+
+def test_a_tpu_vm_initialises_from_the_tpu_metadata():
+    assert d.resolve(env={}, tpu_vm=True).mode == "tpu"
+    assert d.resolve(env={}, tpu_vm=False).mode == "single"
+    # Explicit settings still win on a TPU VM.
+    assert d.resolve("h:1", 2, 0, env={}, tpu_vm=True).mode == "explicit"
+
+
+class _FakeMetadata:
+    """A metadata server whose maintenance-event value the test sets."""
+
+    def __init__(self):
+        import http.server
+
+        owner = self
+        self.value, self.requests = "NONE", []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.requests.append((self.path, self.headers.get("Metadata-Flavor")))
+                body = owner.value.encode()
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def metadata():
+    server = _FakeMetadata()
+    yield server
+    server.server.shutdown()
+
+
+def test_maintenance_watch_fires_on_terminate(metadata):
+    events = []
+    thread = d.watch_maintenance(
+        events.append, interval_s=0.05, env={"GCE_METADATA_IP": metadata.address}
+    )
+    time.sleep(0.3)
+    assert events == [] and thread.is_alive()
+    metadata.value = "MIGRATE_ON_HOST_MAINTENANCE"  # live migration: keep training
+    time.sleep(0.3)
+    assert events == []
+    metadata.value = "TERMINATE_ON_HOST_MAINTENANCE"
+    thread.join(timeout=5)
+    assert events == ["TERMINATE_ON_HOST_MAINTENANCE"]
+    path, flavor = metadata.requests[0]
+    assert path == "/computeMetadata/v1/instance/maintenance-event" and flavor == "Google"
+
+
+def test_maintenance_watch_is_on_for_tpu_vms_and_settable():
+    tpu, single = d.ProcessSpec("tpu"), d.ProcessSpec("single")
+    assert d.should_watch_maintenance(tpu, env={})
+    assert not d.should_watch_maintenance(single, env={})
+    assert d.should_watch_maintenance(single, env={d.ENV_WATCH_MAINTENANCE: "1"})
+    assert not d.should_watch_maintenance(tpu, env={d.ENV_WATCH_MAINTENANCE: "0"})
+    with pytest.raises(d.DistributedError, match="use 1 \\(watch\\) or 0"):
+        d.should_watch_maintenance(tpu, env={d.ENV_WATCH_MAINTENANCE: "yes"})
+
+
+@pytest.mark.slow
+def test_train_checkpoints_and_stops_on_a_maintenance_event(metadata, tmp_path):
+    from tests.helpers import TINY, cli_args, env_with_devices, losses
+
+    workdir = tmp_path / "run"
+    env = env_with_devices(1)
+    env.update(
+        {"GCE_METADATA_IP": metadata.address, d.ENV_WATCH_MAINTENANCE: "1",
+         d.ENV_MAINTENANCE_POLL: "0.1"}
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        cli_args(workdir, TINY + ["train.steps=400", "train.checkpoint_every=1000"]),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    while not ((workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 3):
+        assert proc.poll() is None and time.monotonic() - t0 < 240
+        time.sleep(0.2)
+    metadata.value = "TERMINATE_ON_HOST_MAINTENANCE"
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "maintenance event TERMINATE_ON_HOST_MAINTENANCE: checkpointing and stopping" in out
+    assert "SIGTERM: saved checkpoint at step" in out
+    assert max(losses(workdir)) < 400
