@@ -56,6 +56,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_used(
     assert sorted(os.listdir(ckpts)) == ["12", "4", "8"]
 
 
+@pytest.mark.slow
 def test_interrupted_save_directory_is_reported_and_ignored(straight, tmp_path):
     workdir = tmp_path / "run"
     run_cli(workdir, RUN + ["train.steps=8"])
