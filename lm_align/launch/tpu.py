@@ -1,7 +1,7 @@
 """`lm-align launch tpu`: run an lm-align command on every worker of Cloud TPU slices.
 
     lm-align launch tpu [--dry-run] --name NAME --accelerator TYPE --zone ZONE [--project P]
-        [--num-slices N] [--runtime-version V] [--spot] [--reuse] [--teardown]
+        [--num-slices N] [--runtime-version V] [--spot] [--reuse] [--teardown] [--bucket BUCKET]
         [--gke-cluster CLUSTER --docker-image IMG] -- <lm-align command and its arguments>
 
 One slice (`--num-slices 1`, the default) is a TPU VM (`gcloud compute tpus
@@ -19,6 +19,16 @@ worker, unpacks them to ~/lm_align and installs lm_align with jax[tpu]
 same as `lm-align <command>`) from ~/lm_align on every worker of every slice at
 once. Each slice's output streams here with a `[slice i]` prefix. --teardown
 deletes the TPU afterwards, also after a failure or Ctrl-C.
+
+The run directory. The processes of a run over several hosts write its
+checkpoints together, into one directory that every host must see at the same
+path (lm_align checks this at start-up). --bucket BUCKET gives them one: the
+setup step mounts the Cloud Storage bucket with gcsfuse at ~/lm_align_bucket on
+every worker, and a `train` or `align` command's --workdir is put there
+(relative: taken relative to the mount; none: runs/NAME). Without --bucket,
+a relative --workdir is on each worker's own disk: for a job of several hosts
+the dry run warns, and the launcher refuses to run `train` or `align` unless
+--workdir is absolute (your own shared mount).
 
 With --gke-cluster the command runs through xpk on an existing GKE cluster
 instead: in --docker-image, which must hold lm_align installed at its working
@@ -39,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import posixpath
 import re
 import shlex
 import subprocess
@@ -54,6 +65,9 @@ XPK = "xpk"
 REMOTE_DIR = "lm_align"  # the checkout on every worker, relative to its home directory
 REMOTE_ARCHIVE = "lm_align_src.tar.gz"  # where the packed checkout is copied, ditto
 SETUP_SCRIPT = "launch/tpu_worker_setup.sh"  # in the checkout
+BUCKET_MOUNT = "lm_align_bucket"  # where --bucket is mounted on every worker, relative to home
+# Commands whose processes all write one run directory (--workdir).
+RUN_COMMANDS = ("train", "align")
 POLL_S = 30.0  # between two state checks while waiting for a TPU
 READY_TIMEOUT_S = 6 * 3600.0  # a queued resource may wait hours for capacity
 TPU_VM_READY = "READY"
@@ -62,6 +76,7 @@ QUEUED_RESOURCE_READY = "ACTIVE"
 TPU_VM_DEAD = ("PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "DELETING", "HIDDEN")
 QUEUED_RESOURCE_DEAD = ("FAILED", "SUSPENDING", "SUSPENDED", "DELETING")
 NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,60}[a-z0-9])?")
+BUCKET_RE = re.compile(r"[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9]")
 # The source checkout: the directory holding the lm_align package.
 SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -153,6 +168,53 @@ def check_name(name: str, what: str = "--name") -> str:
             "e.g. lm-align-v5e"
         )
     return name
+
+
+def parse_bucket(text: str, what: str = "--bucket") -> str:
+    """`my-bucket` or `gs://my-bucket` -> `my-bucket`; LaunchError if it is not a bucket name."""
+    name = text.strip()
+    name = name[len("gs://") :] if name.startswith("gs://") else name
+    name = name.rstrip("/")
+    if "/" in name:
+        raise LaunchError(
+            f"{what} {text!r}: give the bucket alone, without a path inside it "
+            f"(e.g. {name.split('/')[0]}); it is mounted whole at ~/{BUCKET_MOUNT}"
+        )
+    if not BUCKET_RE.fullmatch(name):
+        raise LaunchError(
+            f"{what} {text!r}: Cloud Storage bucket names are 3-63 lowercase letters, digits, "
+            "'-', '_' and '.', starting and ending with a letter or digit, e.g. my-lm-runs "
+            "(gs:// is optional)"
+        )
+    return name
+
+
+def find_workdir(command: Sequence[str]) -> str | None:
+    """The value of `--workdir` (or `--workdir=`) in an lm-align command line, if any."""
+    for i, arg in enumerate(command):
+        if arg == "--workdir" and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith("--workdir="):
+            return arg.partition("=")[2]
+    return None
+
+
+def with_workdir(command: Sequence[str], workdir: str) -> list[str]:
+    """`command` with its --workdir set to `workdir` (added at the end if it has none)."""
+    out = list(command)
+    for i, arg in enumerate(out):
+        if arg == "--workdir" and i + 1 < len(out):
+            out[i + 1] = workdir
+            return out
+        if arg.startswith("--workdir="):
+            out[i] = f"--workdir={workdir}"
+            return out
+    return out + ["--workdir", workdir]
+
+
+def in_bucket(path: str) -> str:
+    """A path inside the bucket mount, relative to ~/lm_align (where commands run)."""
+    return posixpath.join("..", BUCKET_MOUNT, path)
 
 
 # ---------------------------------------------------------------------------
@@ -249,15 +311,17 @@ def xpk_delete_argv(cluster, workload, zone, project) -> list[str]:
     return argv + [*xpk_location_flags(zone, project), "--force"]
 
 
-def setup_command() -> str:
-    """Unpacks the copied checkout over ~/lm_align and installs it (on a worker).
+def setup_command(bucket: str | None = None) -> str:
+    """Unpacks the copied checkout over ~/lm_align and installs it (on a worker); with
+    `bucket`, also mounts gs://BUCKET at ~/lm_align_bucket (gcsfuse; skipped if mounted).
 
     Unpacked over, not into an emptied directory: run directories under
     ~/lm_align (a relative --workdir) survive a relaunch with --reuse.
     """
+    mount = f" --bucket {shlex.quote(bucket)} --mount-dir {BUCKET_MOUNT}" if bucket else ""
     return (
         f"mkdir -p {REMOTE_DIR} && tar -xzf {REMOTE_ARCHIVE} -C {REMOTE_DIR} && "
-        f"bash {REMOTE_DIR}/{SETUP_SCRIPT}"
+        f"bash {REMOTE_DIR}/{SETUP_SCRIPT}{mount}"
     )
 
 
@@ -326,12 +390,24 @@ class Job:
     teardown: bool = False
     gke_cluster: str | None = None
     docker_image: str | None = None
+    bucket: str | None = None  # mounted at ~/lm_align_bucket on every worker
+    workdir_given: str | None = None  # the command's --workdir before --bucket moved it
     source_dir: str = SOURCE_DIR
     archive: str = ""
 
     @property
     def multislice(self) -> bool:
         return self.num_slices > 1
+
+    @property
+    def hosts(self) -> int:
+        """Hosts (= JAX processes) of the whole job."""
+        return self.accelerator.hosts * self.num_slices
+
+    @property
+    def runs(self) -> bool:
+        """The command is one whose processes all write one run directory."""
+        return bool(self.command) and self.command[0] in RUN_COMMANDS
 
     @property
     def nodes(self) -> list[str]:
@@ -381,6 +457,26 @@ def job_from_args(args, overrides: Sequence[str] = ()) -> Job:
     name = check_name(args.name)
     if args.num_slices > 1 and not args.gke_cluster:
         check_name(f"{name}-{args.num_slices - 1}", "node name")
+    bucket = parse_bucket(args.bucket) if getattr(args, "bucket", None) else None
+    if bucket and args.gke_cluster:
+        raise LaunchError(
+            "--bucket applies to TPU VMs, not to --gke-cluster: mount the bucket in the pods "
+            "(e.g. with GKE's Cloud Storage FUSE CSI driver) and give an absolute --workdir "
+            "inside it"
+        )
+    workdir = find_workdir(command)
+    if bucket and command[0] in RUN_COMMANDS:
+        if workdir is None:
+            command = with_workdir(command, in_bucket(f"runs/{name}"))
+        elif not os.path.isabs(workdir):
+            inside = posixpath.normpath(workdir)
+            if inside == os.pardir or inside.startswith(os.pardir + "/"):
+                raise LaunchError(
+                    f"--workdir {workdir} leaves the bucket mount: with --bucket a relative "
+                    "--workdir is taken relative to the bucket; give one inside it, e.g. "
+                    "runs/my-run (or an absolute path, kept as given)"
+                )
+            command = with_workdir(command, in_bucket(inside))
     archive = os.path.join(tempfile.gettempdir(), f"lm_align-{name}.tar.gz")
     return Job(
         name=name,
@@ -395,6 +491,8 @@ def job_from_args(args, overrides: Sequence[str] = ()) -> Job:
         teardown=args.teardown,
         gke_cluster=args.gke_cluster,
         docker_image=args.docker_image,
+        bucket=bucket,
+        workdir_given=workdir,
         source_dir=getattr(args, "source_dir", None) or SOURCE_DIR,
         archive=getattr(args, "archive", None) or archive,
     )
@@ -409,8 +507,37 @@ def _workers(acc: Accelerator) -> str:
     return "the worker" if acc.hosts == 1 else f"all {acc.hosts} workers"
 
 
+def shared_dir_problem(job: Job) -> tuple[str, str] | None:
+    """(what is wrong, how to fix it) when the processes of a run over several hosts would
+    each write their own run directory; None when they share one (or there is one host)."""
+    if job.hosts < 2 or not job.runs or job.bucket:
+        return None
+    workdir = job.workdir_given
+    if workdir is not None and os.path.isabs(workdir):
+        return None  # the user's own shared mount, we trust
+    if job.gke_cluster:
+        where = "the image's working directory, in each host's container"
+        fix = (
+            "mount shared storage at the same path in every pod (e.g. a Cloud Storage bucket "
+            "with GKE's Cloud Storage FUSE CSI driver) and give an absolute --workdir inside it"
+        )
+    else:
+        where = f"~/{REMOTE_DIR} on each worker's own disk"
+        fix = (
+            "add --bucket BUCKET (a Cloud Storage bucket that every worker mounts with gcsfuse; "
+            "the run directory goes there) or give an absolute --workdir on storage every "
+            "worker mounts at the same path"
+        )
+    run_dir = f"--workdir {workdir}" if workdir is not None else "the default runs/<experiment>"
+    problem = (
+        f"the {job.hosts} hosts write one run directory together, so it must be storage every "
+        f"host mounts at the same path, but {run_dir} is under {where}"
+    )
+    return problem, fix
+
+
 def header(job: Job) -> list[str]:
-    """Comment lines that say what the plan runs on."""
+    """Comment lines that say what the plan runs on, and where the run directory is."""
     acc = job.accelerator
     lines = []
     if acc.alias:
@@ -422,14 +549,37 @@ def header(job: Job) -> list[str]:
         )
     else:
         lines.append(f"# {acc.describe()}")
-    if job.gke_cluster:
-        return lines
-    lines.append(f"# TPU software (runtime) version {job.runtime_version}")
-    if job.multislice:
+    if not job.gke_cluster:
+        lines.append(f"# TPU software (runtime) version {job.runtime_version}")
+        if job.multislice:
+            lines.append(
+                "# multislice: the queued resource gives every node its MEGASCALE_* settings "
+                "(tpu-env metadata, read by jax); nothing is set by hand"
+            )
+    if job.bucket:
         lines.append(
-            "# multislice: the queued resource gives every node its MEGASCALE_* settings "
-            "(tpu-env metadata, read by jax); nothing is set by hand"
+            f"# --bucket: every worker mounts gs://{job.bucket} at ~/{BUCKET_MOUNT} (gcsfuse), "
+            "the same path on every host"
         )
+        given = job.workdir_given
+        if job.runs and (given is None or not os.path.isabs(given)):
+            inside = f"runs/{job.name}" if given is None else posixpath.normpath(given)
+            why = (
+                "no --workdir given"
+                if given is None
+                else f"--workdir {given} is taken relative to the bucket mount"
+            )
+            hosts = "the host" if job.hosts == 1 else f"all {job.hosts} hosts"
+            lines.append(
+                f"# {why}: the run directory is ~/{BUCKET_MOUNT}/{inside} on {hosts} "
+                f"(gs://{job.bucket}/{inside}); it outlives the TPU"
+            )
+        elif job.runs:
+            lines.append(f"# --workdir {given} is absolute: kept as given (not in the bucket)")
+    problem = shared_dir_problem(job)
+    if problem:
+        lines.append(f"# WARNING: {problem[0]}")
+        lines.append(f"# WARNING: {problem[1]}; until then the launcher refuses to start this run")
     return lines
 
 
@@ -477,14 +627,7 @@ def plan(job: Job) -> list[Step]:
             dead=dead,
         )
     )
-    steps.append(
-        Step(
-            f"Pack the git-tracked (and untracked, not ignored) files of {job.source_dir} "
-            f"into {job.archive} (here, in Python)",
-            None,
-            "pack",
-        )
-    )
+    steps.append(Step(pack_comment(job.source_dir, job.archive), None, "pack"))
     for i, node in enumerate(job.nodes):
         where = f"{_workers(acc)} of slice {i} ({node})" if job.multislice else _workers(acc)
         steps.append(
@@ -500,9 +643,8 @@ def plan(job: Job) -> list[Step]:
         where = f"{_workers(acc)} of slice {i}" if job.multislice else _workers(acc)
         steps.append(
             Step(
-                f"Unpack it to ~/{REMOTE_DIR} and install lm_align with jax[tpu] on {where} "
-                f"({SETUP_SCRIPT})",
-                tuple(tpu_vm_ssh_argv(node, z, p, setup_command())),
+                f"{_sentence(setup_comment(job.bucket))} on {where} ({SETUP_SCRIPT})",
+                tuple(tpu_vm_ssh_argv(node, z, p, setup_command(job.bucket))),
                 "stream",
                 prefix=f"[slice {i}] ",
                 group=2,
@@ -530,6 +672,30 @@ def plan(job: Job) -> list[Step]:
             comment = f"Delete the TPU VM {job.name} (--teardown)"
         steps.append(Step(comment, tuple(delete), "teardown"))
     return steps
+
+
+def pack_comment(source_dir: str, archive: str) -> str:
+    """The pack step's comment; names the checkout only when it is not this lm_align's
+    (so that the dry run does not depend on where the checkout is)."""
+    if os.path.abspath(source_dir) == SOURCE_DIR:
+        what = "this lm_align checkout's git-tracked (and untracked, not ignored) files"
+    else:
+        what = f"the git-tracked (and untracked, not ignored) files of {source_dir}"
+    return f"Pack {what} into {archive} (here, in Python)"
+
+
+def setup_comment(bucket: str | None) -> str:
+    """What `setup_command(bucket)` does, for a step comment (lowercase, without where)."""
+    if not bucket:
+        return f"unpack it to ~/{REMOTE_DIR} and install lm_align with jax[tpu]"
+    return (
+        f"unpack it to ~/{REMOTE_DIR}, mount gs://{bucket} at ~/{BUCKET_MOUNT} (gcsfuse, "
+        "installed if missing) and install lm_align with jax[tpu]"
+    )
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _plan_xpk(job: Job) -> list[Step]:
@@ -726,7 +892,7 @@ def execute(
                 )
             elif step.kind == "pack":
                 n = pack_source(job.source_dir, job.archive)
-                log(f"launcher: packed {n} files")
+                log(f"launcher: packed {n} files of {job.source_dir}")
             elif step.kind == "stream":
                 group = [s for s in main[i:] if s.kind == "stream" and s.group == step.group]
                 for other in group[1:]:
@@ -810,6 +976,11 @@ def add_parser(launch_sub) -> None:
     p.add_argument("--spot", action="store_true", help="Spot capacity (cheaper, preemptible)")
     p.add_argument("--reuse", action="store_true", help="keep the TPU of that name if it exists")
     p.add_argument("--teardown", action="store_true", help="delete the TPU / workload at the end")
+    p.add_argument(
+        "--bucket",
+        help="Cloud Storage bucket every worker mounts (gcsfuse) at ~/lm_align_bucket; the run "
+        "directory of train/align goes there (needed for runs over several hosts)",
+    )
     p.add_argument("--gke-cluster", help="run through xpk on this GKE cluster instead")
     p.add_argument("--docker-image", help="with --gke-cluster: image holding lm_align")
     p.add_argument(
@@ -831,6 +1002,10 @@ def cmd_tpu(args, overrides) -> int:
     if args.dry_run:
         sys.stdout.write(format_plan(job, steps))
         return 0
+    problem = shared_dir_problem(job)
+    if problem:
+        print(f"error: {problem[0]}: {problem[1]} (see --dry-run)", file=sys.stderr)
+        return 2
     for line in header(job):
         print(line.replace("# ", "launcher: ", 1), flush=True)
     try:
