@@ -2,9 +2,12 @@
 retried, results copied back, the sweep summary, and a stopped sweep resumed.
 
 The fake (a Python script written to tmp_path) logs its argv, keeps each TPU VM's state
-in a file, gives each VM a "remote home" directory, and for `ssh` runs the setup command
-(minus the pip install) or "trains" by writing final.json/metrics.jsonl/config.json into
-the run directory named by --workdir. FAKE_GCLOUD_PREEMPT=<run prefix>:<attempt> makes
+in a file, gives each VM a "remote home" directory (deleted with the VM), and for `ssh`
+runs the setup command (minus the pip install; `--bucket B --mount-dir D` "mounts"
+<root>/buckets/B, which outlives the VMs, at D) or "trains" by writing
+final.json/metrics.jsonl/config.json into the run directory named by --workdir, and a
+"checkpoint" after step 1 that a later attempt resumes from (final.json records
+resumed_from). FAKE_GCLOUD_PREEMPT=<run prefix>:<attempt> makes
 that attempt fail like a preemption (exit 255, state PREEMPTED); FAKE_GCLOUD_SLOW=<run
 prefix> makes that run wait until a `pkill` arrives; FAKE_GCLOUD_TRAIN_S=<seconds> makes
 every run take that long.
@@ -15,6 +18,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -23,11 +27,11 @@ from lm_align import cli
 from lm_align.launch import tpu
 from lm_align.sweeps import load_summary, plan_sweep, run_sweep
 from lm_align.sweeps.tpu_executor import TPUExecutor
-from tests.helpers import DEFAULT_EXPERIMENT
+from tests.helpers import DEFAULT_EXPERIMENT, REPO
 
 FAKE_GCLOUD = """\
 #!{python}
-import json, os, shlex, shutil, subprocess, sys, time
+import json, os, re, shlex, shutil, subprocess, sys, time
 
 ROOT = os.environ["FAKE_GCLOUD_ROOT"]
 argv = sys.argv[1:]
@@ -90,8 +94,17 @@ elif verb == "ssh":
         sys.exit(print("ssh: connect to host: Connection refused", file=sys.stderr) or 255)
     if "pkill" in command:
         open(os.path.join(ROOT, "stop-" + node), "w").close()
-    elif "lm_align.cli" not in command:  # the setup: unpack, but install nothing
-        command = command.replace("bash lm_align/launch/tpu_worker_setup.sh", "true")
+    elif "lm_align.cli" not in command:  # the setup: unpack, "mount", but install nothing
+        setup = re.search(r"bash lm_align/launch/tpu_worker_setup.sh(.*)$", command)
+        words = shlex.split(setup.group(1))
+        if words:
+            assert words[0::2] == ["--bucket", "--mount-dir"], words
+            bucket = os.path.join(ROOT, "buckets", words[1])
+            os.makedirs(bucket, exist_ok=True)
+            mount = os.path.join(home(node), words[3])
+            if not os.path.islink(mount):
+                os.symlink(bucket, mount)
+        command = command[: setup.start()] + "true"
         sys.exit(subprocess.run(["bash", "-c", command], cwd=home(node)).returncode)
     else:  # "train"
         words = shlex.split(command)
@@ -105,12 +118,15 @@ elif verb == "ssh":
         attempt = (int(open(counter).read()) if os.path.exists(counter) else 0) + 1
         open(counter, "w").write(str(attempt))
         os.makedirs(run_dir, exist_ok=True)
+        checkpoint = os.path.join(run_dir, "checkpoint")
+        resumed_from = int(open(checkpoint).read()) if os.path.exists(checkpoint) else None
         json.dump({{"argv": words}}, open(os.path.join(run_dir, "config.json"), "w"))
         print(f"training {{name}} on {{node}}, attempt {{attempt}}")
         print("W0000 some warning", file=sys.stderr)
         metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         metrics.write(json.dumps({{"step": 1, "loss": 5.5}}) + "\\n")
         metrics.flush()
+        open(checkpoint, "w").write("1")
         preempt = os.environ.get("FAKE_GCLOUD_PREEMPT", "::").split(":")
         if name.startswith(preempt[0]) and str(attempt) == preempt[1]:
             set_state(node, "PREEMPTED")
@@ -127,7 +143,8 @@ elif verb == "ssh":
         time.sleep(float(os.environ.get("FAKE_GCLOUD_TRAIN_S", "0")))
         metrics.write(json.dumps({{"step": 4, "loss": 4.0}}) + "\\n")
         metrics.close()
-        json.dump({{"step": 4, "eval_loss": 4.25}}, open(os.path.join(run_dir, "final.json"), "w"))
+        final = {{"step": 4, "eval_loss": 4.25, "resumed_from": resumed_from}}
+        json.dump(final, open(os.path.join(run_dir, "final.json"), "w"))
 else:
     sys.exit(f"fake gcloud: unexpected {{argv}}")
 """
@@ -247,12 +264,64 @@ def test_runs_spread_over_slices_and_a_preempted_run_is_retried(fake, checkout, 
     with open(os.path.join(result.runs[1].workdir, "run.json")) as f:
         record = json.load(f)
     assert record["status"] == "finished" and record["attempts"] == 2
+    with open(os.path.join(result.runs[1].workdir, "final.json")) as f:
+        # Without a bucket the run directory was on the deleted VM's disk: started over.
+        assert json.load(f)["resumed_from"] is None
     with open(os.path.join(result.runs[1].workdir, "stderr.log")) as f:
         assert "closed by remote host" in f.read()  # the preempted attempt's stderr is kept
 
     rows = load_summary(str(workdir))
     assert [r["name"] for r in rows] == names
     assert all(r["status"] == "finished" and r["eval_loss"] == 4.25 for r in rows)
+
+
+def test_with_a_bucket_a_run_resumes_on_a_recreated_vm(fake, checkout, tmp_path, monkeypatch):
+    """--bucket: every worker mounts it and the run directories live there, so the run
+    preempted on a 4-host slice (VM deleted and created again) resumes from its checkpoint;
+    results are copied back from worker 0's mount as without a bucket."""
+    set_state(fake, "sw", "READY")
+    monkeypatch.setenv("FAKE_GCLOUD_PREEMPT", "001_:1")
+    lines = []
+    executor = TPUExecutor(
+        "sw", "v5e-16", "us-west4-a", bucket="gs://my-bucket", source_dir=str(checkout),
+        poll_s=0.01, log=lines.append,
+    )  # fmt: skip
+    assert executor.bucket == "my-bucket"
+    workdir = tmp_path / "sweeps" / "lr"
+    config = str(checkout / "experiments" / "tpu_sweep.py")
+    result = run_sweep(config, str(workdir), executor=executor, log=lines.append)
+
+    assert list(result.statuses.values()) == ["finished"] * 4, "\n".join(lines)
+    names = [r.name for r in result.runs]
+    log = calls(fake)
+    setups = [a for a in log if a[3] == "ssh" and "tpu_worker_setup.sh" in a[-1]]
+    assert len(setups) == 2  # set up again on the recreated VM: mounted again
+    assert all(a[-1].endswith("--bucket my-bucket --mount-dir lm_align_bucket") for a in setups)
+    assert ("delete", "sw") in [(a[3], a[4]) for a in log]
+    bucket = fake / "buckets" / "my-bucket"
+    for run in result.runs:
+        with open(os.path.join(run.workdir, "config.json")) as f:
+            argv = json.load(f)["argv"]
+        assert argv[argv.index("--workdir") + 1] == f"../lm_align_bucket/lr/{run.name}"
+        assert (bucket / "lr" / run.name / "final.json").exists()  # kept in the bucket
+        with open(os.path.join(run.workdir, "final.json")) as f:  # copied back
+            resumed_from = json.load(f)["resumed_from"]
+        assert resumed_from == (1 if run.name == names[1] else None), run.name
+    assert any("mount gs://my-bucket" in line for line in lines)
+
+
+def test_a_multi_host_slice_without_a_bucket_is_refused_before_anything_runs(
+    fake, checkout, tmp_path
+):
+    runs = plan_sweep(str(checkout / "experiments" / "tpu_sweep.py"), str(tmp_path / "w"))
+    executor = TPUExecutor("sw", "v5e-16", "z", source_dir=str(checkout))
+    assert executor.comments(runs)[0].startswith("# WARNING: v5litepod-16 has 4 hosts")
+    with pytest.raises(tpu.LaunchError, match="v5litepod-16 has 4 hosts.*add --bucket BUCKET"):
+        executor.run(runs, lambda e: None)
+    assert calls(fake) == []
+    one_host = TPUExecutor("sw", "v5e-8", "z", source_dir=str(checkout))
+    assert one_host.shared_dir_problem() is None and one_host.comments(runs) == []
+    assert one_host.remote_run_dir(runs[0]) == f"lm_align_runs/w/{runs[0].name}"
 
 
 def test_stopped_sweep_restarts_only_the_runs_not_done(fake, checkout, tmp_path, monkeypatch):
@@ -329,9 +398,31 @@ def test_experiment_outside_the_checkout_is_an_error_before_anything_runs(fake, 
           "--parallel", "2"], "--parallel=2 applies to --executor local"),
         (["--executor", "tpu", "--tpu-name", "s", "--accelerator", "v4-8", "--zone", "z",
           "--num-slices", "0"], "--num-slices=0; use 1 or more"),
+        (["--bucket", "b-1"], "--bucket applies to --executor tpu"),
+        (["--executor", "tpu", "--tpu-name", "s", "--accelerator", "v4-8", "--zone", "z",
+          "--bucket", "B"], "--bucket 'B': Cloud Storage bucket names are 3-63 lowercase"),
     ],
 )  # fmt: skip
 def test_sweep_tpu_flag_errors(extra, message, capsys):
     status = cli.main(["sweep", "--config", "x.py", "--workdir", "w", *extra])
     err = capsys.readouterr().err
     assert status == 2 and message in err, err
+
+
+def test_docs_show_the_current_sweep_dry_run(tmp_path, monkeypatch, capsys):
+    """docs/launching_tpu.md pastes this dry run (from "--executor tpu:" on)."""
+    monkeypatch.chdir(tmp_path)  # the sweep directory runs/lr_width, relative to here
+    status = cli.main(
+        ["sweep", "--config", os.path.join(REPO, "experiments", "lr_width.py"), "--workdir",
+         "runs/lr_width", "--executor", "tpu", "--tpu-name", "lr-sweep", "--accelerator",
+         "v5e-8", "--zone", "us-west4-a", "--project", "my-project", "--num-slices", "2",
+         "--bucket", "my-bucket", "--dry-run"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    plan = out[out.index("--executor tpu:") :].replace(tempfile.gettempdir() + "/", "/tmp/")
+    assert "# --bucket: every worker mounts gs://my-bucket at ~/lm_align_bucket" in plan
+    with open(os.path.join(REPO, "docs", "launching_tpu.md")) as f:
+        doc = f.read()
+    for line in plan.splitlines():
+        assert line in doc, line

@@ -3,7 +3,7 @@
     lm-align sweep --config experiments/x.py[:arg] --workdir DIR [--parallel N] [--max-runs N]
                    [--dry-run] [--config.group.field=value ...]
                    [--executor tpu --tpu-name NAME --accelerator TYPE --zone ZONE
-                    [--num-slices N] [--project P] [--max-retries K] [--spot]]
+                    [--num-slices N] [--project P] [--max-retries K] [--spot] [--bucket B]]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY]
                   [--metric eval_loss] [--out DIR]
 
@@ -34,6 +34,7 @@ TPU_FLAGS = (
     ("--max-retries", "max_retries"),
     ("--runtime-version", "runtime_version"),
     ("--spot", "spot"),
+    ("--bucket", "bucket"),
 )
 
 
@@ -62,6 +63,11 @@ def add_parsers(subparsers) -> None:
     g.add_argument("--max-retries", type=int, help="reruns of a preempted run (default 2)")
     g.add_argument("--runtime-version", help="TPU software version (default: per generation)")
     g.add_argument("--spot", action="store_true", default=None, help="create Spot TPU VMs")
+    g.add_argument(
+        "--bucket",
+        help="Cloud Storage bucket every worker mounts (gcsfuse); the runs' directories go "
+        "there (resume after any preemption; needed for slices of several hosts)",
+    )
     p.set_defaults(fn=cmd_sweep)
 
     p = subparsers.add_parser("plot", help="loss vs LR, optimal LR per width, LR sensitivity")
@@ -171,6 +177,7 @@ def _executor(args):
         runtime_version=args.runtime_version,
         spot=bool(args.spot),
         max_retries=2 if args.max_retries is None else args.max_retries,
+        bucket=args.bucket,
     )
 
 
@@ -182,6 +189,8 @@ def _print_tpu_plan(executor, runs) -> None:
         f"\n--executor tpu: {len(executor.slices)} slice(s) of {acc.describe()}; "
         "the gcloud commands, if every slice were missing and no run preempted:"
     )
+    for line in executor.comments(runs):
+        print(line)
     shown = runs[: len(executor.slices)]
     for i, step in enumerate(executor.plan(shown), 1):
         print(f"# {i}. {step.comment}")

@@ -1,7 +1,8 @@
 """`TPUExecutor`: a sweep's runs on Cloud TPU VMs, one run at a time per slice.
 
     lm-align sweep --config experiments/x.py --workdir runs/x --executor tpu \\
-        --tpu-name sweep --accelerator v5litepod-8 --zone us-west4-a [--num-slices 2]
+        --tpu-name sweep --accelerator v5litepod-8 --zone us-west4-a [--num-slices 2] \\
+        [--bucket BUCKET]
 
 The executor fans the runs out over `num_slices` independent TPU VMs (`NAME`
 for one slice, `NAME-0`, `NAME-1`, ... for several); each slice runs one run at
@@ -13,21 +14,25 @@ one run over all its hosts.
 Before its first run each slice is created if missing (deleted and created
 again if preempted), waited for until READY, and given this checkout (packed,
 copied to ~/lm_align on every worker, installed with
-launch/tpu_worker_setup.sh), exactly as `lm-align launch tpu` does.
+launch/tpu_worker_setup.sh, which with `bucket` also mounts the bucket at
+~/lm_align_bucket with gcsfuse), exactly as `lm-align launch tpu` does.
 
 Where things live:
 
-- The run's files are written on the workers under
-  `~/lm_align_runs/<sweep>/<run>` (<sweep>: the basename of the sweep's
-  --workdir; `remote_root` changes `lm_align_runs`). Process 0 (worker 0)
-  writes final.json, metrics.jsonl and config.json there.
+- The run's files are written on the workers under `~/<root>/<sweep>/<run>`
+  (<sweep>: the basename of the sweep's --workdir). <root> is the bucket's
+  mount, `lm_align_bucket`, with `bucket` (the run directory is then
+  gs://BUCKET/<sweep>/<run>), else `lm_align_runs` on the workers' own disks;
+  `remote_root` changes it. Process 0 (worker 0) writes final.json,
+  metrics.jsonl and config.json there.
 - Locally, the ssh session's stdout and stderr (all workers' output) are
   appended to `<run workdir>/stdout.log` and `stderr.log`, as with
   `LocalExecutor`, and after every attempt the remote run directory of worker 0
   is copied into the local run directory (`gcloud compute tpus tpu-vm scp
-  --recurse --worker=0`): final.json, metrics.jsonl, config.json and whatever
-  else the run wrote, checkpoints included. The sweep's status logic
-  (final.json + exit status) and summary then work as with local runs.
+  --recurse --worker=0`; with `bucket`, from worker 0's mount of it):
+  final.json, metrics.jsonl, config.json and whatever else the run wrote,
+  checkpoints included. The sweep's status logic (final.json + exit status) and
+  summary then work as with local runs.
 
 Preemption: when an attempt ends with ssh's exit status 255 (a worker could
 not be reached), when the slice's state is no longer READY afterwards (e.g.
@@ -37,15 +42,22 @@ needed (deleted if preempted, created, set up again) and the run started again,
 at most `max_retries` times; `lm-align train` resumes from the last checkpoint
 in its run directory.
 
-LIMITATION: the remote run directory is on the workers' own disks. A
-preemption that keeps the VM (the process is stopped, the disk survives) lets
-the retry resume from the last checkpoint; a preemption that deletes the VM
-(Spot and preemptible TPU VMs usually end this way) loses the run directory,
-and the retry starts the run from step 0. Resuming across such preemptions
-needs a workdir that outlives the VM (e.g. a gs:// bucket, which this executor
-does not manage); the copy back after each attempt does not help, since a
-preempted attempt is never copied back. Likewise, checkpoints of runs over
-several hosts are written to each host's own disk.
+With `bucket` the run directory is in the bucket: it outlives the VM, so a
+run retried after any preemption, even on a VM deleted and created again,
+resumes from its last checkpoint, and the hosts of a multi-host slice write
+one run directory together. The bucket keeps it afterwards, too: a sweep
+started again under the same name resumes (or skips) those runs; delete
+gs://BUCKET/<sweep> to start over.
+
+LIMITATION without `bucket`: the remote run directory is on the workers' own
+disks. A preemption that keeps the VM (the process is stopped, the disk
+survives) lets the retry resume from the last checkpoint; a preemption that
+deletes the VM (Spot and preemptible TPU VMs usually end this way) loses the
+run directory, and the retry starts the run from step 0 (the copy back after
+each attempt does not help: a preempted attempt is never copied back). And
+the hosts of a multi-host slice would each write their own run directory,
+which lm_align refuses at start-up: `run` refuses such a slice type without
+`bucket` before creating anything.
 
 `stop()` sends SIGTERM (force: SIGKILL) to the lm-align processes of every
 worker of every busy slice (`pkill` through ssh): `lm-align train` saves a
@@ -100,7 +112,10 @@ class TPUExecutor:
       runtime_version: TPU software version (default: the generation's).
       spot: create missing slices as Spot VMs.
       max_retries: restarts of a run whose slice was preempted.
-      remote_root: the runs' directory on the workers, relative to the home directory.
+      bucket: a Cloud Storage bucket (name or gs://name) that every worker mounts at
+        ~/lm_align_bucket with gcsfuse; the runs' directories go there.
+      remote_root: the runs' directory on the workers, relative to the home directory
+        (default: the bucket's mount with `bucket`, else lm_align_runs).
       source_dir: the checkout copied to the workers (default: this lm_align's).
       runner: runs one command (`lm_align.launch.tpu.subprocess_runner`'s signature);
         tests pass a fake.
@@ -119,7 +134,8 @@ class TPUExecutor:
         runtime_version: str | None = None,
         spot: bool = False,
         max_retries: int = 2,
-        remote_root: str = REMOTE_ROOT,
+        bucket: str | None = None,
+        remote_root: str | None = None,
         source_dir: str | None = None,
         runner: tpu.Runner | None = None,
         poll_s: float = tpu.POLL_S,
@@ -141,6 +157,9 @@ class TPUExecutor:
         self.runtime_version = runtime_version or self.accelerator.generation.runtime_version
         self.spot = spot
         self.max_retries = max_retries
+        self.bucket = tpu.parse_bucket(bucket) if bucket else None
+        if remote_root is None:
+            remote_root = tpu.BUCKET_MOUNT if self.bucket else REMOTE_ROOT
         self.remote_root = remote_root.strip("/")
         self.source_dir = os.path.abspath(source_dir or tpu.SOURCE_DIR)
         self.runner = runner or tpu.subprocess_runner
@@ -154,6 +173,35 @@ class TPUExecutor:
 
     def _where(self) -> tuple[str, str | None]:
         return self.zone, self.project
+
+    def shared_dir_problem(self) -> str | None:
+        """Why runs on this slice type would fail (several hosts, no shared run directory)."""
+        hosts = self.accelerator.hosts
+        if hosts < 2 or self.bucket:
+            return None
+        return (
+            f"{self.accelerator.name} has {hosts} hosts, which write each run's directory "
+            "together, so it must be storage every host mounts at the same path, but without "
+            f"--bucket it is ~/{self.remote_root}/... on each worker's own disk: add --bucket "
+            "BUCKET (a Cloud Storage bucket every worker mounts with gcsfuse; the runs go there)"
+        )
+
+    def comments(self, runs: Sequence[RunSpec]) -> list[str]:
+        """Dry-run comment lines: where the runs' directories are; what would fail."""
+        lines = []
+        if self.bucket:
+            sweep_dir = self.remote_run_dir(runs[0]).rpartition("/")[0] if runs else ""
+            inside = sweep_dir.partition("/")[2] if sweep_dir.startswith(tpu.BUCKET_MOUNT) else ""
+            where = f" (gs://{self.bucket}/{inside}/<run>)" if inside else ""
+            lines.append(
+                f"# --bucket: every worker mounts gs://{self.bucket} at ~/{tpu.BUCKET_MOUNT} "
+                f"(gcsfuse); each run's directory is ~/{sweep_dir}/<run>{where}, so a run "
+                "retried after a preemption resumes from its checkpoint, even on a new VM"
+            )
+        problem = self.shared_dir_problem()
+        if problem:
+            lines.append(f"# WARNING: {problem}; until then the sweep refuses to start")
+        return lines
 
     def remote_run_dir(self, run: RunSpec) -> str:
         """The run's directory on the workers, relative to the home directory."""
@@ -213,14 +261,7 @@ class TPUExecutor:
         z, p = self._where()
         acc = self.accelerator
         archive = os.path.join(tempfile.gettempdir(), "lm_align-sweep-XXXX.tar.gz")
-        steps = [
-            tpu.Step(
-                f"Pack the git-tracked (and untracked, not ignored) files of {self.source_dir} "
-                f"into {archive} (here, in Python)",
-                None,
-                "pack",
-            )
-        ]
+        steps = [tpu.Step(tpu.pack_comment(self.source_dir, archive), None, "pack")]
         spot = " (spot)" if self.spot else ""
         for s in self.slices:
             steps += [
@@ -249,14 +290,15 @@ class TPUExecutor:
                     tuple(tpu.tpu_vm_scp_to_argv(s.name, z, p, archive, tpu.REMOTE_ARCHIVE)),
                 ),
                 tpu.Step(
-                    f"Slice {s.index}: unpack it to ~/{tpu.REMOTE_DIR} and install lm_align "
-                    "with jax[tpu]",
-                    tuple(tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command())),
+                    f"Slice {s.index}: {tpu.setup_comment(self.bucket)}",
+                    tuple(tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command(self.bucket))),
                 ),
             ]
         for k, run in enumerate(runs):
             s = self.slices[k % len(self.slices)]
-            local = os.path.dirname(os.path.abspath(run.workdir))
+            local = _local_parent(run)
+            via = ", through worker 0's mount of the bucket" if self.bucket else ""
+            what = "the run directory" if self.bucket else "the run directory of worker 0"
             steps += [
                 tpu.Step(
                     f"Run {run.name} on every worker of {s.name} (logs: {run.workdir}/stdout.log, "
@@ -269,7 +311,7 @@ class TPUExecutor:
                     tuple(tpu.tpu_vm_describe_argv(s.name, z, p)),
                 ),
                 tpu.Step(
-                    f"Copy the run directory of worker 0 back into {run.workdir}",
+                    f"Copy {what} back into {run.workdir}{via}",
                     tuple(tpu.tpu_vm_scp_from_argv(s.name, z, p, self.remote_run_dir(run), local)),
                 ),
             ]
@@ -287,7 +329,10 @@ class TPUExecutor:
         work = collections.deque(runs)
         if not work:
             return
-        for run in runs:  # fail before creating anything
+        problem = self.shared_dir_problem()  # fail before creating anything
+        if problem:
+            raise tpu.LaunchError(problem)
+        for run in runs:
             self.remote_args(run)
         self._archive = self._pack()
         events: queue.Queue[RunEvent] = queue.Queue()
@@ -360,10 +405,11 @@ class TPUExecutor:
             raise SliceError(str(e)) from None
         if s.ready:
             return
-        self.log(f"tpu: setting up {s.name} (copy the checkout, install lm_align)")
+        mount = f", mount gs://{self.bucket}" if self.bucket else ""
+        self.log(f"tpu: setting up {s.name} (copy the checkout{mount}, install lm_align)")
         for argv in (
             tpu.tpu_vm_scp_to_argv(s.name, z, p, self._archive, tpu.REMOTE_ARCHIVE),
-            tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command()),
+            tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command(self.bucket)),
         ):
             result = self._call(argv, prefix=f"[{s.name}] ")
             if result.returncode != 0:
@@ -482,7 +528,7 @@ class TPUExecutor:
         return result.returncode, _tail(err_path, offset)
 
     def _copy_back(self, s: _Slice, run: RunSpec) -> None:
-        local = os.path.dirname(os.path.abspath(run.workdir))
+        local = _local_parent(run)
         argv = tpu.tpu_vm_scp_from_argv(s.name, *self._where(), self.remote_run_dir(run), local)
         with open(os.path.join(run.workdir, "stderr.log"), "a") as err:
             result = self._call(argv, out=err, err=err)
@@ -499,3 +545,11 @@ class TPUExecutor:
                 out=None,
                 err=None,
             )
+
+
+def _local_parent(run: RunSpec) -> str:
+    """The local directory the run directory is copied back into: the sweep directory,
+    relative to the current directory when inside it (as the dry run shows it)."""
+    parent = os.path.dirname(os.path.abspath(run.workdir))
+    rel = os.path.relpath(parent)
+    return parent if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
