@@ -14,6 +14,7 @@ ones. The sweep decides what an exit status means (finished, diverged, ...).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -93,6 +94,19 @@ def lock_run_dir(run_dir: str) -> int:
     return fd
 
 
+@contextlib.contextmanager
+def attempt_logs(run_dir: str, what: str):
+    """Opens `run_dir`'s stdout.log and stderr.log for appending, each with a header line
+    `=== <time> <what>`; yields (out, err, stderr path, stderr offset after the header)."""
+    header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n"
+    err_path = os.path.join(run_dir, "stderr.log")
+    with open(os.path.join(run_dir, "stdout.log"), "a") as out, open(err_path, "a") as err:
+        for f in (out, err):
+            f.write(header)
+            f.flush()
+        yield out, err, err_path, err.tell()
+
+
 def _tail(path: str, offset: int, lines: int = STDERR_TAIL_LINES) -> str:
     """The last `lines` lines of `path` after byte `offset`."""
     try:
@@ -155,15 +169,7 @@ class LocalExecutor:
 
     def _start(self, run: RunSpec, env: dict) -> _Running:
         lock_fd = lock_run_dir(run.workdir)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        header = f"=== {stamp} {' '.join(run.argv)}\n"
-        err_path = os.path.join(run.workdir, "stderr.log")
-        with open(os.path.join(run.workdir, "stdout.log"), "a") as out, open(err_path, "a") as err:
-            out.write(header)
-            err.write(header)
-            out.flush()
-            err.flush()
-            offset = err.tell()
+        with attempt_logs(run.workdir, " ".join(run.argv)) as (out, err, err_path, offset):
             proc = subprocess.Popen(  # the child keeps its own copies of the log files
                 list(run.argv),
                 stdin=subprocess.DEVNULL,

@@ -83,7 +83,7 @@ from collections.abc import Callable, Sequence
 
 from lm_align import config as config_lib
 from lm_align.launch import tpu
-from lm_align.sweeps.executor import RunEvent, RunSpec, _tail, lock_run_dir
+from lm_align.sweeps.executor import RunEvent, RunSpec, _tail, attempt_logs, lock_run_dir
 
 SSH_UNREACHABLE = 255  # gcloud's exit status when ssh could not reach a worker
 REMOTE_ROOT = "lm_align_runs"
@@ -513,16 +513,8 @@ class TPUExecutor:
         """One ssh session running `run` on every worker of `s`: (exit status, stderr tail)."""
         command = self.run_command(run)
         argv = tpu.tpu_vm_ssh_argv(s.name, *self._where(), command)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        header = f"=== {stamp} {s.name} attempt {attempt}: {command}\n"
-        out_path = os.path.join(run.workdir, "stdout.log")
-        err_path = os.path.join(run.workdir, "stderr.log")
-        with open(out_path, "a") as out, open(err_path, "a") as err:
-            out.write(header)
-            err.write(header)
-            out.flush()
-            err.flush()
-            offset = err.tell()
+        what = f"{s.name} attempt {attempt}: {command}"
+        with attempt_logs(run.workdir, what) as (out, err, err_path, offset):
             self.log(f"tpu: {run.name} -> {s.name} (attempt {attempt})")
             result = self._call(argv, out=out, err=err)
         return result.returncode, _tail(err_path, offset)
