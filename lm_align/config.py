@@ -2,22 +2,30 @@
 
 An experiment is a Python file with `get_config(arg=None)` returning an
 `ml_collections.ConfigDict` (big_vision style: variants are chosen by a string
-argument, `experiments/x.py:variant`, not by copied files). Any field can be
-overridden from the command line with `--config.group.field=value`; the value is
-parsed to the type the field already has, and unknown keys are errors.
+argument, `experiments/x.py:variant`, not by copied files). `parse_arg` turns
+that string into typed options (`"stage=dpo,quick"` -> stage 'dpo', quick True).
+Any field can be overridden from the command line with
+`--config.group.field=value`; the value is parsed to the type the field already
+has, and unknown keys are errors.
 
     cfg = load_config("experiments/default.py")
     cfg = apply_overrides(cfg, ["optimizer.lr=3e-3", "model.n_layers=4"])
+    cfg, spec = load_experiment(None, ["train.steps=20"])   # experiments/default.py
+    opts = parse_arg("dpo,quick", stage="sft", quick=False)  # opts.stage, opts.quick
+
+Docs: docs/configs.md.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import json
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
 
@@ -57,6 +65,44 @@ def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     cfg.lock()
     return cfg
+
+
+def default_experiment_path(name: str) -> str | None:
+    """`experiments/<name>.py` of the source checkout holding this package, if present."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(checkout, "experiments", f"{name}.py")
+    return path if os.path.exists(path) else None
+
+
+def load_experiment(
+    spec: str | None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    *,
+    default: str = "default",
+) -> tuple[ml_collections.ConfigDict, str]:
+    """Loads an experiment (`path[:arg]`) and applies command-line overrides.
+
+    Args:
+      spec: `experiments/x.py[:arg]`; None means `experiments/<default>.py` of the
+        source checkout (what `lm-align train` runs without `--config`).
+      overrides: `group.field=value` strings or a mapping, as `apply_overrides`.
+      default: the experiment name used when `spec` is None.
+
+    Returns:
+      (the locked config, the spec that was loaded).
+
+    Raises:
+      ConfigError: no spec and no default file, or any error of `load_config`
+        and `apply_overrides`.
+    """
+    if spec is None:
+        spec = default_experiment_path(default)
+        if spec is None:
+            raise ConfigError(
+                f"no --config given and experiments/{default}.py was not found next to the "
+                "package; pass --config path/to/experiment.py"
+            )
+    return apply_overrides(load_config(spec), overrides), spec
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -213,3 +259,133 @@ def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(fix(dict(d)), type_safe=True)
     cfg.lock()
     return cfg
+
+
+# ----------------------------------------------------------------------------
+# Variant strings: the `arg` of get_config(arg)
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """A `parse_arg` option whose value is one of `choices` (strings)."""
+
+    default: str
+    choices: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if self.default not in self.choices:
+            raise ValueError(f"OneOf default {self.default!r} is not in {self.choices}")
+
+
+def _describe_option(name: str, default: Any) -> str:
+    if isinstance(default, OneOf):
+        return f"{name} (one of {', '.join(default.choices)}; default {default.default!r})"
+    kind = "any" if default is None else type(default).__name__
+    return f"{name} ({kind}, default {default!r})"
+
+
+def _bare_item(item: str, position: int, defaults: Mapping[str, Any], error) -> tuple[str, str]:
+    """(option, value text) of a variant item without `=`: a flag, `no_flag`, or the
+    first option's value when it is the first item."""
+    names = list(defaults)
+    if isinstance(defaults.get(item), bool):
+        return item, "true"
+    if item.startswith("no_") and isinstance(defaults.get(item[3:]), bool):
+        return item[3:], "false"
+    if item in defaults:
+        raise error(f"option {item!r} needs a value: {item}=VALUE")
+    first = defaults[names[0]] if names else None
+    if not isinstance(first, (str, OneOf)):
+        close = difflib.get_close_matches(item, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise error(f"unknown option {item!r}{hint}")
+    if position > 0:
+        raise error(
+            f"unknown option {item!r}; a bare value is read as {names[0]} only as the "
+            f"first item (write {names[0]}={item})"
+        )
+    if isinstance(first, OneOf) and item not in first.choices:
+        close = difflib.get_close_matches(item, [*names, *first.choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise error(
+            f"{item!r} is neither an option nor a value of {names[0]} "
+            f"({', '.join(first.choices)}){hint}"
+        )
+    return names[0], item
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a variant string `"key=value,flag,..."` into typed options.
+
+    The string is what follows the first `:` of `experiments/x.py:ARG`. Each
+    comma-separated item is one of
+
+    - `key=value`: the value is parsed to the type of `defaults[key]`, exactly
+      as `--config.` overrides are (bool, int, float, str, tuple; None takes a
+      Python literal or the text); a `OneOf` default accepts only its choices;
+    - `flag`: a bool option set to True (`no_flag` sets it to False);
+    - as the first item only, a bare value for the first option when that
+      option is a str or `OneOf` (so `"dpo,quick"` means `"stage=dpo,quick"`
+      when `stage` is the first keyword).
+
+    Options not named keep their defaults. `None` or `""` gives the defaults.
+
+    Example:
+      >>> opts = parse_arg("dpo,quick", stage=OneOf("sft", ("sft", "dpo")), quick=False, steps=100)
+      >>> (opts.stage, opts.quick, opts.steps)
+      ('dpo', True, 100)
+      >>> parse_arg("steps=1e3", steps=100).steps
+      1000
+
+    Args:
+      arg: the variant string, or None.
+      **defaults: option name -> default value (its type is the option's type),
+        or `OneOf(default, choices)` for a string from a fixed set.
+
+    Returns:
+      A locked ConfigDict with one field per option.
+
+    Raises:
+      ConfigError: an unknown option, a value of the wrong type, a bare name
+        that is not a bool option, or an option given twice; the message names
+        the option, the value and the allowed options.
+    """
+    allowed = "; allowed options: " + (
+        ", ".join(_describe_option(k, v) for k, v in defaults.items()) or "none"
+    )
+
+    def error(problem: str) -> ConfigError:
+        return ConfigError(f"variant {arg!r}: {problem}{allowed}")
+
+    values = {k: (v.default if isinstance(v, OneOf) else v) for k, v in defaults.items()}
+    given: set[str] = set()
+    items = [item.strip() for item in (arg or "").split(",")]
+    names = list(defaults)
+    for position, item in enumerate(i for i in items if i):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            key, text = _bare_item(item, position, defaults, error)
+        elif key not in defaults:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise error(f"unknown option {key!r} in {item!r}{hint}")
+        if key in given:
+            raise error(f"option {key!r} is given twice")
+        given.add(key)
+        default = defaults[key]
+        if isinstance(default, OneOf):
+            if text not in default.choices:
+                choices = ", ".join(default.choices)
+                raise error(f"bad value for {key}: {text!r} (use one of {choices})")
+            values[key] = text
+            continue
+        try:
+            values[key] = _parse_value(key, text, default)
+        except (ValueError, SyntaxError) as e:
+            raise error(f"bad value for {key}: {text!r} ({e})") from None
+    options = ml_collections.ConfigDict(values, type_safe=True)
+    options.lock()
+    return options
