@@ -8,7 +8,10 @@ logits) we record
 
 on that batch. Under muP or MFP these are flat in width (log-log slope near 0);
 under standard parameterization with one LR for every width the hidden and
-readout changes grow (slope near 1 with Adam): specs/SCALING.md section 5.
+readout changes grow (slope near 1 with Adam). This is the check of Yang et
+al. 2022 (Tensor Programs V, arXiv:2203.03466); the parameterizations are those
+of Everett et al. 2024 (arXiv:2407.05872). Docs: docs/scaling.md, "Coordinate
+check".
 
     result = coord_check(cfg, widths=(64, 128, 256, 512), steps=3)
     result.slopes            # {"embedding": 0.01, "block0.attn": 0.03, ..., "logits": -0.02}
@@ -17,9 +20,11 @@ readout changes grow (slope near 1 with Adam): specs/SCALING.md section 5.
 Widths scale jointly: `model.d_model = n`, `model.n_heads = n / head_dim`
 (head_dim fixed at the config's), `model.d_ff = n * d_ff / d_model`. The LR
 schedule is held at the peak (no warmup, constant) so that the first steps
-move the weights. `param.base_width` is the config's: None means every width
-is its own base, i.e. standard parameterization with the same LR at every
-width, whatever `param.name` says.
+move the weights. The base width n_base is `param.base_width`; when it is None
+and `param.name` is not `standard`, the smallest width is the base (the tuned
+proxy of muTransfer), and the result says so. Standard parameterization with
+`base_width` None is checked as it trains: every width its own base, the same
+LR at every width.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class CoordCheckResult:
     rms: dict[str, list[float]]  # layer -> RMS of the activation change, one per width
     slopes: dict[str, float]  # layer -> least-squares slope of log RMS vs log width
     description: str  # parameterization / optimizer summary
+    base_width: int | None = None  # n_base used; None: every width its own base
+    note: str = ""  # how the base width was chosen, when the config did not name it
 
     def plot(self, path: str, title: str | None = None) -> str:
         """Log-log plot of the activation change vs width, one line per layer."""
@@ -108,6 +115,25 @@ def width_overrides(cfg, width: int) -> list[str]:
         f"model.head_dim={head_dim}",
         f"model.d_ff={int(d_ff)}",
     ]
+
+
+def base_width_for(cfg, widths: Sequence[int]) -> tuple[int | None, str]:
+    """(n_base, note) for a coordinate check of `cfg` over `widths`.
+
+    `param.base_width` when set (note ""). Otherwise, for any `param.name` but
+    `standard`, the smallest width, with a note saying so: with no base every
+    width would be its own base, which is the standard parameterization at
+    every width whatever the name. `standard` with no base stays None (one LR
+    for every width, the usual SP baseline).
+    """
+    param = cfg.param
+    if param.base_width is not None or param.name == "standard":
+        return param.base_width, ""
+    smallest = min(int(w) for w in widths)
+    return smallest, (
+        f"param.base_width is not set, so the smallest width {smallest} is the base width "
+        f"of {param.name} (set --config.param.base_width to choose another)"
+    )
 
 
 def _activation_changes(cfg, steps: int, seeds: Sequence[int]) -> list[dict[str, float]]:
@@ -191,6 +217,10 @@ def coord_check(
       steps: train steps on the fixed batch before the activations are compared.
       seeds: init/batch seeds; the RMS is averaged over them.
       progress: optional callable receiving one line of text per width.
+
+    The base width is `base_width_for(cfg, widths)`: `param.base_width`, or the
+    smallest width for a non-standard `param.name` without one (`result.note`
+    then says so).
     """
     from lm_align.config import apply_overrides
 
@@ -199,12 +229,15 @@ def coord_check(
         raise ValueError(f"need at least 2 widths for a slope, got {widths}")
     if steps < 1:
         raise ValueError(f"steps={steps}: train at least 1 step")
+    base_width, note = base_width_for(cfg, widths)
     common = [
         "optimizer.warmup_steps=0",
         "optimizer.schedule=constant",
         "train.grad_accum_steps=1",
         f"train.steps={steps}",
     ]
+    if base_width is not None:
+        common.append(f"param.base_width={base_width}")
     rms: dict[str, list[float]] = {}
     for width in widths:
         wcfg = apply_overrides(cfg, common + width_overrides(cfg, width))
@@ -214,13 +247,14 @@ def coord_check(
         if progress:
             progress(f"width {width}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in rms.items()))
     param = cfg.param
-    base = "its own width" if param.base_width is None else param.base_width
+    base = "its own width" if base_width is None else base_width
     description = (
         f"{param.name} / {cfg.optimizer.name} lr {cfg.optimizer.lr:g}"
         f"{' / global LR' if param.global_lr else ''} / base width {base}"
+        f"{' (the smallest width)' if note else ''}"
     )
     slopes = {layer: loglog_slope(widths, values) for layer, values in rms.items()}
-    return CoordCheckResult(widths, steps, rms, slopes, description)
+    return CoordCheckResult(widths, steps, rms, slopes, description, base_width, note)
 
 
 # ----------------------------------------------------------------------------
@@ -267,10 +301,9 @@ def _cmd_coordcheck(args, overrides) -> int:
     import os
     import sys
 
-    from lm_align import cli
-    from lm_align.config import ConfigError
+    from lm_align.config import ConfigError, load_experiment
 
-    cfg, _ = cli._load(args, overrides, cli.DEFAULT_EXPERIMENT)
+    cfg, _ = load_experiment(args.config, overrides)
     widths = _parse_widths(args.widths)
     if args.steps < 1 or args.seeds < 1:
         raise ConfigError(f"--steps={args.steps} and --seeds={args.seeds} must be >= 1")
@@ -280,12 +313,9 @@ def _cmd_coordcheck(args, overrides) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
-    if cfg.param.base_width is None and cfg.param.name != "standard":
-        say(
-            f"note: param.base_width is None, so every width is its own base and "
-            f"param.name={cfg.param.name} is the standard parameterization at every width; "
-            "set --config.param.base_width to the smallest width"
-        )
+    _, note = base_width_for(cfg, widths)
+    if note:
+        say(f"note: {note}")
     result = coord_check(
         cfg, widths, steps=args.steps, seeds=tuple(range(args.seeds)), progress=say
     )
