@@ -12,30 +12,36 @@ certain loser than garbage), lists of the distinct samples labelled by the
 graded scorer; then DPO, SLiC-HF, IPO, RSO hinge-norm, geometric DPO and
 LiPO-lambda from the same start, each 100 steps of 32 records.
 
+Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
+- `stage`: `sft` (the starting policy's training config) or a preference loss
+  name (that method's align config); default `dpo`. A bare first item is the
+  stage: `:dpo` is `:stage=dpo`.
+- `quick`: the shortened study of the tests (fewer prompts, steps, methods).
+
 Single runs: `lm-align align --config experiments/align_arithmetic.py:dpo
 --config.align.policy_checkpoint=runs/align_arithmetic/sft
 --config.align.train_file=runs/align_arithmetic/prefs/pairs.jsonl`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402  (experiments/default.py: the SFT model and data)
-
-from lm_align.align.config import align_base_config  # noqa: E402
+from lm_align.align.config import (
+    LISTWISE_LOSSES,
+    PAIRWISE_LOSSES,
+    REWARD_LOSSES,
+    align_base_config,
+)
+from lm_align.config import OneOf, parse_arg
+from lm_align.presets import arithmetic_lm, arithmetic_start_policy
 
 METHODS = ("dpo", "slic", "ipo", "rso_hinge_norm", "geometric_dpo", "lipo_lambda")
+STAGES = ("sft", *PAIRWISE_LOSSES, *LISTWISE_LOSSES, *REWARD_LOSSES)
 
 
-def _parse(arg):
-    parts = (arg or "dpo").split(",")
-    return parts[0], "quick" in parts[1:]
+def _options(arg):
+    return parse_arg(arg, stage=OneOf("dpo", STAGES), quick=False)
 
 
 def get_study(arg=None):
-    quick = arg == "quick"
+    quick = _options(arg).quick
     return {
         "methods": ("dpo", "lipo_lambda") if quick else METHODS,
         "preferences": {
@@ -54,19 +60,16 @@ def get_study(arg=None):
 
 
 def get_config(arg=None):
-    stage, quick = _parse(arg)
-    if stage == "sft":
-        cfg = default.get_config()
-        cfg.train.steps = 250 if quick else 320
-        cfg.train.eval_every = 0
-        cfg.train.checkpoint_every = 0
+    opts = _options(arg)
+    quick = opts.quick
+    if opts.stage == "sft":
+        cfg = arithmetic_start_policy(quick)
         cfg.train.answer_eval_examples = 64 if quick else 512
         return cfg
 
     cfg = align_base_config()
-    sft = default.get_config()
-    cfg.data = sft.data  # held-out prompts for greedy accuracy and samples
-    cfg.align.loss = stage
+    cfg.data = arithmetic_lm().data  # held-out prompts for greedy accuracy and samples
+    cfg.align.loss = opts.stage
     cfg.align.beta = 0.1
     cfg.align.gamma = 0.05
     cfg.align.slic_reg_weight = 0.1

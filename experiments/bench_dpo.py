@@ -1,4 +1,5 @@
-"""Benchmark of one DPO step on the engine's benchmark model (experiments/bench.py).
+"""Benchmark of one DPO step on the engine's benchmark model (`lm_align.presets.bench_lm`,
+the model of experiments/bench.py).
 
     lm-align bench --config experiments/bench_dpo.py
 
@@ -9,19 +10,15 @@ training step's. Set --config.align.precompute_reference=true to time the
 step with stored reference log-probs.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench  # noqa: E402  (experiments/bench.py)
-
-from lm_align.align.config import align_base_config  # noqa: E402
+from lm_align.align.config import align_base_config
+from lm_align.config import parse_arg
+from lm_align.presets import bench_lm
 
 
 def get_config(arg=None):
+    parse_arg(arg)  # no variants: any `:arg` is an error
     cfg = align_base_config()
-    base = bench.get_config()
+    base = bench_lm()
     cfg.model, cfg.data, cfg.train = base.model, base.data, base.train
     cfg.train.batch_size = 8  # pairs
     cfg.align.loss = "dpo"

@@ -8,24 +8,25 @@ held-out accuracy about 0.47). N = 8 samples per problem at temperature 1 on
 4096 train problems, binary exact-match rewards; each method trains 128 steps
 of 32 problems (x 8 samples: one pass over the problems) from the start
 policy, AdamW lr 3e-4.
+
+Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
+- `stage`: `base` (the start policy's training config, the default) or a
+  policy-gradient loss (`bon_rl`, `bon_imitation`, `reinforce`, `bon_sft`: that
+  method's align config); a bare first item is the stage.
+- `quick`: the shortened run of the tests.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402  (experiments/default.py)
-
-from lm_align.align.config import align_base_config  # noqa: E402
+from lm_align.align.config import POLICY_GRADIENT_LOSSES, align_base_config
+from lm_align.config import OneOf, parse_arg
+from lm_align.presets import arithmetic_lm, arithmetic_start_policy
 
 
-def _quick(arg):
-    return bool(arg) and "quick" in str(arg).split(",")
+def _options(arg):
+    return parse_arg(arg, stage=OneOf("base", ("base", *POLICY_GRADIENT_LOSSES)), quick=False)
 
 
 def get_bon(arg=None):
-    quick = _quick(arg)
+    quick = _options(arg).quick
     return {
         "methods": ("bon_rl", "bon_imitation", "reinforce", "bon_sft"),
         "rounds": 1,
@@ -40,18 +41,15 @@ def get_bon(arg=None):
 
 
 def get_config(arg=None):
-    stage = (arg or "base").split(",")[0]
-    quick = _quick(arg)
-    if stage == "base":
-        cfg = default.get_config()
-        cfg.train.steps = 250 if quick else 320
-        cfg.train.eval_every = 0
-        cfg.train.checkpoint_every = 0
+    opts = _options(arg)
+    quick = opts.quick
+    if opts.stage == "base":
+        cfg = arithmetic_start_policy(quick)
         cfg.train.answer_eval_examples = 0
         return cfg
     cfg = align_base_config()
-    cfg.data = default.get_config().data
-    cfg.align.loss = stage
+    cfg.data = arithmetic_lm().data
+    cfg.align.loss = opts.stage
     cfg.align.format = "samples"
     cfg.align.max_len = 24
     cfg.align.eval_prompts = 0  # evaluated by `lm-align bon`

@@ -11,10 +11,12 @@ seen facts = 1 - held-out exact match. The sweep: d_model 32 / 64 / 128 (2
 layers, d_ff = 4 d) x 400 / 1200 steps of 32 rows of 64 tokens.
 """
 
+from lm_align.config import parse_arg
 from lm_align.train.config import base_config
 
 
 def get_config(arg=None):
+    parse_arg(arg)  # no variants: any `:arg` is an error
     cfg = base_config()
     cfg.data.source = "kg_facts"
     cfg.data.seq_len = 64

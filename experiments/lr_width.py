@@ -6,10 +6,12 @@
 24 runs of 150 steps (about 8 minutes on 2 CPU cores); see docs/sweeps.md.
 """
 
+from lm_align.config import parse_arg
 from lm_align.train.config import base_config
 
 
 def get_config(arg=None):
+    parse_arg(arg)  # no variants: any `:arg` is an error
     cfg = base_config()
     cfg.train.steps = 150
     cfg.train.batch_size = 16

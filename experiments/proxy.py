@@ -13,14 +13,19 @@ untied embeddings, GeLU MLP of width 4d, LayerNorm eps 1e-6.
 The sweep crosses the paper's LR grid {3e-4 ... 3e-1} with qk-layernorm on and
 off; docs/scaling.md shows the resulting loss-vs-LR curves, LR sensitivity and
 max attention logits.
+
+Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
+`qk_ln` (bool, default true): qk-layernorm on; `:no_qk_ln` is `:qk_ln=false`.
 """
 
+from lm_align.config import parse_arg
 from lm_align.train.config import base_config
 
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 def get_config(arg=None):
+    opts = parse_arg(arg, qk_ln=True)
     cfg = base_config()
 
     cfg.train.steps = 300
@@ -43,7 +48,7 @@ def get_config(arg=None):
     cfg.model.norm_eps = 1e-6
     cfg.model.use_bias = False
     cfg.model.tie_embeddings = False
-    cfg.model.qk_layernorm = arg != "no_qk_ln"
+    cfg.model.qk_layernorm = opts.qk_ln
 
     cfg.optimizer.name = "adamw"
     cfg.optimizer.lr = 1e-2
@@ -66,7 +71,5 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     return [
-        {"optimizer.lr": lr, "model.qk_layernorm": qk}
-        for qk in (True, False)
-        for lr in LR_GRID
+        {"optimizer.lr": lr, "model.qk_layernorm": qk} for qk in (True, False) for lr in LR_GRID
     ]

@@ -10,22 +10,23 @@ greedy accuracy about 0.47). E-step: 2048 fresh train problems per iteration,
 loss on the completions only. Eval: 512 held-out problems, greedy and 8 samples
 each (pass@1/4/8). Start from an existing policy instead with
 `--config.`-style edits of get_rest_em(): set base_checkpoint there.
+
+Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
+- `stage`: `base` (the base policy's training config, the default) or `mstep`
+  (the fine-tuning config of each iteration); a bare first item is the stage.
+- `quick`: the shortened run of the tests.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402  (experiments/default.py)
+from lm_align.config import OneOf, parse_arg
+from lm_align.presets import arithmetic_start_policy
 
 
-def _quick(arg):
-    return bool(arg) and "quick" in str(arg).split(",")
+def _options(arg):
+    return parse_arg(arg, stage=OneOf("base", ("base", "mstep")), quick=False)
 
 
 def get_rest_em(arg=None):
-    quick = _quick(arg)
+    quick = _options(arg).quick
     return {
         "iterations": 2 if quick else 3,
         "num_problems": 256 if quick else 2048,
@@ -42,17 +43,12 @@ def get_rest_em(arg=None):
 
 
 def get_config(arg=None):
-    stage = (arg or "base").split(",")[0]
-    quick = _quick(arg)
-    cfg = default.get_config()
-    cfg.train.eval_every = 0
-    cfg.train.checkpoint_every = 0
-    if stage == "base":
-        cfg.train.steps = 250 if quick else 320
+    opts = _options(arg)
+    quick = opts.quick
+    cfg = arithmetic_start_policy(quick)
+    if opts.stage == "base":
         cfg.train.answer_eval_examples = 0  # evaluated by rest-em itself
         return cfg
-    if stage != "mstep":
-        raise ValueError(f"stage {stage!r}: use base or mstep")
     cfg.train.steps = 30 if quick else 150
     cfg.train.eval_batches = 1
     cfg.optimizer.lr = 1e-3

@@ -16,8 +16,11 @@ Variants (the `param` group; widths 32, 64, 128 with head_dim 16, d_ff = 4 d):
 - `mup`, `ntk`, `mfp`: those parameterizations with their table LR exponents,
   base width 32 (the smallest model is the tuned proxy).
 Any optimizer can be swept the same way, e.g. `--config.optimizer.name=adam_atan2`.
+The variant is the `variant` option of `lm_align.config.parse_arg` (`:mup` is
+`:variant=mup`; docs/configs.md, "Variants"); the default is `mup`.
 """
 
+from lm_align.config import OneOf, parse_arg
 from lm_align.train.config import base_config
 
 WIDTHS = (32, 64, 128)
@@ -28,9 +31,7 @@ VARIANTS = ("sp", "sp_per_layer", "mup", "ntk", "mfp")
 
 
 def get_config(arg=None):
-    variant = arg or "mup"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    variant = parse_arg(arg, variant=OneOf("mup", VARIANTS)).variant
     cfg = base_config()
 
     cfg.train.steps = 200

@@ -286,6 +286,25 @@ def _describe_option(name: str, default: Any) -> str:
     return f"{name} ({kind}, default {default!r})"
 
 
+def _split_items(arg: str) -> list[str]:
+    """Splits a variant string at the commas outside brackets and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(arg):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(arg[start:i])
+            start = i + 1
+    items.append(arg[start:])
+    return [item.strip() for item in items]
+
+
 def _bare_item(item: str, position: int, defaults: Mapping[str, Any], error) -> tuple[str, str]:
     """(option, value text) of a variant item without `=`: a flag, `no_flag`, or the
     first option's value when it is the first item."""
@@ -325,6 +344,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     - `key=value`: the value is parsed to the type of `defaults[key]`, exactly
       as `--config.` overrides are (bool, int, float, str, tuple; None takes a
       Python literal or the text); a `OneOf` default accepts only its choices;
+      commas inside brackets or quotes belong to the value (`widths=(64,128)`);
     - `flag`: a bool option set to True (`no_flag` sets it to False);
     - as the first item only, a bare value for the first option when that
       option is a str or `OneOf` (so `"dpo,quick"` means `"stage=dpo,quick"`
@@ -361,7 +381,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
     values = {k: (v.default if isinstance(v, OneOf) else v) for k, v in defaults.items()}
     given: set[str] = set()
-    items = [item.strip() for item in (arg or "").split(",")]
+    items = _split_items(arg or "")
     names = list(defaults)
     for position, item in enumerate(i for i in items if i):
         key, sep, text = item.partition("=")

@@ -1,6 +1,7 @@
 """Tests for experiment configs: loading, typed overrides, validation, and the CLI's early exit.
 
 cfg = load_config("experiments/default.py")            # or "path.py:variant"
+cfg, spec = load_experiment(None, ["train.steps=20"])  # the checkout's default experiment + overrides
 cfg = apply_overrides(cfg, ["optimizer.lr=3e-3", "model.n_layers=4"])
 overrides, rest = parse_override_args(sys.argv[1:])    # --config.a.b=v / --config.a.b v
 model_cfg = check_config(cfg, num_devices=jax.device_count())   # ConfigError lists every problem
@@ -16,7 +17,13 @@ import time
 import ml_collections
 import pytest
 
-from lm_align.config import ConfigError, apply_overrides, load_config, parse_override_args
+from lm_align.config import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    load_experiment,
+    parse_override_args,
+)
 from lm_align.models import TransformerConfig
 from lm_align.train.config import base_config
 from lm_align.train.validate import check_config
@@ -64,6 +71,18 @@ def test_load_config_errors_name_the_file(tmp_path):
     no_fn.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="get_config"):
         load_config(str(no_fn))
+
+
+def test_load_experiment_defaults_to_the_checkouts_experiment_and_applies_overrides(tmp_path):
+    cfg, spec = load_experiment(None, ["train.steps=20"])
+    assert spec == DEFAULT and cfg.train.steps == 20 and cfg.is_locked
+    cfg, spec = load_experiment(None, default="bench")
+    assert spec.endswith(os.path.join("experiments", "bench.py")) and cfg.model.vocab_size == 8192
+    variant = os.path.join(REPO, "experiments", "proxy.py") + ":no_qk_ln"
+    cfg, spec = load_experiment(variant, {"optimizer.lr": 2e-3})
+    assert spec == variant and cfg.model.qk_layernorm is False and cfg.optimizer.lr == 2e-3
+    with pytest.raises(ConfigError, match=r"experiments/missing\.py was not found"):
+        load_experiment(None, default="missing")
 
 
 # --- apply_overrides -------------------------------------------------------------------
@@ -152,11 +171,11 @@ def test_parse_override_args_splits_config_flags_from_the_rest():
         "--config.optimizer.lr",
         "3e-3",
         "--config",
-        "experiments/default.py:small",
+        "experiments/proxy.py:no_qk_ln",
     ]
     overrides, rest = parse_override_args(argv)
     assert overrides == ["train.steps=10", "optimizer.lr=3e-3"]
-    assert rest == ["train", "--workdir", "runs/x", "--config", "experiments/default.py:small"]
+    assert rest == ["train", "--workdir", "runs/x", "--config", "experiments/proxy.py:no_qk_ln"]
     with pytest.raises(ConfigError, match="needs a value"):
         parse_override_args(["train", "--config.train.steps"])
 
