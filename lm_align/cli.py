@@ -41,24 +41,11 @@ from lm_align.sweeps.commands import add_parsers as add_sweep_parsers
 DEFAULT_EXPERIMENT = "default"
 
 
-def _default_config_path(name: str) -> str | None:
-    """experiments/<name>.py next to the package (a source checkout), if present."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "experiments", f"{name}.py")
-    return path if os.path.exists(path) else None
-
-
 def _load(args, overrides, default_name: str):
+    """(config, spec) of `--config` (or experiments/<default_name>.py) with the overrides."""
     from lm_align import config as config_lib
 
-    path = args.config or _default_config_path(default_name)
-    if path is None:
-        raise config_lib.ConfigError(
-            f"no --config given and experiments/{default_name}.py was not found next to the "
-            "package; pass --config path/to/experiment.py"
-        )
-    cfg = config_lib.load_config(path)
-    return config_lib.apply_overrides(cfg, overrides), path
+    return config_lib.load_experiment(args.config, overrides, default=default_name)
 
 
 def _default_workdir(config_arg: str) -> str:
