@@ -60,7 +60,10 @@ def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
     """Returns the locked ConfigDict of an experiment file (`path[:arg]`)."""
     path, arg = split_config_arg(path_and_arg)
     module = load_experiment_module(path)
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg is not None else module.get_config()
+    except ConfigError as e:  # e.g. a bad variant: say which file rejected it
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     cfg.lock()
