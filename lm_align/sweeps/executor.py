@@ -24,8 +24,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from lm_align.utils import tail
+
 LOCK_FILE = ".lock"  # in each run directory, held while its process lives
-STDERR_TAIL_LINES = 20
+STDERR_TAIL_LINES = 20  # of a run's stderr, kept in its RunEvent and run.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,19 +107,6 @@ def attempt_logs(run_dir: str, what: str):
             f.write(header)
             f.flush()
         yield out, err, err_path, err.tell()
-
-
-def _tail(path: str, offset: int, lines: int = STDERR_TAIL_LINES) -> str:
-    """The last `lines` lines of `path` after byte `offset`."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    # tqdm redraws with carriage returns; keep what the terminal would show.
-    shown = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
-    return "\n".join([line for line in shown if line.strip()][-lines:])
 
 
 @dataclasses.dataclass
@@ -208,7 +197,7 @@ class LocalExecutor:
                             returncode=r.proc.returncode,
                             wall_s=time.monotonic() - r.start,
                             stopped=self._sent is not None,
-                            stderr_tail=_tail(r.stderr_path, r.stderr_offset),
+                            stderr_tail=tail(r.stderr_path, r.stderr_offset, STDERR_TAIL_LINES),
                         )
                     )
                 if queue or running:

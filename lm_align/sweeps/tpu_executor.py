@@ -67,6 +67,11 @@ delete NAME --zone=ZONE` (see docs/launching_tpu.md).
 
 Any paths inside the train command other than --config and --workdir (e.g. a
 data file given as an override) must be valid on the workers.
+
+A slice is made ready by the steps of `slice_steps` (lookup, create, wait,
+copy, setup), run by `lm_align.launch.steps.execute` as `lm-align launch tpu`
+runs its own; a run's commands come from `run_steps`. `plan` is those same
+steps run through the `DryRunner`: what `--dry-run` shows.
 """
 
 from __future__ import annotations
@@ -82,11 +87,36 @@ import time
 from collections.abc import Callable, Sequence
 
 from lm_align import config as config_lib
-from lm_align.launch import tpu
-from lm_align.sweeps.executor import RunEvent, RunSpec, _tail, attempt_logs, lock_run_dir
+from lm_align.launch import gcloud as g
+from lm_align.launch.accelerators import hosts_text, parse_accelerator
+from lm_align.launch.gcloud import LaunchError
+from lm_align.launch.steps import (
+    POLL_S,
+    SOURCE_DIR,
+    Create,
+    Lookup,
+    Pack,
+    Query,
+    Run,
+    Runner,
+    Shown,
+    Step,
+    SubprocessRunner,
+    Wait,
+    dry_run,
+    execute,
+)
+from lm_align.sweeps.executor import (
+    STDERR_TAIL_LINES,
+    RunEvent,
+    RunSpec,
+    attempt_logs,
+    lock_run_dir,
+)
+from lm_align.utils import tail
 
-SSH_UNREACHABLE = 255  # gcloud's exit status when ssh could not reach a worker
 REMOTE_ROOT = "lm_align_runs"
+DRY_RUN_ARCHIVE = os.path.join(tempfile.gettempdir(), "lm_align-sweep-XXXX.tar.gz")
 
 
 class SliceError(RuntimeError):
@@ -99,6 +129,15 @@ class _Slice:
     name: str  # the TPU VM
     current: RunSpec | None = None  # the run it is running
     ready: bool = False  # set up with this sweep's checkout
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSteps:
+    """The commands of one attempt of a run on a slice, in order."""
+
+    attempt: Run  # the run on every worker (ssh; its output goes to the run's logs)
+    check: Query  # the slice's state afterwards (not READY: preempted)
+    copy_back: Run  # the remote run directory into the local sweep directory
 
 
 class TPUExecutor:
@@ -117,8 +156,7 @@ class TPUExecutor:
       remote_root: the runs' directory on the workers, relative to the home directory
         (default: the bucket's mount with `bucket`, else lm_align_runs).
       source_dir: the checkout copied to the workers (default: this lm_align's).
-      runner: runs one command (`lm_align.launch.tpu.subprocess_runner`'s signature);
-        tests pass a fake.
+      runner: runs the commands (`lm_align.launch.steps.Runner`; default: subprocess).
       poll_s: seconds between state checks while a slice is being created.
       log: receives progress lines.
     """
@@ -137,42 +175,32 @@ class TPUExecutor:
         bucket: str | None = None,
         remote_root: str | None = None,
         source_dir: str | None = None,
-        runner: tpu.Runner | None = None,
-        poll_s: float = tpu.POLL_S,
+        runner: Runner | None = None,
+        poll_s: float = POLL_S,
         log: Callable[[str], None] | None = None,
     ):
-        self.accelerator = tpu.parse_accelerator(accelerator)
-        tpu.check_name(tpu_name, "--tpu-name")
-        if num_slices < 1:
-            raise tpu.LaunchError(f"--num-slices={num_slices}; use 1 or more TPU VMs")
+        self.accelerator = parse_accelerator(accelerator)
+        names = g.node_names(tpu_name, g.check_slices(num_slices), "--tpu-name")
         if max_retries < 0:
-            raise tpu.LaunchError(f"--max-retries={max_retries}; use 0 or more")
-        if not zone:
-            raise tpu.LaunchError("--zone is empty; give the zone of the TPU VMs, e.g. us-west4-a")
-        names = [tpu_name] if num_slices == 1 else [f"{tpu_name}-{i}" for i in range(num_slices)]
-        for name in names:
-            tpu.check_name(name, "TPU VM name")
+            raise LaunchError(f"--max-retries={max_retries}; use 0 or more")
         self.slices = [_Slice(i, name) for i, name in enumerate(names)]
-        self.zone, self.project = zone, project
+        self.zone, self.project = g.check_zone(zone), project
         self.runtime_version = runtime_version or self.accelerator.generation.runtime_version
         self.spot = spot
         self.max_retries = max_retries
-        self.bucket = tpu.parse_bucket(bucket) if bucket else None
+        self.bucket = g.parse_bucket(bucket) if bucket else None
         if remote_root is None:
-            remote_root = tpu.BUCKET_MOUNT if self.bucket else REMOTE_ROOT
+            remote_root = g.BUCKET_MOUNT if self.bucket else REMOTE_ROOT
         self.remote_root = remote_root.strip("/")
-        self.source_dir = os.path.abspath(source_dir or tpu.SOURCE_DIR)
-        self.runner = runner or tpu.subprocess_runner
+        self.source_dir = os.path.abspath(source_dir or SOURCE_DIR)
+        self.runner = runner or SubprocessRunner()
         self.poll_s = poll_s
         self.log = log or (lambda line: print(line, flush=True))
         self._stop_force: bool | None = None  # None: running; False: SIGTERM; True: SIGKILL
         self._lock = threading.Lock()
         self._archive: str | None = None
 
-    # -- commands (pure) -------------------------------------------------------
-
-    def _where(self) -> tuple[str, str | None]:
-        return self.zone, self.project
+    # -- the runs on the workers (pure) -------------------------------------------
 
     def shared_dir_problem(self) -> str | None:
         """Why runs on this slice type would fail (several hosts, no shared run directory)."""
@@ -191,10 +219,10 @@ class TPUExecutor:
         lines = []
         if self.bucket:
             sweep_dir = self.remote_run_dir(runs[0]).rpartition("/")[0] if runs else ""
-            inside = sweep_dir.partition("/")[2] if sweep_dir.startswith(tpu.BUCKET_MOUNT) else ""
+            inside = sweep_dir.partition("/")[2] if sweep_dir.startswith(g.BUCKET_MOUNT) else ""
             where = f" (gs://{self.bucket}/{inside}/<run>)" if inside else ""
             lines.append(
-                f"# --bucket: every worker mounts gs://{self.bucket} at ~/{tpu.BUCKET_MOUNT} "
+                f"# --bucket: every worker mounts gs://{self.bucket} at ~/{g.BUCKET_MOUNT} "
                 f"(gcsfuse); each run's directory is ~/{sweep_dir}/<run>{where}, so a run "
                 "retried after a preemption resumes from its checkpoint, even on a new VM"
             )
@@ -218,7 +246,7 @@ class TPUExecutor:
         try:
             args = argv[argv.index("lm_align.cli") + 1 :]
         except ValueError:
-            raise tpu.LaunchError(f"run {run.name}: not an lm_align.cli command: {argv}") from None
+            raise LaunchError(f"run {run.name}: not an lm_align.cli command: {argv}") from None
         out = []
         i = 0
         while i < len(args):
@@ -241,7 +269,7 @@ class TPUExecutor:
         full = os.path.abspath(path)
         rel = os.path.relpath(full, self.source_dir)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-            raise tpu.LaunchError(
+            raise LaunchError(
                 f"the experiment file {full} is outside the checkout {self.source_dir} that is "
                 "copied to the TPU workers; move it into the checkout (e.g. experiments/)"
             )
@@ -250,72 +278,86 @@ class TPUExecutor:
     def run_command(self, run: RunSpec) -> str:
         """The shell command that runs `run` on a worker."""
         mkdir = f"mkdir -p {shlex.quote('../' + self.remote_run_dir(run))}"
-        return tpu.remote_command(self.remote_args(run), pre=mkdir)
+        return g.remote_command(self.remote_args(run), pre=mkdir)
 
-    def plan(self, runs: Sequence[RunSpec]) -> list[tpu.Step]:
-        """What `run` would do if every slice were missing and no run were preempted (pure).
+    # -- steps (pure) ---------------------------------------------------------------
+
+    def slice_steps(self, s: _Slice, archive: str, setup: bool = True) -> list[Step]:
+        """Make slice `s` READY (created if missing, created again if dead), then (`setup`)
+        give its workers the checkout `archive` and install it."""
+        z, p, acc, prefix = self.zone, self.project, self.accelerator, f"[{s.name}] "
+        describe = tuple(g.tpu_vm_describe_argv(s.name, z, p))
+        lookup = Lookup(
+            f"Slice {s.index}: look up the TPU VM {s.name} (kept if it exists; deleted and "
+            "created again if preempted)",
+            describe,
+            g.TPU_VM_DEAD,
+            delete=tuple(g.tpu_vm_delete_argv(s.name, z, p)),
+        )
+        spot = " (spot)" if self.spot else ""
+        create = g.tpu_vm_create_argv(s.name, z, p, acc.name, self.runtime_version, self.spot)
+        steps = [
+            Create(
+                f"Slice {s.index}: create it unless found: {acc.name}, "
+                f"{hosts_text(acc.hosts)}{spot}",
+                tuple(create),
+                s.name,
+                lookup,
+                prefix,
+            ),
+            Wait(
+                f"Slice {s.index}: wait until it is READY",
+                describe,
+                s.name,
+                g.TPU_VM_READY,
+                g.TPU_VM_DEAD,
+            ),
+        ]
+        if setup:
+            scp = g.tpu_vm_scp_to_argv(s.name, z, p, archive, g.REMOTE_ARCHIVE)
+            ssh = g.tpu_vm_ssh_argv(s.name, z, p, g.setup_command(self.bucket))
+            steps += [
+                Run(f"Slice {s.index}: copy the checkout to its workers", tuple(scp), prefix),
+                Run(f"Slice {s.index}: {g.setup_comment(self.bucket)}", tuple(ssh), prefix),
+            ]
+        return steps
+
+    def run_steps(self, s: _Slice, run: RunSpec) -> RunSteps:
+        """The commands of one attempt of `run` on slice `s`."""
+        z, p = self.zone, self.project
+        via = ", through worker 0's mount of the bucket" if self.bucket else ""
+        what = "the run directory" if self.bucket else "the run directory of worker 0"
+        copy = g.tpu_vm_scp_from_argv(s.name, z, p, self.remote_run_dir(run), _local_parent(run))
+        return RunSteps(
+            Run(
+                f"Run {run.name} on every worker of {s.name} (logs: {run.workdir}/stdout.log, "
+                "stderr.log)",
+                tuple(g.tpu_vm_ssh_argv(s.name, z, p, self.run_command(run))),
+            ),
+            Query(
+                f"Check {s.name} is still READY (else: preempted; recreate it and rerun, at "
+                f"most {self.max_retries} times)",
+                tuple(g.tpu_vm_describe_argv(s.name, z, p)),
+            ),
+            Run(f"Copy {what} back into {run.workdir}{via}", tuple(copy)),
+        )
+
+    def plan(
+        self, runs: Sequence[RunSpec], write: Callable[[str], None] | None = None
+    ) -> list[Shown]:
+        """What `run` would run if every slice were missing and no run were preempted: the
+        same steps through the `DryRunner` (written through `write` too, if given).
 
         Runs are shown on slices in turn; the real order depends on which slice
         is free first.
         """
-        z, p = self._where()
-        acc = self.accelerator
-        archive = os.path.join(tempfile.gettempdir(), "lm_align-sweep-XXXX.tar.gz")
-        steps = [tpu.Step(tpu.pack_comment(self.source_dir, archive), None, "pack")]
-        spot = " (spot)" if self.spot else ""
+        steps: list[Step] = [Pack(self.source_dir, DRY_RUN_ARCHIVE)]
         for s in self.slices:
-            steps += [
-                tpu.Step(
-                    f"Slice {s.index}: look up the TPU VM {s.name} (kept if READY)",
-                    tuple(tpu.tpu_vm_describe_argv(s.name, z, p)),
-                    "lookup",
-                ),
-                tpu.Step(
-                    f"Slice {s.index}: create it unless found: {acc.name}, "
-                    f"{acc.hosts} host{'s' if acc.hosts > 1 else ''}{spot}",
-                    tuple(
-                        tpu.tpu_vm_create_argv(
-                            s.name, z, p, acc.name, self.runtime_version, self.spot
-                        )
-                    ),
-                    "create",
-                ),
-                tpu.Step(
-                    f"Slice {s.index}: wait until it is READY",
-                    tuple(tpu.tpu_vm_describe_argv(s.name, z, p)),
-                    "wait",
-                ),
-                tpu.Step(
-                    f"Slice {s.index}: copy the checkout to its workers",
-                    tuple(tpu.tpu_vm_scp_to_argv(s.name, z, p, archive, tpu.REMOTE_ARCHIVE)),
-                ),
-                tpu.Step(
-                    f"Slice {s.index}: {tpu.setup_comment(self.bucket)}",
-                    tuple(tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command(self.bucket))),
-                ),
-            ]
+            steps += self.slice_steps(s, DRY_RUN_ARCHIVE)
         for k, run in enumerate(runs):
-            s = self.slices[k % len(self.slices)]
-            local = _local_parent(run)
-            via = ", through worker 0's mount of the bucket" if self.bucket else ""
-            what = "the run directory" if self.bucket else "the run directory of worker 0"
-            steps += [
-                tpu.Step(
-                    f"Run {run.name} on every worker of {s.name} (logs: {run.workdir}/stdout.log, "
-                    "stderr.log)",
-                    tuple(tpu.tpu_vm_ssh_argv(s.name, z, p, self.run_command(run))),
-                ),
-                tpu.Step(
-                    f"Check {s.name} is still READY (else: preempted; recreate it and rerun, "
-                    f"at most {self.max_retries} times)",
-                    tuple(tpu.tpu_vm_describe_argv(s.name, z, p)),
-                ),
-                tpu.Step(
-                    f"Copy {what} back into {run.workdir}{via}",
-                    tuple(tpu.tpu_vm_scp_from_argv(s.name, z, p, self.remote_run_dir(run), local)),
-                ),
-            ]
-        return steps
+            one = self.run_steps(self.slices[k % len(self.slices)], run)
+            steps += [one.attempt, one.check, one.copy_back]
+        return dry_run(steps, write)
 
     # -- Executor protocol ------------------------------------------------------
 
@@ -331,18 +373,18 @@ class TPUExecutor:
             return
         problem = self.shared_dir_problem()  # fail before creating anything
         if problem:
-            raise tpu.LaunchError(problem)
+            raise LaunchError(problem)
         for run in runs:
             self.remote_args(run)
-        self._archive = self._pack()
         events: queue.Queue[RunEvent] = queue.Queue()
         threads = [
             threading.Thread(target=self._slice_loop, args=(s, work, events), daemon=True)
             for s in self.slices
         ]
-        for t in threads:
-            t.start()
+        self._archive = self._pack()
         try:
+            for t in threads:
+                t.start()
             while any(t.is_alive() for t in threads) or not events.empty():
                 try:
                     event = events.get(timeout=0.1)
@@ -360,63 +402,34 @@ class TPUExecutor:
 
     # -- internals ---------------------------------------------------------------
 
+    def _execute(self, steps: Sequence[Step]) -> None:
+        """Runs `steps` through the launcher's interpreter, logging each one."""
+        execute(
+            steps,
+            self.runner,
+            show=lambda comment, argv=None: self.log(f"tpu: {comment}"),
+            log=lambda line: self.log(f"tpu: {line}"),
+            poll_s=self.poll_s,
+        )
+
     def _pack(self) -> str:
         fd, archive = tempfile.mkstemp(prefix="lm_align-sweep-", suffix=".tar.gz")
         os.close(fd)
-        n = tpu.pack_source(self.source_dir, archive)
-        self.log(f"tpu: packed {n} files of {self.source_dir}")
+        self._execute([Pack(self.source_dir, archive)])
         return archive
 
-    def _call(self, argv, **kwargs) -> tpu.Result:
-        return self.runner(argv, **kwargs)
-
-    def _state(self, s: _Slice) -> str | None:
-        """The slice's state (READY, PREEMPTED, ...); None if it does not exist."""
-        result = self._call(tpu.tpu_vm_describe_argv(s.name, *self._where()))
-        return result.output.strip() if result.returncode == 0 else None
+    def _state(self, argv: Sequence[str]) -> str | None:
+        """What the describe command `argv` prints (READY, PREEMPTED, ...); None if it fails
+        (the TPU VM does not exist)."""
+        result = self.runner(argv)
+        return (result.output or "").strip() if result.returncode == 0 else None
 
     def _prepare(self, s: _Slice) -> None:
         """Makes the slice READY (creating it, or recreating it if dead) and sets it up."""
-        z, p = self._where()
-        state = self._state(s)
-        if state in tpu.TPU_VM_DEAD:
-            self.log(f"tpu: {s.name} is {state}; deleting it to create it again")
-            self._call(tpu.tpu_vm_delete_argv(s.name, z, p), out=None, err=None)
-            state = None
-        if state is None:
-            self.log(f"tpu: creating {s.name} ({self.accelerator.describe()})")
-            acc = self.accelerator
-            create = tpu.tpu_vm_create_argv(s.name, z, p, acc.name, self.runtime_version, self.spot)
-            result = self._call(create, prefix=f"[{s.name}] ")
-            if result.returncode != 0:
-                raise SliceError(f"creating {s.name} failed: {tpu.shell_line(create)}")
-            s.ready = False
         try:
-            tpu.wait_for_state(
-                self.runner,
-                tpu.tpu_vm_describe_argv(s.name, z, p),
-                tpu.TPU_VM_READY,
-                tpu.TPU_VM_DEAD,
-                name=s.name,
-                poll_s=self.poll_s,
-                log=self.log,
-            )
-        except tpu.LaunchError as e:
+            self._execute(self.slice_steps(s, self._archive, setup=not s.ready))
+        except LaunchError as e:
             raise SliceError(str(e)) from None
-        if s.ready:
-            return
-        mount = f", mount gs://{self.bucket}" if self.bucket else ""
-        self.log(f"tpu: setting up {s.name} (copy the checkout{mount}, install lm_align)")
-        for argv in (
-            tpu.tpu_vm_scp_to_argv(s.name, z, p, self._archive, tpu.REMOTE_ARCHIVE),
-            tpu.tpu_vm_ssh_argv(s.name, z, p, tpu.setup_command(self.bucket)),
-        ):
-            result = self._call(argv, prefix=f"[{s.name}] ")
-            if result.returncode != 0:
-                raise SliceError(
-                    f"setting up {s.name} failed (exit status {result.returncode}): "
-                    f"{tpu.shell_line(argv)}"
-                )
         s.ready = True
 
     def _slice_loop(self, s: _Slice, work: collections.deque, events: queue.Queue) -> None:
@@ -448,22 +461,18 @@ class TPUExecutor:
         """Runs `run` on slice `s` (retrying after preemptions); False if the slice is lost."""
         lock_fd = lock_run_dir(run.workdir)
         try:
-            wall = 0.0
-            attempt = 0
+            wall, attempt = 0.0, 0
             while True:
                 attempt += 1
                 events.put(RunEvent("started", run))
                 start = time.monotonic()
-                returncode, tail = self._attempt(s, run, attempt)
+                returncode, state, err_tail = self._attempt(s, run, attempt)
                 wall += time.monotonic() - start
                 stopped = self._stop_force is not None
-                state = self._state(s)
-                if state == tpu.TPU_VM_READY:
-                    self._copy_back(s, run)
                 finished = os.path.exists(os.path.join(run.workdir, "final.json"))
                 lost = (
-                    returncode == SSH_UNREACHABLE
-                    or state != tpu.TPU_VM_READY
+                    returncode == g.SSH_UNREACHABLE
+                    or state != g.TPU_VM_READY
                     or (returncode == 0 and not finished)
                 )
                 if lost and not stopped:
@@ -478,11 +487,13 @@ class TPUExecutor:
                             continue
                         except SliceError as e:
                             self.log(f"tpu: {e}")
-                            tail += f"\n{e}"
+                            err_tail += f"\n{e}"
                     else:
-                        tail += f"\ninterrupted on {s.name} ({why}); gave up after {attempt} tries"
+                        err_tail += (
+                            f"\ninterrupted on {s.name} ({why}); gave up after {attempt} tries"
+                        )
                     if returncode == 0:
-                        returncode = SSH_UNREACHABLE  # not finished: recorded as failed
+                        returncode = g.SSH_UNREACHABLE  # not finished: recorded as failed
                 events.put(
                     RunEvent(
                         "ended",
@@ -490,53 +501,57 @@ class TPUExecutor:
                         returncode=returncode,
                         wall_s=wall,
                         stopped=stopped,
-                        stderr_tail=tail.strip(),
+                        stderr_tail=err_tail.strip(),
                     )
                 )
                 if lost and not stopped:
-                    try:
-                        self._recover(s, self._state(s))  # fit for the next run
-                    except SliceError as e:
-                        self.log(f"tpu: {e}; slice {s.name} takes no more runs")
-                        return False
+                    return self._fit_for_next_run(s)
                 return True
         finally:
             os.close(lock_fd)
 
     def _recover(self, s: _Slice, state: str | None) -> None:
         """After an interrupted attempt: recreate the slice if it is gone or dead."""
-        if state != tpu.TPU_VM_READY:
+        if state != g.TPU_VM_READY:
             s.ready = False
         self._prepare(s)
 
-    def _attempt(self, s: _Slice, run: RunSpec, attempt: int) -> tuple[int, str]:
-        """One ssh session running `run` on every worker of `s`: (exit status, stderr tail)."""
-        command = self.run_command(run)
-        argv = tpu.tpu_vm_ssh_argv(s.name, *self._where(), command)
-        what = f"{s.name} attempt {attempt}: {command}"
+    def _fit_for_next_run(self, s: _Slice) -> bool:
+        """After a run given up on: the slice made usable again; False if it cannot be."""
+        try:
+            self._recover(s, self._state(g.tpu_vm_describe_argv(s.name, self.zone, self.project)))
+            return True
+        except SliceError as e:
+            self.log(f"tpu: {e}; slice {s.name} takes no more runs")
+            return False
+
+    def _attempt(self, s: _Slice, run: RunSpec, attempt: int) -> tuple[int, str | None, str]:
+        """One ssh session running `run` on every worker of `s`, then the slice's state and
+        (when READY) the copy back: (exit status, state, stderr tail)."""
+        steps = self.run_steps(s, run)
+        what = f"{s.name} attempt {attempt}: {self.run_command(run)}"
         with attempt_logs(run.workdir, what) as (out, err, err_path, offset):
             self.log(f"tpu: {run.name} -> {s.name} (attempt {attempt})")
-            result = self._call(argv, out=out, err=err)
-        return result.returncode, _tail(err_path, offset)
-
-    def _copy_back(self, s: _Slice, run: RunSpec) -> None:
-        local = _local_parent(run)
-        argv = tpu.tpu_vm_scp_from_argv(s.name, *self._where(), self.remote_run_dir(run), local)
-        with open(os.path.join(run.workdir, "stderr.log"), "a") as err:
-            result = self._call(argv, out=err, err=err)
-        if result.returncode != 0:
-            self.log(f"tpu: copying {run.name} back from {s.name} failed: {tpu.shell_line(argv)}")
+            returncode = self.runner(steps.attempt.argv, out=out, err=err).returncode
+        err_tail = tail(err_path, offset, STDERR_TAIL_LINES)
+        state = self._state(steps.check.argv)
+        if state == g.TPU_VM_READY:
+            with open(os.path.join(run.workdir, "stderr.log"), "a") as err:
+                copied = self.runner(steps.copy_back.argv, out=err, err=err)
+            if copied.returncode != 0:
+                self.log(
+                    f"tpu: copying {run.name} back from {s.name} failed: "
+                    f"{g.shell_line(steps.copy_back.argv)}"
+                )
+        return returncode, state, err_tail
 
     def _send_stop(self, force: bool) -> None:
         with self._lock:
             busy = [s for s in self.slices if s.current is not None]
         for s in busy:
             self.log(f"tpu: stopping the run on {s.name} ({'SIGKILL' if force else 'SIGTERM'})")
-            self._call(
-                tpu.tpu_vm_ssh_argv(s.name, *self._where(), tpu.stop_command(force)),
-                out=None,
-                err=None,
-            )
+            stop = g.tpu_vm_ssh_argv(s.name, self.zone, self.project, g.stop_command(force))
+            self.runner(stop, out=None, err=None)
 
 
 def _local_parent(run: RunSpec) -> str:
