@@ -14,8 +14,9 @@ alignment assumption and the parameterization (table C), g on the
 parameterization (table G). These three tables are the only copy of the
 numbers in lm_align: the model reads init stds and multipliers from
 :class:`Parameterization`, the optimizer reads LR and epsilon scales from it.
-Cells the spec marks [check] are listed in :data:`CHECK` (single cells) and
-:data:`CHECK_TABLES` (whole tables), so one reading audits them all.
+Cells not yet confirmed against the paper are listed in :data:`CHECK` (single
+cells) and :data:`CHECK_TABLES` (whole tables), so one reading audits them all.
+The tables, with what each cell means, are in docs/scaling.md.
 
     p = Parameterization.from_config({"name": "mup", "base_width": 128},
                                      optimizer="adamw", width=512)
@@ -35,11 +36,11 @@ truncated-normal matrices, the untruncated std, as now). For parameters the
 model initialises to a constant it is the factor on that constant (norm scale
 = init_std * 1; biases stay 0).
 
-Width mode (the one choice the spec leaves open): what "n" means in n^(-a)
-and n^(-b).
+Width mode (the one choice the paper's notation leaves open here): what "n"
+means in n^(-a) and n^(-b).
 
 - ``"relative"`` (the default): every width factor is r = n / n_base, the same
-  ratio the spec already uses for c and g::
+  ratio the LR and epsilon formulas already use for c and g::
 
       W_l = A_l * r^(-a_l) * w_l,  std_l = B_l * sigma_l * r^(-b_l),
 
@@ -58,7 +59,7 @@ and n^(-b).
   epsilons by m_base^(-t) (the C part is tested).
   (3) Standard parameterization with constants 1 is the model's current init
   (embedding std 1, matrices 1/sqrt(fan_in)) at every width.
-- ``"absolute"``: the spec's formula literally, ``W = A m^(-a) w`` and
+- ``"absolute"``: the paper's formula literally, ``W = A m^(-a) w`` and
   ``std = B m^(-b)`` with m the layer's fan-in for matrices (n for q/k/v,
   MLP-in and readout; heads*head_dim for attention-out; d_ff for MLP-out) and
   m = n for embedding-type. Use it to reproduce Everett et al.'s fixed-width
@@ -119,7 +120,8 @@ def _roles(embedding, hidden, readout) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------
-# THE TABLE (specs/SCALING.md section 1). Cells marked [check] are in CHECK.
+# THE TABLE (Everett et al. 2024, arXiv:2407.05872; docs/scaling.md, "The exponent
+# tables"). Cells marked [check] are in CHECK.
 # ----------------------------------------------------------------------------
 
 # fmt: off
@@ -164,13 +166,13 @@ G = {
     "mfp":      _roles(1/2, 3/2, 1),
 }
 
-# Cells the spec flags [check]: (table, row key, role).
+# Cells flagged [check] (not yet confirmed against the paper): (table, row key, role).
 CHECK = frozenset({
     ("AB", "mfp", "embedding"),
     ("C", ("adafactor", "none", "mup"), "readout"),
     ("C", ("adafactor", "none", "mfp"), "readout"),
 })
-# Tables the spec flags [check] as a whole, with the reason.
+# Tables flagged [check] as a whole, with the reason.
 CHECK_TABLES = {
     "C": "LR exponents derived from the paper's summaries, not copied from one table",
     "G": "epsilon exponents = the gradient's width exponent measured at init",
@@ -179,7 +181,7 @@ CHECK_TABLES = {
 
 
 def is_flagged(table: str, row: Any, role: str) -> bool:
-    """Whether cell (table, row, role) is marked [check] in the spec."""
+    """Whether cell (table, row, role) is flagged [check] (not yet confirmed against the paper)."""
     return table in CHECK_TABLES or (table, row, role) in CHECK
 
 
@@ -243,7 +245,7 @@ def table_exponents(
     if key not in C:
         raise ValueError(
             f"optimizer {optimizer!r} with param.alignment={alignment!r} is not supported: "
-            "the spec tabulates no LR exponents for SGD without alignment; use "
+            "Everett et al. tabulate no LR exponents for SGD without alignment; use "
             "param.alignment=full or an adaptive optimizer (adam, adamw, adam_atan2, adafactor)."
         )
     c = C[key]

@@ -1,4 +1,4 @@
-"""Pairwise preference losses (docs/specs ALIGNMENT.md, "Pairwise").
+"""Pairwise preference losses (docs/alignment.md, "Preference losses (pairwise)").
 
 Inputs are per-sequence log-probs summed over completion tokens, shape [B]
 (B = pairs in the batch): ``lp(y) = log pi_theta(y|x)``, ``lr(y) = log
@@ -94,7 +94,7 @@ def dpo(
     Args:
       policy_chosen_logps, policy_rejected_logps: lp(y_w), lp(y_l), [B].
       ref_chosen_logps, ref_rejected_logps: lr(y_w), lr(y_l), [B].
-      beta: inverse temperature of the implicit reward (spec default 0.1).
+      beta: inverse temperature of the implicit reward (default 0.1, as in Rafailov et al.).
       label_smoothing: eps in [0, 0.5], scalar or [B].
     """
     logits_B = beta * _margin(
@@ -141,7 +141,7 @@ def ipo(
 def slic(policy_chosen_logps, policy_rejected_logps, *, margin=1.0):
     """SLiC-HF calibration hinge: max(0, delta - lp(y_w) + lp(y_l)), float32 [B].
 
-    No reference model. delta = ``margin`` (spec default 1.0). The full SLiC-HF
+    No reference model. delta = ``margin`` (default 1.0, as in Zhao et al.). The full SLiC-HF
     loss adds lambda_reg * (-lp(y_ref)) on the SFT target or the best-ranked
     sample; the trainer adds that term, not this function.
     """
@@ -152,7 +152,7 @@ def slic(policy_chosen_logps, policy_rejected_logps, *, margin=1.0):
 def rso_hinge(policy_chosen_logps, policy_rejected_logps, *, gamma):
     """RSO hinge (no reference): max(0, 1 - gamma * (lp(y_w) - lp(y_l))), float32 [B].
 
-    gamma is the loss temperature (spec default 0.05), separate from the
+    gamma is the loss temperature (default 0.05), separate from the
     sampling beta of rejection sampling.
     """
     lp_w_B, lp_l_B = _f32(policy_chosen_logps, policy_rejected_logps)
@@ -162,7 +162,7 @@ def rso_hinge(policy_chosen_logps, policy_rejected_logps, *, gamma):
 def rso_hinge_norm(
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, gamma
 ):
-    """RSO hinge-norm: max(0, 1 - gamma * h), float32 [B] (spec default gamma 0.05)."""
+    """RSO hinge-norm: max(0, 1 - gamma * h), float32 [B] (default gamma 0.05)."""
     h_B = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return jax.nn.relu(1.0 - gamma * h_B)
 
@@ -171,7 +171,7 @@ def rso_sigmoid_norm(
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, gamma
 ):
     """RSO sigmoid-norm: -logsig(gamma * h), float32 [B] (DPO with beta = gamma;
-    spec default gamma 0.05)."""
+    default gamma 0.05)."""
     h_B = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -jax.nn.log_sigmoid(gamma * h_B)
 

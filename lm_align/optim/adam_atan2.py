@@ -10,7 +10,9 @@ epsilon:
 
 For ``|m_hat| << b * sqrt(v_hat)`` this is Adam's ``(a / b) * m_hat / sqrt(v_hat)``;
 for large ratios it saturates at ``a * pi / 2``; at ``m_hat = v_hat = 0`` it is 0.
-See ``specs/SCALING.md`` section 2.
+Adam-atan2 is from Everett et al. 2024, "Scaling Exponents Across
+Parameterizations and Optimizers", arXiv:2407.05872; docs/optim.md,
+"Adam-atan2", derives these properties.
 """
 
 import math
