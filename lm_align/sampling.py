@@ -1,23 +1,35 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+"""Sampling from a policy: next-token choice, KV-cache decoding, batched text in / text out.
 
-    logits_BV = model.apply(params, tokens)[:, -1]
-    tokens_B, logps_B = sample_next(rng, logits_BV, temperature=0.7, top_k=40)
+Three levels, each built on the one below:
 
-`logps_B` are the model's log-probs of the chosen tokens (log softmax of the
+    tokens_B, logps_B = sample_next(rng, logits_BV, temperature=1.0, top_k=0)
+    out = generate(model, params, [[1, 50, 51], [1, 52]], max_new_tokens=8,
+                   num_samples=4, stop_tokens=[2], rng=0)
+    out.tokens, out.logps, out.lengths   # [8, 8], [8, 8], [8]
+    s = sample_texts(model, params, tokenizer, ["37+5=", "12*3="],
+                     num_samples=4, max_new_tokens=8, seed=0)
+    s.responses, s.token_ids, s.logps, s.lengths   # [2][4] str, [2][4] ids, [2, 4], [2, 4]
+    ref_logps_PN = rescore(model, ref_params, tokenizer, prompts, s.token_ids)
+
+`logps` are the model's log-probs of the chosen tokens (log softmax of the
 raw logits, temperature 1), the quantity preference losses and KL estimates
 need; the sampling distribution itself is `softmax(process_logits(...))`.
-`generate` decodes batches of prompts with a KV cache:
 
-    out = generate(model, params, [[1, 50, 51], [1, 52]], max_new_tokens=8,
-                   num_samples=4, temperature=0.7, top_k=40, stop_tokens=[2], rng=0)
-    out.tokens, out.logps, out.lengths   # [8, 8], [8, 8], [8]
+The default sampling distribution (`DEFAULT_TEMPERATURE`, `DEFAULT_TOP_K`,
+`DEFAULT_TOP_P`) is the model's own: temperature 1, no top-k, no nucleus
+cut. It is the distribution the log-probs above describe, so KL estimates
+from samples are unbiased and policy-gradient losses (REINFORCE, BoN-aware
+RL) are on-policy. Methods that follow a paper's truncated sampling pass it
+explicitly, e.g. SLiC-HF, RSO and ReST-EM sample at temperature 0.7, top-k 40.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +37,14 @@ import numpy as np
 
 from lm_align import parallel
 
+if TYPE_CHECKING:
+    from lm_align.data.tokenizers import Tokenizer
+
 NEG_INF = -jnp.inf
+DEFAULT_TEMPERATURE = 1.0  # the model's own distribution (see the module docstring)
+DEFAULT_TOP_K = 0  # 0 = every token
+DEFAULT_TOP_P = 1.0  # 1 = no nucleus cut
+DEFAULT_BATCH_SIZE = 64  # prompts per decoding call of sample_texts and rescore
 
 
 def check_settings(*, temperature: float, top_k: int, top_p: float) -> None:
@@ -121,9 +140,9 @@ def generate(
     max_new_tokens: int,
     rng: jax.Array | int = 0,
     num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int = DEFAULT_TOP_K,
+    top_p: float = DEFAULT_TOP_P,
     greedy: bool = False,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
@@ -222,5 +241,200 @@ def _decoder(model, max_new, temperature, top_k, top_p, greedy, stop_tokens, pad
         init = (logits_BPV[:, -1], cache, jnp.zeros((B,), bool), key)
         _, (toks, logps, live) = jax.lax.scan(step, init, jnp.arange(max_new))
         return toks.T, logps.T, jnp.sum(live, axis=0).astype(jnp.int32)
+
+    return run
+
+
+# ----------------------------------------------------------------------------
+# Text in, text out: the sampler every caller uses
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """`num_samples` responses to each of P prompts (n = num_samples)."""
+
+    responses: list[list[str]]  # [P][n] decoded text, without the eos
+    token_ids: list[list[list[int]]]  # [P][n] generated ids, the eos included when emitted
+    logps: np.ndarray  # float32 [P, n]: log pi(y | x), model log-probs summed over token_ids
+    lengths: np.ndarray  # int32 [P, n]: len(token_ids), the eos included
+    response_lengths: np.ndarray  # int32 [P, n]: tokens before the eos (lengths - 1 if ended)
+
+
+def decode_response(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+    """The text of generated ids: everything before the first eos, decoded.
+
+    A response cut at `max_new_tokens` (no eos) is decoded whole.
+    """
+    ids = [int(t) for t in ids]
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids)
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """How every sampler and scorer feeds a prompt: `[bos] + tokenizer.encode(prompt)`."""
+    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+
+
+def sample_texts(
+    model: Any,
+    params: Any,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int = DEFAULT_TOP_K,
+    top_p: float = DEFAULT_TOP_P,
+    greedy: bool = False,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Samples:
+    """`num_samples` responses per prompt from the KV-cache decoder (`generate`), as text.
+
+    Each prompt is fed as `[bos] + tokenizer.encode(prompt)` and continued
+    until eos or `max_new_tokens`; a response is its generated ids before
+    the eos, decoded (`decode_response`). The defaults sample from the
+    model's own distribution (temperature 1, no top-k or nucleus cut; see the
+    module docstring); `greedy` takes the argmax and ignores the settings.
+
+    RNG scheme: prompts are decoded `batch_size` at a time (`batch_size *
+    num_samples` rows per call); batch b = prompts `[b * batch_size, (b + 1)
+    * batch_size)` samples with the key `jax.random.fold_in(jax.random.key(seed),
+    b)`. The responses are a pure function of (seed, batch_size, the settings
+    and the inputs); another `batch_size` draws other (equally distributed)
+    samples. The last batch is filled up with copies of its first prompt,
+    whose samples are dropped, so every call has the same number of rows;
+    batches whose longest prompts differ in length compile separately.
+
+    Args:
+      model, params: a `lm_align.models.pure.PureModel` and its parameters.
+      tokenizer: the model's tokenizer (bos, eos, pad and decode are used).
+      prompts: P prompt texts.
+      num_samples: n, responses per prompt.
+      max_new_tokens: longest response, in tokens (eos included).
+      temperature, top_k, top_p: the sampling distribution (`process_logits`).
+      greedy: argmax decoding (then every sample of a prompt is the same).
+      seed: the sampling seed (see the RNG scheme).
+      batch_size: prompts per decoding call (at most P are used).
+      mesh: split each call's rows over the mesh's data axes (`generate`); the
+        batch is filled up so that its rows are a multiple of that size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    size = _batch_prompts(min(batch_size, max(len(ids), 1)), num_samples, mesh)
+    key = jax.random.key(seed)
+    token_ids: list[list[list[int]]] = []
+    logps: list[np.ndarray] = []
+    for b, start in enumerate(range(0, len(ids), size)):
+        batch = ids[start : start + size]
+        num_real = len(batch)
+        out = generate(
+            model, params, batch + [batch[0]] * (size - num_real),
+            max_new_tokens=max_new_tokens, rng=jax.random.fold_in(key, b),
+            num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+            greedy=greedy, stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, mesh=mesh,
+        )  # fmt: skip
+        tokens_RT = np.asarray(jax.device_get(out.tokens))[: num_real * num_samples]
+        lengths_R = np.asarray(jax.device_get(out.lengths))[: num_real * num_samples]
+        logps.append(np.asarray(jax.device_get(out.logps))[: num_real * num_samples].sum(-1))
+        rows = [tokens_RT[r, : lengths_R[r]].tolist() for r in range(len(lengths_R))]
+        token_ids += [rows[i * num_samples : (i + 1) * num_samples] for i in range(num_real)]
+    return _samples(tokenizer, token_ids, logps, len(prompts), num_samples)
+
+
+def _batch_prompts(size: int, num_samples: int, mesh: jax.sharding.Mesh | None) -> int:
+    """Prompts per call: `size`, rounded up so the rows split over the mesh's data axes."""
+    if mesh is None:
+        return size
+    dp = parallel.data_parallel_size(mesh)
+    step = dp // math.gcd(dp, num_samples)  # prompts whose rows are a multiple of dp
+    return -(-size // step) * step
+
+
+def _samples(tokenizer, token_ids, logps, num_prompts: int, num_samples: int) -> Samples:
+    shape = (num_prompts, num_samples)
+    lengths = np.asarray([[len(t) for t in ts] for ts in token_ids], np.int32).reshape(shape)
+    ended = np.asarray(
+        [[bool(t) and t[-1] == tokenizer.eos_id for t in ts] for ts in token_ids], bool
+    ).reshape(shape)
+    return Samples(
+        responses=[[decode_response(tokenizer, t) for t in ts] for ts in token_ids],
+        token_ids=token_ids,
+        logps=(np.concatenate(logps) if logps else np.zeros(0)).astype(np.float32).reshape(shape),
+        lengths=lengths,
+        response_lengths=lengths - ended,
+    )
+
+
+def rescore(
+    model: Any,
+    params: Any,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    token_ids: Sequence[Sequence[Sequence[int]]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> np.ndarray:
+    """log pi(y | x) of given responses under `params`, float32 [P, n].
+
+    `token_ids[p][j]` are response ids of prompt p (e.g. `Samples.token_ids`
+    of another model, such as the policy when `params` is its reference);
+    each row `[bos] + encode(prompt) + ids` is scored in one forward pass::
+
+        rescore[p, j] = sum_t log softmax(logits[P_p - 1 + t])[ids[t]]
+
+    with P_p the prompt length (bos included), the same sum `Samples.logps`
+    holds for the sampling model. Rows are scored `batch_size` at a time,
+    right-padded to one length (a causal model's logits do not see padding).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if len(token_ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(token_ids)} lists of responses")
+    counts = {len(ts) for ts in token_ids}
+    if len(counts) > 1:
+        raise ValueError(f"every prompt needs the same number of responses, got {sorted(counts)}")
+    n = counts.pop() if counts else 0
+    docs = [prompt_ids(tokenizer, p) for p in prompts]
+    rows = [(d, [int(t) for t in ids]) for d, ts in zip(docs, token_ids, strict=True) for ids in ts]
+    if not rows:
+        return np.zeros((len(prompts), n), np.float32)
+    L = max(len(d) + len(ids) for d, ids in rows) - 1  # inputs: doc[:-1]
+    inputs_RL = np.full((len(rows), L), tokenizer.pad_id, np.int32)
+    targets_RL = np.zeros((len(rows), L), np.int32)
+    mask_RL = np.zeros((len(rows), L), np.float32)
+    for r, (prompt, ids) in enumerate(rows):
+        doc = prompt + ids
+        inputs_RL[r, : len(doc) - 1] = doc[:-1]
+        targets_RL[r, : len(doc) - 1] = doc[1:]
+        mask_RL[r, len(prompt) - 1 : len(doc) - 1] = 1.0  # the targets that are response ids
+    fn = _rescorer(model)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        part = slice(start, start + batch_size)
+        fill = batch_size - len(inputs_RL[part])  # one shape per call: fill with mask-0 rows
+        padded = [np.concatenate([x[part], np.zeros((fill, L), x.dtype)]) for x in
+                  (inputs_RL, targets_RL, mask_RL)]  # fmt: skip
+        out.append(np.asarray(fn(params, *padded))[: batch_size - fill])
+    return np.concatenate(out).astype(np.float32).reshape(len(prompts), n)
+
+
+@functools.lru_cache(maxsize=8)
+def _rescorer(model):
+    """One jitted summed-log-prob function per model (recompiled only for new shapes)."""
+
+    @jax.jit
+    def run(params, inputs_BL, targets_BL, mask_BL):
+        logits_BLV = model.apply(params, inputs_BL).astype(jnp.float32)
+        logp_BLV = jax.nn.log_softmax(logits_BLV, axis=-1)
+        picked_BL = jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+        return jnp.sum(picked_BL * mask_BL, axis=-1)
 
     return run

@@ -1,4 +1,4 @@
-"""Next-token selection: greedy, temperature, top-k, top-p."""
+"""Sampling: next-token selection, KV-cache decoding, the batched text sampler, rescoring."""
 
 import math
 
@@ -190,6 +190,20 @@ try:
     generate(model, sharded, prompts[:3], max_new_tokens=2, mesh=mesh)
 except ValueError as e:
     out["error"] = str(e)
+# sample_texts fills a batch of 3 prompts x 2 samples up to 4 prompts (8 rows) with a
+# copy of its first prompt: the same draws as 4 prompts whose 4th is that copy.
+from lm_align.data.tokenizers import make_tokenizer
+from lm_align.sampling import sample_texts
+tok = make_tokenizer("byte")
+bm = PureModel(TransformerConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+bp = bm.init(0)
+bs = jax.device_put(bp, parallel.logical_to_sharding(bm.logical_axes, bm.abstract_params, mesh))
+texts = ["1+2=", "33+4=", "5+6="]
+kw = dict(num_samples=2, max_new_tokens=5, seed=4)
+on_mesh = sample_texts(bm, bs, tok, texts, mesh=mesh, **kw)
+filled = sample_texts(bm, bp, tok, texts + texts[:1], **kw)
+out["texts_equal"] = on_mesh.responses == filled.responses[:3]
+out["texts_shape"] = [len(on_mesh.responses), len(on_mesh.responses[0])]
 print(json.dumps(out))
 """
 
@@ -212,3 +226,125 @@ def test_decoding_sharded_over_a_mesh_gives_the_same_tokens():
         assert out[name]["logp_diff"] < 1e-4, out
         assert not out[name]["replicated"] and out[name]["rows_per_device"] == 1, out
     assert "3 rows" in out["error"] and "multiple of 8" in out["error"]
+    assert out["texts_equal"] and out["texts_shape"] == [3, 2], out
+
+
+# ----------------------------------------------------------------------------
+# sample_texts and rescore: text in, text out
+# ----------------------------------------------------------------------------
+
+from lm_align.data.tokenizers import ByteTokenizer, make_tokenizer  # noqa: E402
+from lm_align.sampling import (  # noqa: E402
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    decode_response,
+    rescore,
+    sample_texts,
+)
+
+TEXTS = ["1+2=", "3+4=", "55+6=", "7+8=", "9+1="]  # 5 prompts: not a multiple of 2
+
+
+@pytest.fixture(scope="module")
+def byte_model():
+    model = PureModel(TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=259))
+    return model, model.init(0), make_tokenizer("byte")
+
+
+class _EosIs(ByteTokenizer):
+    """A byte tokenizer whose eos is an ordinary byte the tiny model does emit."""
+
+    def __init__(self, eos_id):
+        self._eos = eos_id
+
+    @property
+    def eos_id(self):
+        return self._eos
+
+
+def test_the_default_is_the_models_own_distribution():
+    assert (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P) == (1.0, 0, 1.0)
+    logits = _logits([0.1, 0.2, 0.7])
+    np.testing.assert_allclose(  # the defaults leave the logits unchanged
+        process_logits(logits, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K,
+                       top_p=DEFAULT_TOP_P), logits, rtol=1e-6,
+    )  # fmt: skip
+
+
+def test_sample_texts_shapes_seeds_and_the_key_of_each_batch(byte_model):
+    model, params, tok = byte_model
+    kw = {"num_samples": 3, "max_new_tokens": 6, "batch_size": 2}
+    a = sample_texts(model, params, tok, TEXTS, seed=0, **kw)
+    assert len(a.responses) == 5 and all(len(r) == 3 for r in a.responses)
+    assert a.logps.shape == a.lengths.shape == a.response_lengths.shape == (5, 3)
+    assert a.responses == sample_texts(model, params, tok, TEXTS, seed=0, **kw).responses
+    assert a.responses != sample_texts(model, params, tok, TEXTS, seed=1, **kw).responses
+    # Batch b = prompts [2b, 2b + 2) samples with fold_in(key(seed), b): batch 1 is
+    # prompts 2 and 3, decoded by generate with that key.
+    ids = [[tok.bos_id] + tok.encode(t) for t in TEXTS[2:4]]
+    out = generate(
+        model, params, ids, max_new_tokens=6, num_samples=3, stop_tokens=[tok.eos_id],
+        rng=jax.random.fold_in(jax.random.key(0), 1),
+    )  # fmt: skip
+    rows = [np.asarray(out.tokens[r, : int(out.lengths[r])]).tolist() for r in range(6)]
+    assert a.token_ids[2] == rows[:3] and a.token_ids[3] == rows[3:]
+    np.testing.assert_allclose(a.logps[2:4].ravel(), np.asarray(out.logps).sum(-1), rtol=1e-6)
+
+
+def test_responses_stop_before_eos_and_the_filler_prompts_are_dropped(byte_model):
+    model, params, tok = byte_model
+    ids = [[tok.bos_id] + tok.encode(p) for p in TEXTS]
+    greedy = np.asarray(generate(model, params, ids, max_new_tokens=6, greedy=True).tokens)
+    eos = int(greedy[3, 1])  # prompt 3's second greedy token becomes eos
+    tok_eos = _EosIs(eos)
+    # top_k = 1 makes sampling greedy, so every sample is the greedy response.
+    # Batches of 2: the last batch holds prompt 4 and a filler copy, dropped.
+    s = sample_texts(model, params, tok_eos, TEXTS, num_samples=2, max_new_tokens=6, top_k=1,
+                     batch_size=2)  # fmt: skip
+    for i, row in enumerate(greedy.tolist()):
+        cut = row.index(eos) if eos in row else len(row)
+        want_ids = row[: cut + 1] if eos in row else row
+        assert s.token_ids[i] == [want_ids, want_ids]
+        assert s.responses[i] == [tok.decode(row[:cut])] * 2
+        assert s.lengths[i].tolist() == [len(want_ids)] * 2
+        assert s.response_lengths[i].tolist() == [cut] * 2
+    assert s.token_ids[3][0] == greedy[3, :2].tolist()  # stopped at the eos, which it keeps
+    eos_char = bytes([eos - 3]).decode("latin-1")
+    assert all(eos_char not in r for rs in s.responses for r in rs)
+
+
+def test_decode_response_cuts_at_the_first_eos():
+    tok = make_tokenizer("byte")
+    hi = tok.encode("hi")
+    assert decode_response(tok, hi + [tok.eos_id]) == "hi"
+    assert decode_response(tok, hi) == "hi"  # cut at max_new_tokens: kept whole
+    assert decode_response(tok, [tok.eos_id] + hi) == ""
+
+
+def test_rescore_equals_the_decoders_logps_and_a_hand_sum(byte_model):
+    model, params, tok = byte_model
+    s = sample_texts(model, params, tok, TEXTS, num_samples=2, max_new_tokens=5, seed=3,
+                     temperature=0.8, top_k=20)  # fmt: skip
+    # Full forward passes (no cache), 3 rows per call: the cached decoder's sums.
+    np.testing.assert_allclose(
+        rescore(model, params, tok, TEXTS, s.token_ids, batch_size=3), s.logps, atol=1e-4
+    )
+    other = jax.tree.map(lambda x: x * 1.5, params)
+    got = rescore(model, other, tok, TEXTS[:1], [s.token_ids[0]])
+    doc = [tok.bos_id] + tok.encode(TEXTS[0])
+    for j, ids in enumerate(s.token_ids[0]):
+        logp = jax.nn.log_softmax(_logits_of(model, other, doc + ids), axis=-1)
+        want = sum(float(logp[len(doc) - 1 + t, tok_id]) for t, tok_id in enumerate(ids))
+        assert got[0, j] == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="same number of responses"):
+        rescore(model, params, tok, TEXTS[:2], [[[5]], [[5], [6]]])
+
+
+def test_greedy_sample_texts_is_step_by_step_greedy(byte_model):
+    model, params, tok = byte_model
+    s = sample_texts(model, params, tok, TEXTS[:2], max_new_tokens=4, greedy=True, seed=9)
+    for i, text in enumerate(TEXTS[:2]):
+        prompt = [tok.bos_id] + tok.encode(text)
+        want = _greedy_without_cache(model, params, prompt, 4)
+        assert s.token_ids[i][0] == want[: len(s.token_ids[i][0])]
