@@ -1,5 +1,6 @@
-"""TPUExecutor against a fake `gcloud` on PATH: runs spread over slices, a preempted run
-retried, results copied back, the sweep summary, and a stopped sweep resumed.
+"""TPUExecutor: the argv of every step of its plan, and against a fake `gcloud` on PATH: the
+plan is what runs, runs spread over slices, a preempted run retried, results copied back, the
+sweep summary, and a stopped sweep resumed.
 
 The fake (a Python script written to tmp_path) logs its argv, keeps each TPU VM's state
 in a file, gives each VM a "remote home" directory (deleted with the VM), and for `ssh`
@@ -24,7 +25,8 @@ import textwrap
 import pytest
 
 from lm_align import cli
-from lm_align.launch import tpu
+from lm_align.launch import gcloud
+from lm_align.launch.steps import Create, Run, Wait
 from lm_align.sweeps import load_summary, plan_sweep, run_sweep
 from lm_align.sweeps.tpu_executor import TPUExecutor
 from tests.helpers import DEFAULT_EXPERIMENT, REPO
@@ -214,6 +216,76 @@ def set_state(root, node, value):
     (root / "state" / node).write_text(value + "\n")
 
 
+VM = ["gcloud", "compute", "tpus", "tpu-vm"]
+LOC = ["--zone=us-west4-a", "--project=proj"]
+SETUP = (
+    "--command=mkdir -p lm_align && tar -xzf lm_align_src.tar.gz -C lm_align && "
+    "bash lm_align/launch/tpu_worker_setup.sh"
+)
+
+
+def test_plan_is_the_argv_of_every_step(checkout, tmp_path, monkeypatch):
+    """Two slices, two runs with a bucket: per slice lookup, create, wait, copy, setup; per
+    run the ssh that runs it, the state check and the copy back."""
+    monkeypatch.chdir(tmp_path)
+    runs = plan_sweep(str(checkout / "experiments" / "tpu_sweep.py"), "sweeps/lr")[:2]
+    executor = TPUExecutor("sw", "v5e-8", "us-west4-a", num_slices=2, project="proj",
+                           bucket="b-1", source_dir=str(checkout))  # fmt: skip
+    archive = f"{tempfile.gettempdir()}/lm_align-sweep-XXXX.tar.gz"
+    expected = [None]  # pack, here
+    for node in ("sw-0", "sw-1"):
+        describe = [*VM, "describe", node, *LOC, "--format=value(state)"]
+        expected += [
+            describe,
+            [*VM, "create", node, *LOC, "--accelerator-type=v5litepod-8",
+             "--version=v2-alpha-tpuv5-lite"],
+            describe,
+            [*VM, "scp", archive, f"{node}:lm_align_src.tar.gz", *LOC, "--worker=all"],
+            [*VM, "ssh", node, *LOC, "--worker=all",
+             f"{SETUP} --bucket b-1 --mount-dir lm_align_bucket"],
+        ]  # fmt: skip
+    for run, node, lr in zip(runs, ("sw-0", "sw-1"), ("0.001", "0.003"), strict=True):
+        remote = f"lm_align_bucket/lr/{run.name}"
+        command = (
+            f"cd lm_align && mkdir -p ../{remote} && PYTHONUNBUFFERED=1 exec python3 -m "
+            f"lm_align.cli train --config experiments/tpu_sweep.py --workdir ../{remote} "
+            f"--config.optimizer.lr={lr}"
+        )
+        expected += [
+            [*VM, "ssh", node, *LOC, "--worker=all", f"--command={command}"],
+            [*VM, "describe", node, *LOC, "--format=value(state)"],
+            [*VM, "scp", f"{node}:{remote}", "sweeps/lr", "--recurse", *LOC, "--worker=0"],
+        ]
+    assert [list(s.argv) if s.argv else None for s in executor.plan(runs)] == expected
+
+
+def test_a_slice_set_up_already_is_only_found_and_waited_for(checkout):
+    executor = TPUExecutor("sw", "v4-8", "z", source_dir=str(checkout))
+    s = executor.slices[0]
+    fresh = executor.slice_steps(s, "/a.tar.gz")
+    assert [type(x) for x in fresh] == [Create, Wait, Run, Run]
+    assert list(fresh[0].lookup.delete) == [*VM, "delete", "sw", "--zone=z", "--quiet"]
+    assert [type(x) for x in executor.slice_steps(s, "/a.tar.gz", setup=False)] == [Create, Wait]
+
+
+def test_a_missing_slice_runs_exactly_the_planned_commands(fake, checkout, tmp_path, monkeypatch):
+    """One slice, not there yet, one run: the fake gcloud sees the plan's commands, in order
+    (the archive has its real temporary name)."""
+    monkeypatch.chdir(tmp_path)
+    runs = plan_sweep(str(checkout / "experiments" / "tpu_sweep.py"), "sweeps/lr")[:1]
+    executor = TPUExecutor("sw", "v5e-8", "us-west4-a", project="proj",
+                           source_dir=str(checkout), poll_s=0.01, log=lambda s: None)  # fmt: skip
+    planned = [list(s.argv) for s in executor.plan(runs) if s.argv]
+    events = []
+    executor.run(runs, events.append)
+    assert [e.kind for e in events] == ["started", "ended"] and events[1].returncode == 0
+    ran = [["gcloud", *argv] for argv in calls(fake)]
+    archive = ran[3][5]  # the scp of the checkout: gcloud compute tpus tpu-vm scp ARCHIVE ...
+    assert archive.startswith(os.path.join(tempfile.gettempdir(), "lm_align-sweep-"))
+    dry_archive = f"{tempfile.gettempdir()}/lm_align-sweep-XXXX.tar.gz"
+    assert ran == [[a.replace(dry_archive, archive) for a in argv] for argv in planned]
+
+
 def test_runs_spread_over_slices_and_a_preempted_run_is_retried(fake, checkout, tmp_path,
                                                                 monkeypatch):  # fmt: skip
     """2 slices (sw-0 exists, sw-1 is created); run 001's first attempt is preempted: its
@@ -316,7 +388,7 @@ def test_a_multi_host_slice_without_a_bucket_is_refused_before_anything_runs(
     runs = plan_sweep(str(checkout / "experiments" / "tpu_sweep.py"), str(tmp_path / "w"))
     executor = TPUExecutor("sw", "v5e-16", "z", source_dir=str(checkout))
     assert executor.comments(runs)[0].startswith("# WARNING: v5litepod-16 has 4 hosts")
-    with pytest.raises(tpu.LaunchError, match="v5litepod-16 has 4 hosts.*add --bucket BUCKET"):
+    with pytest.raises(gcloud.LaunchError, match="v5litepod-16 has 4 hosts.*add --bucket BUCKET"):
         executor.run(runs, lambda e: None)
     assert calls(fake) == []
     one_host = TPUExecutor("sw", "v5e-8", "z", source_dir=str(checkout))
@@ -382,7 +454,7 @@ def test_experiment_outside_the_checkout_is_an_error_before_anything_runs(fake, 
     outside.write_text(EXPERIMENT.format(default=DEFAULT_EXPERIMENT))
     runs = plan_sweep(str(outside), str(tmp_path / "w"))
     executor = TPUExecutor("sw", "v4-8", "z", source_dir=str(tmp_path / "src"))
-    with pytest.raises(tpu.LaunchError, match="outside the checkout"):
+    with pytest.raises(gcloud.LaunchError, match="outside the checkout"):
         executor.run(runs, lambda e: None)
     assert calls(fake) == []
 
