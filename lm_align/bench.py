@@ -158,13 +158,14 @@ def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     tokens_per_s counts policy tokens (records * K * max_len per step).
     """
     from lm_align import config as config_lib
-    from lm_align.align import trainer
     from lm_align.align.config import LISTWISE_LOSSES
+    from lm_align.align.setup import initial_state, setup
+    from lm_align.align.trainer import make_align_step
 
     if not cfg.align.train_file:  # the bench reads no file
         cfg = config_lib.apply_overrides(cfg, ["align.train_file=<synthetic>"])
     devices = jax.devices()
-    s = trainer.setup(cfg, devices)
+    s = setup(cfg, devices)
     a, B, L = s.cfg.align, s.cfg.train.batch_size, s.cfg.align.max_len
     K = max(a.num_responses, 2) if a.loss in LISTWISE_LOSSES else 2
     online = not a.precompute_reference and a.loss not in ("bradley_terry",)
@@ -185,9 +186,9 @@ def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     batch = jax.tree.map(
         lambda v: jax.make_array_from_process_local_data(s.batch_sharding, v), host
     )
-    step = trainer.make_align_step(a, s.score_rows, s.tx, s.schedule, online_reference=online)
+    step = make_align_step(a, s.score_rows, s.tx, s.schedule, online_reference=online)
     rep = parallel.replicated(s.mesh)
-    state = trainer.initial_state(s, s.init_params(), s.cfg.train.seed)
+    state = initial_state(s, s.init_params(), s.cfg.train.seed)
     ref = s.reference_params() if online else None
     in_sh = (s.state_shardings, s.batch_sharding) + ((s.state_shardings.params,) if online else ())
     args = (state, batch) + ((ref,) if online else ())

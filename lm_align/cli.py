@@ -56,7 +56,7 @@ def _default_workdir(config_arg: str) -> str:
 
 
 def _cmd_train(args, overrides) -> int:
-    from lm_align.train.loop import NonFiniteLossError, train
+    from lm_align.train import NonFiniteLossError, train
 
     cfg, path = _load(args, overrides, DEFAULT_EXPERIMENT)
     workdir = args.workdir or _default_workdir(path)

@@ -28,7 +28,7 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def jsonable(value: Any) -> Any:
-    """`value` with numpy scalars and arrays turned into Python numbers and lists.
+    """`value` with numpy/jax scalars and arrays turned into Python numbers and lists.
 
     Non-finite floats become the strings "nan", "inf", "-inf" (JSON has no
     literal for them), so the output is strict JSON:
@@ -40,7 +40,7 @@ def jsonable(value: Any) -> Any:
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)):
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
         return jsonable(np.asarray(value).tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)

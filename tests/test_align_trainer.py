@@ -6,15 +6,16 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from lm_align.align import trainer
+from lm_align.align import batches, objectives, trainer
+from lm_align.align import setup as align_setup
 from lm_align.align.config import ALIGN_DEFAULTS, align_base_config
 from lm_align.config import ConfigError
-from lm_align.losses import preference
 from tests.helpers import REPO, env_with_devices, sigterm_after_rows
 
 EXPERIMENT = textwrap.dedent("""
@@ -119,22 +120,22 @@ REF = jnp.asarray([[-4.0, -4.0], [-2.5, -1.5], [-6.0, -8.0]])
 
 def test_pairwise_objectives_are_the_losses():
     b = _pair_batch()
-    four = (POLICY[:, 0], POLICY[:, 1], REF[:, 0], REF[:, 1])
-    loss, m = trainer.objective(_align(loss="dpo", beta=0.2), POLICY, REF, b)
-    np.testing.assert_allclose(loss, preference.dpo(*four, beta=0.2), rtol=1e-6)
-    # h = rho_w - rho_l per pair: (1 - (-1)) = 2, (0.5 - 0.5) = 0, (-1 - 0.5) = -1.5
+    loss, m = objectives.objective(_align(loss="dpo", beta=0.2), POLICY, REF, b)
+    # h = rho_w - rho_l per pair: (1 - (-1)) = 2, (0.5 - 0.5) = 0, (-1 - 0.5) = -1.5;
+    # DPO = -log sigmoid(beta * h) = log(1 + exp(-beta * h)).
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-0.2 * np.array([2.0, 0.0, -1.5]))), rtol=1e-6)
     np.testing.assert_allclose(m["reward_margin"], [0.4, 0.0, -0.3], atol=1e-6)
     np.testing.assert_allclose(m["reward_accuracy"], [1.0, 0.5, 0.0])  # a tie counts 0.5
     np.testing.assert_allclose(m["reward_chosen"], [0.2, 0.1, -0.2], atol=1e-6)
 
-    loss, _ = trainer.objective(
+    loss, _ = objectives.objective(
         _align(loss="slic", margin=1.0, slic_reg_weight=0.5), POLICY, REF, b
     )
     # max(0, 1 - lp_w + lp_l) + 0.5 * -lp_w
     want = [max(0, 1 - 2) + 1.5, max(0, 1 - (-1)) + 1.0, max(0, 1 - 0.5) + 3.5]
     np.testing.assert_allclose(loss, want, rtol=1e-6)
 
-    loss, _ = trainer.objective(
+    loss, _ = objectives.objective(
         _align(loss="ipo", beta=0.5, ipo_length_normalized=True), POLICY, REF, b
     )
     # rho / length: (1/2 - (-1)/3), (0.5/1 - 0.5/1), (-1/4 - 0.5/2); target 1/(2 beta) = 1
@@ -144,17 +145,17 @@ def test_pairwise_objectives_are_the_losses():
 
 def test_pair_logistic_on_pairs_equals_dpo_and_geometric_half_is_log2():
     b = _pair_batch()
-    dpo, _ = trainer.objective(_align(loss="dpo", beta=0.1), POLICY, REF, b)
-    pl, _ = trainer.objective(_align(loss="pair_logistic", beta=0.1), POLICY, REF, b)
+    dpo, _ = objectives.objective(_align(loss="dpo", beta=0.1), POLICY, REF, b)
+    pl, _ = objectives.objective(_align(loss="pair_logistic", beta=0.1), POLICY, REF, b)
     np.testing.assert_allclose(pl, dpo, rtol=1e-6)
     half = _pair_batch(p=np.full(3, 0.5))
-    geo, _ = trainer.objective(_align(loss="geometric_dpo", beta=0.1), POLICY, REF, half)
+    geo, _ = objectives.objective(_align(loss="geometric_dpo", beta=0.1), POLICY, REF, half)
     np.testing.assert_allclose(geo, np.log(2.0) * np.ones(3), rtol=1e-6)
 
 
 def test_reward_loss_ignores_the_reference():
     b = _pair_batch()
-    loss, m = trainer.objective(_align(loss="bradley_terry", reward_centering=0.1), POLICY, REF, b)
+    loss, m = objectives.objective(_align(loss="bradley_terry", reward_centering=0.1), POLICY, REF, b)
     r_w, r_l = np.asarray(POLICY[:, 0]), np.asarray(POLICY[:, 1])
     want = np.log1p(np.exp(-(r_w - r_l))) + 0.1 * (r_w + r_l) ** 2
     np.testing.assert_allclose(loss, want, rtol=1e-5)
@@ -167,7 +168,7 @@ def test_listwise_metrics_count_label_ordered_pairs():
         "labels": jnp.asarray([[1.0, 0.5, 0.0]]),
         "mask": jnp.asarray([[True, True, True]]),
     }
-    _, m = trainer.objective(_align(loss="list_mle", beta=0.1), s, jnp.zeros_like(s), b)
+    _, m = objectives.objective(_align(loss="list_mle", beta=0.1), s, jnp.zeros_like(s), b)
     # Pairs (0>1): 3>1 yes, (0>2): 3>2 yes, (1>2): 1>2 no.
     np.testing.assert_allclose(m["reward_accuracy"], [2 / 3], rtol=1e-6)
     np.testing.assert_allclose(m["reward_margin"], [(2 + 1 - 1) / 3], rtol=1e-5)
@@ -178,23 +179,23 @@ def test_listwise_metrics_count_label_ordered_pairs():
 
 
 def test_batch_order_resumes_and_shards():
-    whole = trainer.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
+    whole = batches.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
     seq = [next(whole).tolist() for _ in range(5)]
     for batch in seq[:2]:  # one epoch = 2 batches, without repeats
         assert len(set(batch)) == 4
     assert not set(seq[0]) & set(seq[1])
-    again = trainer.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
+    again = batches.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
     for _ in range(3):
         next(again)
     state = again.get_state()
-    resumed = trainer.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
+    resumed = batches.BatchOrder(10, 4, seed=3, shard_index=0, shard_count=1)
     resumed.set_state(state)
     assert [next(resumed).tolist() for _ in range(2)] == seq[3:5]
-    halves = [trainer.BatchOrder(10, 4, seed=3, shard_index=i, shard_count=2) for i in (0, 1)]
+    halves = [batches.BatchOrder(10, 4, seed=3, shard_index=i, shard_count=2) for i in (0, 1)]
     for batch in seq:
         assert np.concatenate([next(h) for h in halves]).tolist() == batch
     with pytest.raises(ConfigError, match="only 3 records"):
-        trainer.BatchOrder(3, 4, seed=0, shard_index=0, shard_count=1)
+        batches.BatchOrder(3, 4, seed=0, shard_index=0, shard_count=1)
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_dpo_from_checkpoint_logs_documented_metrics(experiment, tmp_path):
     assert rows[-1]["eval_reward_accuracy"] > 0.6
     from lm_align.align.reward import RewardModel
 
-    model, params, _ = trainer.load_model(str(tmp_path / "rm"))
+    model, params, _ = align_setup.load_model(str(tmp_path / "rm"))
     assert isinstance(model, RewardModel)
 
 
@@ -329,7 +330,7 @@ def _cfg(**align):
 )
 def test_bad_align_config_is_rejected_early(align, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        trainer.setup(_cfg(**align))
+        align_setup.setup(_cfg(**align))
 
 
 def test_reference_in_every_step_equals_precomputed(experiment, tmp_path):
@@ -366,12 +367,40 @@ def test_bench_of_a_dpo_step_counts_the_reference_forward():
 
 def test_nll_weight_adds_the_per_token_nll_of_the_best_response():
     b = _pair_batch()
-    plain, _ = trainer.objective(_align(loss="dpo"), POLICY, REF, b)
-    anchored, m = trainer.objective(_align(loss="dpo", nll_weight=0.5), POLICY, REF, b)
+    plain, _ = objectives.objective(_align(loss="dpo"), POLICY, REF, b)
+    anchored, m = objectives.objective(_align(loss="dpo", nll_weight=0.5), POLICY, REF, b)
     nll = -np.asarray(POLICY[:, 0]) / np.asarray(b["lengths"][:, 0])  # chosen: column 0
     np.testing.assert_allclose(m["nll"], nll, rtol=1e-6)
     np.testing.assert_allclose(anchored, np.asarray(plain) + 0.5 * nll, rtol=1e-6)
     # Lists: the best-labelled response, wherever it stands.
     lists = {**b, "labels": jnp.asarray([[0.0, 1.0]] * 3)}
-    _, m = trainer.objective(_align(loss="list_mle", nll_weight=1.0), POLICY, REF, lists)
+    _, m = objectives.objective(_align(loss="list_mle", nll_weight=1.0), POLICY, REF, lists)
     np.testing.assert_allclose(m["nll"], -np.asarray(POLICY[:, 1]) / np.asarray(b["lengths"][:, 1]))
+
+
+def test_per_layer_eps_reaches_the_preference_optimizer():
+    """`lm-align align` builds its optimizer like `lm-align train`: with eps >> |g|, Adam's
+    step 1 moves each parameter by lr_l * g / (|g| + eps_l), eps_l from the parameterization."""
+    from lm_align import parameterization as P
+
+    from lm_align.config import apply_overrides
+
+    width, base = 64, 16
+    cfg = apply_overrides(_cfg(train_file="x"), [
+        f"model.d_model={width}", "model.n_heads=8", f"model.d_ff={4 * width}",
+        "model.n_layers=1", "optimizer.name=adam", "optimizer.lr=1.0", "optimizer.eps=1e3",
+        "optimizer.warmup_steps=0", "optimizer.schedule=constant",
+        "optimizer.weight_decay=0", "optimizer.clip_norm=0",
+        "param.name=mup", f"param.base_width={base}", "param.per_layer_eps=true",
+    ])  # fmt: skip
+    s = align_setup.setup(cfg)
+    params = s.init_params()
+    g = 1e-3
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, g, p.dtype), params)
+    updates, _ = s.tx.update(grads, s.tx.init(params), params)
+    qkv = np.asarray(updates["blocks"]["attn"]["qkv"] if "attn" in updates["blocks"]
+                     else updates["blocks"][0]["attn"]["qkv"])  # fmt: skip
+    p = align_setup.make_parameterization(s.cfg, s.policy_model.cfg)
+    eps_l = 1e3 * (width / base) ** (-P.table_exponents("mup", "adam", "full").hidden.g)
+    assert eps_l != 1e3  # the per-layer epsilon differs from the global one
+    np.testing.assert_allclose(-qkv, p.lr_scale("hidden") * g / (g + eps_l), rtol=1e-4)

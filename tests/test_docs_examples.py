@@ -175,6 +175,7 @@ def test_metrics_md_documents_every_align_row_key():
     from lm_align import optim
     from lm_align.align import trainer
     from lm_align.align.config import ALIGN_DEFAULTS, LOSSES
+    from lm_align.align.logprobs import sequence_logprobs
     from lm_align.models import TransformerConfig
     from lm_align.models.pure import PureModel
     from lm_align.train.step import init_state
@@ -193,7 +194,7 @@ def test_metrics_md_documents_every_align_row_key():
     }  # fmt: skip
 
     def score_rows(params, rows):
-        return trainer.sequence_logprobs(model, params, rows).logps
+        return sequence_logprobs(model, params, rows).logps
 
     keys = set()
     for loss in LOSSES:

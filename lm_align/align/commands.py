@@ -138,7 +138,7 @@ def cmd_align(args, overrides) -> int:
     from lm_align import config as config_lib
     from lm_align.align.trainer import align
     from lm_align.data import DataError
-    from lm_align.train.loop import NonFiniteLossError
+    from lm_align.train import NonFiniteLossError
 
     cfg = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     workdir = args.workdir or _default_workdir(args.config)
@@ -194,7 +194,7 @@ def cmd_eval(args, overrides) -> int:
     from lm_align import data as data_lib
     from lm_align.align.datagen import SCORERS, make_scorer
     from lm_align.align.policy_eval import evaluate_policy
-    from lm_align.align.trainer import load_model
+    from lm_align.align.setup import load_model
 
     try:
         ks = [int(k) for k in args.ks.split(",")]
@@ -212,7 +212,7 @@ def cmd_eval(args, overrides) -> int:
         ref = load_model(args.reference)[1] if args.reference else None
         tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
         if args.prompts_from:
-            from lm_align.align.checkpoints import resolve, saved_config
+            from lm_align.train.checkpoint import resolve, saved_config
 
             cfg = saved_config(resolve(args.prompts_from))
         source = data_lib.make_source(cfg.data, args.split)
@@ -270,7 +270,7 @@ def _scorer(spec: str, tokenizer, max_len: int):
         return make_scorer(spec)
     if os.path.isdir(spec):
         from lm_align.align.reward import RewardModel, reward_model_scorer
-        from lm_align.align.trainer import load_model
+        from lm_align.align.setup import load_model
 
         model, params, _ = load_model(spec)
         if not isinstance(model, RewardModel):
@@ -286,7 +286,7 @@ def cmd_preferences(args, overrides) -> int:
 
     from lm_align import data as data_lib
     from lm_align.align import datagen
-    from lm_align.align.trainer import load_model
+    from lm_align.align.setup import load_model
 
     for name in ("num_prompts", "num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:

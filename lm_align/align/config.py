@@ -19,29 +19,14 @@ trained. ``train.batch_size`` counts preference records (pairs or lists).
 
 from __future__ import annotations
 
-PAIRWISE_LOSSES = (
-    "dpo",
-    "ipo",
-    "slic",
-    "rso_hinge",
-    "rso_hinge_norm",
-    "rso_sigmoid_norm",
-    "geometric_dpo",
-)
-LISTWISE_LOSSES = (
-    "lipo_lambda",
-    "list_mle",
-    "softmax",
-    "pair_logistic",
-    "pair_hinge",
-    "point_mse",
-    "point_sigmoid",
-)
-REWARD_LOSSES = ("bradley_terry",)  # trains a reward model (scalar head), not a policy
+from lm_align.align.objectives import OBJECTIVES, names
+
+PAIRWISE_LOSSES = names("pairwise")
+LISTWISE_LOSSES = names("listwise")
+REWARD_LOSSES = names("reward")  # trains a reward model (scalar head), not a policy
 # On sampled responses with rewards (format "samples"): lm_align.losses.policy_gradient.
-POLICY_GRADIENT_LOSSES = ("reinforce", "bon_rl", "bon_imitation", "bon_sft")
-LOSSES = PAIRWISE_LOSSES + LISTWISE_LOSSES + REWARD_LOSSES + POLICY_GRADIENT_LOSSES
-REFERENCE_FREE = ("slic", "rso_hinge")  # the loss itself ignores the reference log-probs
+POLICY_GRADIENT_LOSSES = names("policy_gradient")
+LOSSES = tuple(OBJECTIVES)
 FORMATS = ("auto", "pairwise", "listwise", "samples")
 LIPO_REDUCTIONS = ("paper", "rax")
 

@@ -59,7 +59,7 @@ class StartPolicy:
 
 def start_policy(exp: Experiment, workdir: str, *, eval_problems: int, log) -> StartPolicy:
     """`spec["base_checkpoint"]`, or `get_config("base")` trained in WORKDIR/base."""
-    from lm_align.align.checkpoints import resolve, saved_config
+    from lm_align.train.checkpoint import resolve, saved_config
     from lm_align.train.loop import train
 
     directory = exp.spec.get("base_checkpoint") or os.path.join(workdir, "base")
@@ -92,7 +92,7 @@ def evaluate_run(run_dir: str, out_path: str, start: StartPolicy, scorer, **kwar
     """`evaluate_policy` of the run's params on the start policy's held-out prompts,
     cached in `out_path` (a rerun reads it back)."""
     from lm_align.align.policy_eval import evaluate_policy
-    from lm_align.align.trainer import load_model
+    from lm_align.align.setup import load_model
 
     def compute():
         model, params, _ = load_model(run_dir)

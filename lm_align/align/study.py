@@ -48,7 +48,7 @@ def _log(msg: str) -> None:
 def _make_preferences(workdir: str, sft_dir: str, spec: dict[str, Any]) -> dict[str, str]:
     """Writes prefs/pairs.jsonl and prefs/lists.jsonl (once); returns their paths."""
     from lm_align.align import datagen
-    from lm_align.align.trainer import load_model
+    from lm_align.align.setup import load_model
 
     out_dir = os.path.join(workdir, "prefs")
     paths = {

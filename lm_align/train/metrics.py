@@ -9,25 +9,13 @@ Only process 0 writes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 
-
-def _plain(value: Any) -> Any:
-    """JSON-ready: numpy scalars -> float/int, arrays -> lists, NaN/inf -> strings."""
-    value = np.asarray(value) if not isinstance(value, (int, float, str, bool)) else value
-    if isinstance(value, np.ndarray):
-        if value.ndim:
-            return [_plain(v) for v in value.tolist()]
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan" / "inf": valid JSON, still parseable with float()
-    return value
+from lm_align.utils import jsonable
 
 
 class MetricWriter:
@@ -47,7 +35,7 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
-        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: jsonable(v) for k, v in metrics.items()}}
         if not self.enabled:
             return row
         with open(self.path, "a") as f:

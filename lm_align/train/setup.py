@@ -26,6 +26,25 @@ class Experiment:
     steps: Steps
 
 
+def make_optimizer(cfg, param: Parameterization, model) -> optim.Optimizer:
+    """The `optimizer` group for `model`'s parameters, with the parameterization's
+    per-parameter learning-rate scales (and, with ``param.per_layer_eps``, its
+    per-parameter Adam epsilons).
+
+    Every trainer builds its optimizer here (`lm-align train`, `lm-align align`
+    for policies and reward models, `lm-align bench`), so the parameterization
+    means the same everywhere. `model` is anything with ``abstract_params`` and
+    ``logical_axes`` (a PureModel, a RewardModel).
+    """
+    abstract, axes = model.abstract_params, model.logical_axes
+    return optim.make_optimizer(
+        cfg.optimizer,
+        total_steps=cfg.train.steps,
+        lr_scales=param.lr_scales(abstract, axes),
+        eps=param.adam_eps(cfg.optimizer.eps, abstract, axes) if param.per_layer_eps else None,
+    )
+
+
 def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experiment:
     """Validates `cfg` (before compiling anything) and builds its train/eval steps on `devices`."""
     devices = list(jax.devices() if devices is None else devices)
@@ -34,13 +53,7 @@ def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experi
     mesh = parallel.make_mesh(cfg.mesh, devices)
     param = make_parameterization(cfg, model_cfg)
     model = PureModel(model_cfg, param)
-    abstract, axes = model.abstract_params, model.logical_axes
-    opt = optim.make_optimizer(
-        cfg.optimizer,
-        total_steps=t.steps,
-        lr_scales=param.lr_scales(abstract, axes),
-        eps=param.adam_eps(cfg.optimizer.eps, abstract, axes) if param.per_layer_eps else None,
-    )
+    opt = make_optimizer(cfg, param, model)
     steps = build_steps(
         model,
         opt.tx,

@@ -83,6 +83,51 @@ def rms_by_param(tree, stacked: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     return jnp.sqrt(total / count), {k: jnp.sqrt(v / sizes[k]) for k, v in sums.items()}
 
 
+def apply_update(
+    state: TrainState,
+    grads,
+    loss: jax.Array,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    nonfinite: str = "halt",
+) -> tuple[TrainState, dict[str, jax.Array], Any]:
+    """One optimizer update of `state` from `grads`: (new state, metrics, updates).
+
+    The update every trainer applies (language modelling, preferences, reward
+    models): ``updates, opt_state = tx.update(grads, opt_state, params)``,
+    ``params + updates``, step + 1. It is *finite* when `loss` and the global
+    gradient norm are; in "skip" mode a non-finite update is dropped (params
+    and optimizer state unchanged) and counted in `state.skipped`; in "halt"
+    mode it is applied and the caller stops on ``metrics["finite"]``.
+
+    metrics: ``grad_norm`` (global L2 norm of `grads`), ``lr`` (the schedule at
+    the number of updates applied so far, which is what the optimizer counts),
+    ``finite`` and ``skipped``.
+    """
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped)
+    if nonfinite == "skip":
+        keep = lambda n, o: jnp.where(finite, n, o)
+        new = new._replace(
+            params=jax.tree.map(keep, params, state.params),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+    metrics = {
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step - state.skipped),
+        "finite": finite,
+        "skipped": new.skipped,
+    }
+    return new, metrics, updates
+
+
 def make_train_step(
     model: PureModel,
     tx: optax.GradientTransformation,
@@ -163,35 +208,22 @@ def make_train_step(
 
     def train_step(state: TrainState, batch):
         grads, out, diag = accumulated_grads(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(out.loss) & jnp.isfinite(grad_norm)
-        lr = schedule(state.step - state.skipped)  # the optimizer counts applied updates only
-        new = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped)
-        if nonfinite == "skip":
-            keep = lambda n, o: jnp.where(finite, n, o)
-            new = new._replace(
-                params=jax.tree.map(keep, params, state.params),
-                opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                skipped=state.skipped + (~finite).astype(jnp.int32),
-            )
+        new, update_metrics, updates = apply_update(
+            state, grads, out.loss, tx, schedule, nonfinite=nonfinite
+        )
         metrics = {
             "loss": out.loss,
             "ce": out.ce,
             "z_loss": out.z_loss,
             "accuracy": out.accuracy,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "finite": finite,
+            **update_metrics,
             "output_logit_mean": out.mean_logit,
             "log_z_mean": out.mean_log_z,
             "max_attn_logit": diag["max_attn_logit"],
-            "skipped": new.skipped,
             "num_tokens": out.num_tokens,
         }
         # The update per unit learning rate: update / lr.
-        inv_lr = 1.0 / jnp.maximum(lr, 1e-30)
+        inv_lr = 1.0 / jnp.maximum(update_metrics["lr"], 1e-30)
         for prefix, tree, scale in (
             ("param_rms", state.params, 1.0),
             ("grad_rms", grads, 1.0),

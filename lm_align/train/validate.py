@@ -63,7 +63,7 @@ def check_config(
             f"data.seq_len={cfg.data.seq_len}"
         )
     if t.init_from:
-        from lm_align.align.checkpoints import resolve
+        from lm_align.train.checkpoint import resolve
 
         try:
             resolve(t.init_from)

@@ -1,0 +1,206 @@
+"""Building a preference experiment: config resolution, model, optimizer, shardings.
+
+`setup(cfg)` validates the `align` group, takes the `model` and `param` groups
+from the policy checkpoint, and builds the policy (or reward model), its
+optimizer (`lm_align.train.setup.make_optimizer`, the same construction as
+`lm-align train`: per-layer learning rates and epsilons from the
+parameterization), the shardings and the row-scoring function. `load_model`
+loads a trained policy or reward model for evaluation and sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from lm_align import config as config_lib
+from lm_align import parallel
+from lm_align.align.config import REWARD_LOSSES, check_align
+from lm_align.align.logprobs import sequence_logprobs
+from lm_align.config import ConfigError
+from lm_align.models.pure import PureModel
+from lm_align.train import checkpoint
+from lm_align.train.setup import make_optimizer
+from lm_align.train.step import TrainState, state_shardings, with_shardings
+from lm_align.train.validate import check_config, make_parameterization
+
+
+def _resolve_config(cfg, devices) -> tuple[Any, Any]:
+    """Takes model/param from the policy checkpoint; validates everything.
+
+    Returns (cfg, policy checkpoint ref or None).
+    """
+    if "align" not in cfg:
+        raise ConfigError(
+            "config has no `align` group; start get_config() from "
+            "lm_align.align.config.align_base_config()"
+        )
+    errors = check_align(cfg.align)
+    if cfg.train.grad_accum_steps != 1:
+        errors.append(
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps}; the preference trainer "
+            "takes whole batches (set it to 1 and lower train.batch_size instead)"
+        )
+    ref = None
+    if cfg.align.policy_checkpoint:
+        try:
+            ref = checkpoint.resolve(cfg.align.policy_checkpoint)
+            saved = checkpoint.saved_config(ref)
+        except FileNotFoundError as e:
+            errors.append(f"align.policy_checkpoint={cfg.align.policy_checkpoint!r}: {e}")
+        else:
+            if saved.get("align", {}).get("loss") in REWARD_LOSSES:
+                errors.append(
+                    f"align.policy_checkpoint={cfg.align.policy_checkpoint!r} is a reward model; "
+                    "start from a policy (an `lm-align train` or `lm-align align` run)"
+                )
+            if saved.data.tokenizer != cfg.data.tokenizer:
+                errors.append(
+                    f"data.tokenizer={cfg.data.tokenizer!r} but the policy checkpoint was trained "
+                    f"with {saved.data.tokenizer!r}; set data.tokenizer to match"
+                )
+            d = cfg.to_dict()
+            d["model"], d["param"] = saved.model.to_dict(), saved.param.to_dict()
+            cfg = config_lib.from_dict(d)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return cfg, ref
+
+
+@dataclasses.dataclass
+class AlignSetup:
+    """Everything `align` builds before stepping (also used by bench and tests)."""
+
+    cfg: ml_collections.ConfigDict
+    model: Any  # PureModel (policy) or RewardModel
+    policy_model: PureModel
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    schedule: Callable
+    state_shardings: Any
+    abstract_state: Any
+    batch_sharding: Any
+    score_rows: Callable
+    init_params: Callable[[], Any]  # () -> starting params (sharded)
+    reference_params: Callable[[], Any]  # () -> frozen reference params (sharded) or None
+    jitted: dict = dataclasses.field(default_factory=dict)  # compiled helpers by name
+
+
+def setup(cfg, devices=None) -> AlignSetup:
+    """Validates `cfg` and builds the model, optimizer, shardings and score function."""
+    devices = list(jax.devices() if devices is None else devices)
+    cfg, policy_ref = _resolve_config(cfg, devices)
+    a, t = cfg.align, cfg.train
+    model_cfg = check_config(
+        cfg,
+        num_devices=len(devices),
+        process_count=jax.process_count(),
+        extra_groups_allowed=("align",),
+    )
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    param = make_parameterization(cfg, model_cfg)
+    policy = PureModel(model_cfg, param)
+    is_reward = a.loss in REWARD_LOSSES
+    if is_reward:
+        from lm_align.align.reward import RewardModel
+
+        model = RewardModel(model_cfg, param)
+        score_rows = model.rewards
+    else:
+        model = policy
+
+        def score_rows(params, rows):
+            return sequence_logprobs(policy, params, rows).logps
+
+    opt = make_optimizer(cfg, param, model)
+    abstract, state_sh = state_shardings(model, opt.tx, mesh, t.seed)
+    policy_abstract = with_shardings(
+        policy.abstract_params,
+        parallel.logical_to_sharding(policy.logical_axes, policy.abstract_params, mesh),
+    )
+
+    def load_policy(path_ref):
+        return checkpoint.load_params(path_ref, policy_abstract)
+
+    def init_params():
+        if policy_ref is None:
+            return jax.jit(model.init, static_argnums=0, out_shardings=state_sh.params)(t.seed)
+        params = load_policy(policy_ref)
+        if is_reward:
+            return jax.jit(model.from_policy, out_shardings=state_sh.params)(params)
+        return params
+
+    def reference_params():
+        if is_reward:
+            return None
+        if a.reference_checkpoint:
+            return load_policy(checkpoint.resolve(a.reference_checkpoint))
+        return init_params()
+
+    return AlignSetup(
+        cfg,
+        model,
+        policy,
+        mesh,
+        opt.tx,
+        opt.schedule,
+        state_sh,
+        with_shardings(abstract, state_sh),
+        parallel.batch_sharding(mesh),
+        score_rows,
+        init_params,
+        reference_params,
+    )
+
+
+def initial_state(s: AlignSetup, params, seed: int) -> TrainState:
+    """Step 0 of training `params` (already sharded): fresh optimizer state."""
+    init = jax.jit(
+        lambda p: TrainState(
+            jnp.zeros((), jnp.int32),
+            p,
+            s.tx.init(p),
+            jax.random.key_data(jax.random.key(seed + 1)),
+            jnp.zeros((), jnp.int32),
+        ),
+        out_shardings=s.state_shardings,
+    )
+    return init(params)
+
+
+def load_model(path: str, devices=None):
+    """(model, params, cfg) of a policy or reward-model checkpoint, unsharded use.
+
+    For a reward model (`align.loss = bradley_terry`) the model is a
+    `RewardModel`; otherwise a `PureModel`.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    ref = checkpoint.resolve(path)
+    cfg = checkpoint.saved_config(ref)
+    d = cfg.to_dict()
+    d["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1}
+    cfg = config_lib.from_dict(d)
+    model_cfg = check_config(
+        cfg,
+        num_devices=len(devices),
+        process_count=jax.process_count(),
+        extra_groups_allowed=("align",),
+    )
+    param = make_parameterization(cfg, model_cfg)
+    model: Any = PureModel(model_cfg, param)
+    if cfg.get("align", {}).get("loss") in REWARD_LOSSES:
+        from lm_align.align.reward import RewardModel
+
+        model = RewardModel(model_cfg, param)
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    abstract = with_shardings(
+        model.abstract_params,
+        parallel.logical_to_sharding(model.logical_axes, model.abstract_params, mesh),
+    )
+    return model, checkpoint.load_params(ref, abstract), cfg
