@@ -8,6 +8,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 
 from lm_align import data
@@ -80,6 +81,18 @@ def test_verifier_and_hallucination_rate_on_hand_made_answers():
         kg.score("Q: What is the capital of Atlantis? A:", "Nowhere")
     with pytest.raises(data.DataError, match="equally many"):
         kg.hallucination_rate(prompts, truth[:2])
+
+
+def test_kg_facts_exact_scores_a_batch_like_the_graph():
+    kg = data.KnowledgeGraph(**SMALL)
+    evals = kg.records("eval")[:3]
+    prompts = [r["prompt"] for r in evals]
+    wrong = next(e for e in kg.entities if e != evals[1]["completion"].strip())
+    answers = [evals[0]["completion"], " " + wrong, evals[2]["completion"].strip() + "\n"]
+    scores = kg_facts.kg_facts_exact(kg)(prompts, answers)
+    assert scores.dtype == np.float64 and scores.tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(data.DataError, match="not a question about a fact"):
+        kg_facts.kg_facts_exact(kg)(["Q: Who founded Atlantis? A:"], [" Nobody"])
 
 
 def test_bad_knobs_are_errors():

@@ -16,6 +16,10 @@ from ``operators`` (a subset of ``"+-*"``); ``*`` binds tighter than ``+``/``-``
   >>> task.score("12-30+4=", "14")
   0
 
+Scorers for sampled responses (registered by name in ``lm_align.data.scorers``):
+``arithmetic_exact`` (1.0 / 0.0, the task's verifier) and ``arithmetic_graded``
+(partial credit for near misses, for soft labels and list labels).
+
 Determinism: ``record(split, index)`` is a pure function of
 ``(seed, num_digits, operators, num_terms, eval_fraction, split, index)``. It
 draws problems from ``numpy.random.default_rng([seed, split_id, index])`` until
@@ -40,6 +44,7 @@ _HASH_BYTES = 8  # 64-bit bucket hash.
 _MAX_DIGITS = 18  # operands are drawn as int64: 10**18 < 2**63.
 _MAX_DRAWS = 10_000  # rejection-sampling budget before declaring a split empty.
 _PROMPT_RE = re.compile(r"^\d+([+\-*]\d+)+=$")
+_INTEGER_RE = re.compile(r"[+-]?[0-9]+")
 
 
 def evaluate(operands: list[int], ops: list[str]) -> int:
@@ -159,6 +164,47 @@ class ArithmeticTask:
         """The true completion of ``prompt``: ``str(evaluate(parse_prompt(p)))``."""
         return str(evaluate(*parse_prompt(prompt)))
 
-    def score(self, prompt: str, completion: str) -> int:
-        """Exact-match reward: 1 iff ``completion.strip() == solve(prompt)``, else 0."""
-        return int(completion.strip() == self.solve(prompt))
+    @staticmethod
+    def score(prompt: str, completion: str) -> int:
+        """Exact-match reward: 1 iff ``completion.strip() == solve(prompt)``, else 0.
+
+        The answer depends on the prompt alone, so any task (any seed or
+        settings) scores any arithmetic prompt the same.
+        """
+        return int(completion.strip() == ArithmeticTask.solve(prompt))
+
+
+def arithmetic_exact(prompt: str, response: str) -> float:
+    """``ArithmeticTask.score`` as a float: 1.0 iff ``response.strip()`` is the answer.
+
+    >>> arithmetic_exact("37+5=", " 42\\n"), arithmetic_exact("37+5=", "41")
+    (1.0, 0.0)
+    """
+    return float(ArithmeticTask.score(prompt, response))
+
+
+def arithmetic_graded(prompt: str, response: str) -> float:
+    """Exact answer 1.0; an integer ``pred`` gets partial credit; anything else 0.0.
+
+    With ``truth`` the true answer, a response that is not exactly right
+    (``ArithmeticTask.score`` 0) but whose stripped text is an integer scores::
+
+        0.5 * max(0, 1 - |pred - truth| / max(|truth|, 1))
+
+    so near misses rank above far misses, and far misses (off by at least
+    ``|truth|``) tie with garbage at 0. Every score lies in [0, 1], so the
+    scores can be soft-label scores or list labels directly.
+
+    >>> arithmetic_graded("37+5=", "42"), round(arithmetic_graded("37+5=", "41"), 4)
+    (1.0, 0.4881)
+    >>> arithmetic_graded("37+5=", "-3"), arithmetic_graded("37+5=", "x")
+    (0.0, 0.0)
+    """
+    if ArithmeticTask.score(prompt, response):
+        return 1.0
+    text = response.strip()
+    if not _INTEGER_RE.fullmatch(text):
+        return 0.0
+    truth = int(ArithmeticTask.solve(prompt))
+    relative_error = abs(int(text) - truth) / max(abs(truth), 1)
+    return 0.5 * max(0.0, 1.0 - relative_error)

@@ -29,6 +29,8 @@ were seen in training (all facts are): ``1 - mean(score)``.
   >>> rec = kg.records("eval")[0]
   >>> kg.score(rec["prompt"], rec["completion"])
   1
+  >>> kg_facts_exact(kg)([rec["prompt"]] * 2, [rec["completion"], " Nobody"]).tolist()
+  [1.0, 0.0]
 
 Determinism: the graph is a pure function of the constructor arguments
 (``numpy.random.default_rng([seed, stream])``), independent of process and
@@ -43,6 +45,7 @@ import numpy as np
 
 from lm_align.data import config
 from lm_align.data.errors import DataError
+from lm_align.data.scorers import Scorer, batched
 from lm_align.data.sources import RandomAccessSource, register_source
 
 
@@ -294,6 +297,14 @@ class KnowledgeGraphSource:
 
     def __repr__(self) -> str:
         return f"KnowledgeGraphSource({self.graph!r}, {self.split!r})"
+
+
+def kg_facts_exact(graph: KnowledgeGraph) -> Scorer:
+    """The graph's verifier as a scorer: ``(prompts, responses) -> float64 [N]``,
+    1.0 where ``graph.score(prompt, response)`` (exact match with the fact's
+    object), else 0.0; a prompt that asks about no fact of the graph is an error.
+    """
+    return batched(lambda p, r: float(graph.score(p, r)), "kg_facts_exact")
 
 
 def graph_from_config(data_cfg: Any) -> KnowledgeGraph:
