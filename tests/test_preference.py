@@ -11,7 +11,7 @@ import pytest
 from lm_align import data
 from lm_align.data import preference
 
-# docs/specs ALIGNMENT.md, LiPO worked example: rows P(y_k beats y_i).
+# The LiPO worked example of docs/listwise.md: rows P(y_k beats y_i).
 WIN_MATRIX = [
     [0.5, 0.8, 0.6, 0.9],
     [0.2, 0.5, 0.3, 0.7],
@@ -303,3 +303,53 @@ def test_end_to_end_sequence_logprobs_from_a_model(tmp_path):
     np.testing.assert_allclose(
         lp, [logp_BL[b][both["loss_mask"][b] > 0].sum() for b in range(8)], rtol=1e-5
     )
+
+
+# ------------------------------------------------------------------ writing and rows
+
+
+def test_write_records_round_trips_through_the_loaders(tmp_path):
+    pairs = [
+        data.PairwiseRecord("37+5=", "42", "41", None),
+        data.PairwiseRecord("2*3=", "6", "line\nbreak \u00e9 \ufffd", 0.8807970779778823),
+        data.PairwiseRecord("1+1=", "2", "11", 1.0),
+    ]
+    path = tmp_path / "sub" / "pairs.jsonl"
+    assert preference.write_records(pairs, path) == 3
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and lines[0] == '{"prompt": "37+5=", "chosen": "42", "rejected": "41"}'
+    assert "\\u00e9" in lines[1]  # escaped: one line per record, whatever the text
+    loaded = data.load_pairwise(str(path))
+    assert [(r.prompt, r.chosen, r.rejected, r.soft_label) for r in loaded] == [
+        (r.prompt, r.chosen, r.rejected, r.soft_label) for r in pairs
+    ]
+    lists = [
+        data.ListwiseRecord("37+5=", ["42", "41", "x"], np.array([1.0, 41 / 84, 0.0])),
+        data.ListwiseRecord("2*3=", ["6", "5"], np.array([0.1, 0.7])),
+    ]
+    preference.write_records(lists, tmp_path / "lists.jsonl")
+    assert json.loads((tmp_path / "lists.jsonl").read_text().splitlines()[1]) == {
+        "prompt": "2*3=", "responses": ["6", "5"], "labels": [0.1, 0.7]
+    }  # fmt: skip
+    for got, want in zip(data.load_listwise(str(tmp_path / "lists.jsonl")), lists, strict=True):
+        assert (got.prompt, got.responses) == (want.prompt, want.responses)
+        np.testing.assert_array_equal(got.labels, want.labels)
+    with pytest.raises(ValueError, match="no records"):
+        preference.write_records([], tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match="only PairwiseRecord or only ListwiseRecord"):
+        preference.write_records([pairs[0], lists[0]], tmp_path / "mixed.jsonl")
+
+
+def test_response_row_by_hand():
+    tok = data.ByteTokenizer()
+    row, cut = preference.response_row(tok.encode("1+1="), "2", tok, 8, "error", "pair 0")
+    doc = [tok.bos_id] + tok.encode("1+1=2") + [tok.eos_id]  # 7 tokens: 6 inputs
+    assert not cut
+    np.testing.assert_array_equal(row["inputs"], doc[:-1] + [tok.pad_id] * 2)
+    np.testing.assert_array_equal(row["targets"][:6], doc[1:])
+    np.testing.assert_array_equal(row["loss_mask"], [0, 0, 0, 0, 1, 1, 0, 0])  # "2" and eos
+    np.testing.assert_array_equal(row["segment_ids"], [1] * 6 + [0] * 2)
+    row, cut = preference.response_row(tok.encode("1+1="), "22222", tok, 8, "truncate", "x")
+    assert cut and row["loss_mask"].sum() == 4  # targets 5..8: the response, cut at max_len
+    with pytest.raises(data.DataError, match="pair 3: prompt \\+ response is 11 tokens"):
+        preference.response_row(tok.encode("1+1="), "22222", tok, 8, "error", "pair 3")

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_align.data.preference import OVERLONG_MODES, _row  # to_batch's row builder
+from lm_align.data.preference import OVERLONG_MODES, response_row
 from lm_align.data.tokenizers import Tokenizer, make_tokenizer
 from lm_align.losses.preference import bradley_terry
 from lm_align.models.pure import PureModel
@@ -251,7 +251,9 @@ def score(
         return np.zeros((0,), np.float32)
     rows = {k: np.zeros((N, max_len), np.int32) for k in REWARD_ROW_KEYS}
     for n, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        row, _ = _row(tokenizer.encode(prompt), response, tokenizer, max_len, overlong, f"pair {n}")
+        row, _ = response_row(
+            tokenizer.encode(prompt), response, tokenizer, max_len, overlong, f"pair {n}"
+        )
         for k in REWARD_ROW_KEYS:
             rows[k][n] = row[k]
     num_batches = -(-N // batch_size)

@@ -19,7 +19,7 @@ Listwise file, one JSON object per line, with labels or a win matrix::
 
 Labels psi_k are in [0, 1], higher is better. ``win_matrix[k][i] =
 Psi[k, i] = P(y_k beats y_i)`` with ``Psi[k, i] + Psi[i, k] = 1`` (so the
-diagonal is 0.5) gives (docs/specs ALIGNMENT.md, LiPO)::
+diagonal is 0.5) gives (Liu et al. 2024, LiPO; docs/listwise.md)::
 
   psi_k = mean_i Psi[k, i]    (over all K columns, the diagonal 0.5 included)
 
@@ -42,11 +42,13 @@ or with all labels equal (no preference to learn).
 
 Loaders return a ``RecordList`` (a list) whose ``skipped`` /
 ``skipped_examples`` attributes count and show what was skipped.
-``to_batch`` turns records into padded numpy arrays for the alignment trainer.
+``to_batch`` turns records into padded numpy arrays for the alignment trainer;
+``write_records`` writes records in the formats above.
 """
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +67,7 @@ from lm_align.data.jsonl import (
 )
 from lm_align.data.pipeline import pad_features, token_features
 from lm_align.data.tokenizers import Tokenizer, make_tokenizer
+from lm_align.utils import write_jsonl
 
 TIE_MODES = ("error", "skip")
 OVERLONG_MODES = ("error", "truncate")
@@ -324,7 +327,7 @@ def load_listwise(
     )
 
 
-def _row(
+def response_row(
     prompt_ids: list[int],
     response: str,
     tokenizer: Tokenizer,
@@ -332,7 +335,16 @@ def _row(
     overlong: str,
     where: str,
 ) -> tuple[dict[str, np.ndarray], bool]:
-    """[bos] + prompt + response + [eos] -> a padded row [L]; (row, truncated)."""
+    """``[bos] + prompt_ids + encode(response) + [eos]`` as one padded row of
+    ``to_batch``: ``(row, truncated)``.
+
+    ``row`` holds int32/float32 [L] ``inputs``, ``targets``, ``loss_mask``
+    (1 exactly on the response tokens and the eos), ``segment_ids`` and
+    ``positions``, with L = ``max_len``. A document longer than max_len + 1
+    tokens raises ``DataError`` (naming ``where``) with ``overlong="error"``
+    and is cut at the end of the response with "truncate" (``truncated``
+    True). Reward models score the same rows.
+    """
     doc = [tokenizer.bos_id] + prompt_ids + tokenizer.encode(response)
     doc.append(tokenizer.eos_id)
     truncated = len(doc) - 1 > max_len
@@ -432,10 +444,10 @@ def _pairwise_batch(records, tokenizer, max_len, overlong) -> dict[str, Any]:
     chosen, rejected, truncated_B = [], [], []
     for b, r in enumerate(records):
         prompt_ids = tokenizer.encode(r.prompt)
-        row_c, cut_c = _row(
+        row_c, cut_c = response_row(
             prompt_ids, r.chosen, tokenizer, max_len, overlong, f"{_where(r, b)} (chosen)"
         )
-        row_r, cut_r = _row(
+        row_r, cut_r = response_row(
             prompt_ids, r.rejected, tokenizer, max_len, overlong, f"{_where(r, b)} (rejected)"
         )
         chosen.append(row_c)
@@ -477,7 +489,7 @@ def _listwise_batch(records, tokenizer, max_len, overlong, num_responses):
         prompt_ids = tokenizer.encode(r.prompt)
         for k in range(k_pad):
             if k < len(r.responses):
-                row, truncated_BK[b, k] = _row(
+                row, truncated_BK[b, k] = response_row(
                     prompt_ids,
                     r.responses[k],
                     tokenizer,
@@ -496,3 +508,45 @@ def _listwise_batch(records, tokenizer, max_len, overlong, num_responses):
         "response_mask": mask_BK,
         "truncated": truncated_BK,
     }
+
+
+def record_json(record: PairwiseRecord | ListwiseRecord) -> dict[str, Any]:
+    """One line of the file formats above (the origin is not written).
+
+    Pairwise: ``{"prompt", "chosen", "rejected"}`` plus ``"p"`` when the record
+    has a soft label; listwise: ``{"prompt", "responses", "labels"}``.
+    """
+    if isinstance(record, PairwiseRecord):
+        obj: dict[str, Any] = {
+            "prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected
+        }  # fmt: skip
+        if record.soft_label is not None:
+            obj["p"] = float(record.soft_label)
+        return obj
+    labels = [float(v) for v in np.asarray(record.labels, np.float64)]
+    return {"prompt": record.prompt, "responses": list(record.responses), "labels": labels}
+
+
+def write_records(
+    records: Sequence[PairwiseRecord] | Sequence[ListwiseRecord], path: str | os.PathLike
+) -> int:
+    """Writes records as JSON Lines that ``load_pairwise`` / ``load_listwise`` read back.
+
+    One ``record_json`` object per line (non-ASCII characters escaped, so a
+    line break inside a response never splits a record), written atomically;
+    parent directories are created. Returns the number of lines written.
+    """
+    if not records:
+        raise ValueError(
+            "no records to write: no prompt gave a preference (its samples all scored the same); "
+            "sample more responses per prompt, raise the temperature, or use a graded scorer"
+        )
+    kinds = {type(r) for r in records}
+    if kinds not in ({PairwiseRecord}, {ListwiseRecord}):
+        raise ValueError(
+            f"got records of types {sorted(k.__name__ for k in kinds)}; "
+            "write only PairwiseRecord or only ListwiseRecord"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_jsonl(os.fspath(path), [record_json(r) for r in records])
+    return len(records)
