@@ -1,4 +1,4 @@
-"""Preference data from samples: verifiers, pairing methods, soft labels, lists, jsonl, sampling."""
+"""Preference data from samples: scorers, pairing methods, soft labels, lists, the pipeline."""
 
 import math
 
@@ -7,27 +7,25 @@ import pytest
 
 from lm_align.align.datagen import (
     PreferenceStats,
-    arithmetic_exact,
-    arithmetic_graded,
     build_listwise,
     build_pairwise,
     form_pairs,
     make_preferences,
-    make_scorer,
-    sample_responses,
     soft_label,
-    write_jsonl,
 )
+from lm_align.data import DataError
+from lm_align.data.arithmetic import ArithmeticTask, arithmetic_exact, arithmetic_graded
 from lm_align.data.preference import (
-    ListwiseRecord,
     PairwiseRecord,
     load_listwise,
     load_pairwise,
+    write_records,
 )
-from lm_align.data.tokenizers import ByteTokenizer, make_tokenizer
+from lm_align.data.scorers import SCORERS, make_scorer, reference_scorer, score_lists
+from lm_align.data.tokenizers import make_tokenizer
 from lm_align.models import TransformerConfig
 from lm_align.models.pure import PureModel
-from lm_align.sampling import generate
+from lm_align.sampling import sample_texts
 
 # ----------------------------------------------------------------------------
 # Verifiers and scorers
@@ -74,6 +72,43 @@ def test_make_scorer_is_batched_and_names_valid_scorers():
     )
     with pytest.raises(ValueError, match="arithmetic_exact.*arithmetic_graded"):
         make_scorer("exact")
+    assert sorted(SCORERS) == ["arithmetic_exact", "arithmetic_graded"]
+
+
+def test_arithmetic_exact_is_the_tasks_verifier_on_its_own_records():
+    task = ArithmeticTask(seed=3, num_digits=3, operators="+-*", num_terms=3)
+    for i in range(20):
+        rec = task.record("train", i)
+        assert arithmetic_exact(rec["prompt"], rec["completion"]) == 1.0
+        off_by_one = str(int(rec["completion"]) + 1)
+        assert (
+            arithmetic_exact(rec["prompt"], off_by_one)
+            == 0.0
+            == task.score(rec["prompt"], off_by_one)
+        )
+    with pytest.raises(DataError, match="not an arithmetic prompt"):
+        arithmetic_exact("hello", "5")
+
+
+def test_reference_scorer_and_score_lists():
+    records = [{"prompt": "Q1", "completion": " Tumeli"}, {"prompt": "Q2", "completion": "7"}]
+    scorer = reference_scorer(records)
+    np.testing.assert_array_equal(scorer(["Q1", "Q2", "Q1"], ["Tumeli\n", "8", "x"]), [1, 0, 0])
+    with pytest.raises(ValueError, match="'Q3' has no reference"):
+        scorer(["Q3"], ["a"])
+    with pytest.raises(ValueError, match="two reference completions"):
+        reference_scorer([*records, {"prompt": "Q1", "completion": "Bazoka"}])
+    # One call for all pairs; the scores come back per prompt, in order.
+    calls = []
+
+    def length(prompts, responses):
+        calls.append(len(responses))
+        return np.array([float(len(r)) for r in responses])
+
+    per_prompt = score_lists(length, ["a", "b", "c"], [["x", "yy"], [], ["zzz"]])
+    assert calls == [3] and [s.tolist() for s in per_prompt] == [[1.0, 2.0], [], [3.0]]
+    with pytest.raises(ValueError, match="one score per response"):
+        score_lists(lambda p, r: np.zeros(1), ["a"], [["x", "y"]])
 
 
 # ----------------------------------------------------------------------------
@@ -247,40 +282,7 @@ def test_build_listwise_rejects_labels_outside_0_1():
 
 
 # ----------------------------------------------------------------------------
-# JSON Lines round trip
-# ----------------------------------------------------------------------------
-
-
-def test_write_jsonl_round_trips_through_the_loaders(tmp_path):
-    pairs = [
-        PairwiseRecord("37+5=", "42", "41", None),
-        PairwiseRecord("2*3=", "6", "line\nbreak \u00e9 \ufffd", 0.8807970779778823),
-        PairwiseRecord("1+1=", "2", "11", 1.0),
-    ]
-    path = tmp_path / "sub" / "pairs.jsonl"
-    assert write_jsonl(pairs, path) == 3
-    loaded = load_pairwise(str(path))
-    assert [(r.prompt, r.chosen, r.rejected, r.soft_label) for r in loaded] == [
-        (r.prompt, r.chosen, r.rejected, r.soft_label) for r in pairs
-    ]
-    assert '"p"' not in path.read_text().splitlines()[0]  # hard labels write no p
-
-    lists = [
-        ListwiseRecord("37+5=", ["42", "41", "x"], np.array([1.0, 41 / 84, 0.0])),
-        ListwiseRecord("2*3=", ["6", "5"], np.array([0.1, 0.7])),
-    ]
-    write_jsonl(lists, tmp_path / "lists.jsonl")
-    loaded = load_listwise(str(tmp_path / "lists.jsonl"))
-    for got, want in zip(loaded, lists, strict=True):
-        assert (got.prompt, got.responses) == (want.prompt, want.responses)
-        np.testing.assert_array_equal(got.labels, want.labels)
-
-    with pytest.raises(ValueError, match="no records"):
-        write_jsonl([], tmp_path / "empty.jsonl")
-
-
-# ----------------------------------------------------------------------------
-# Sampling with a tiny untrained model
+# The pipeline, with a tiny untrained model
 # ----------------------------------------------------------------------------
 
 PROMPTS = ["1+2=", "3+4=", "5+6=", "7+8=", "9+1="]  # 5 prompts: not a multiple of 2
@@ -294,48 +296,6 @@ def tiny():
     return model, model.init(0), make_tokenizer("byte")
 
 
-def test_sample_responses_shapes_and_seeds(tiny):
-    model, params, tok = tiny
-    a = sample_responses(model, params, tok, PROMPTS, seed=0, **SAMPLING)
-    b = sample_responses(model, params, tok, PROMPTS, seed=0, **SAMPLING)
-    c = sample_responses(model, params, tok, PROMPTS, seed=1, **SAMPLING)
-    assert len(a) == 5 and all(len(r) == 3 and all(isinstance(s, str) for s in r) for r in a)
-    assert a == b
-    assert a != c
-    assert a[0] != a[2]  # batches draw with different keys
-
-
-class _EosIs(ByteTokenizer):
-    """A byte tokenizer whose eos is an ordinary byte the tiny model does emit."""
-
-    def __init__(self, eos_id):
-        self._eos = eos_id
-
-    @property
-    def eos_id(self):
-        return self._eos
-
-
-def test_responses_stop_before_eos_and_batching_drops_padding(tiny):
-    model, params, tok = tiny
-    ids = [[tok.bos_id] + tok.encode(p) for p in PROMPTS]
-    greedy = np.asarray(generate(model, params, ids, max_new_tokens=6, greedy=True).tokens)
-    eos = int(greedy[3, 1])  # prompt 3's second greedy token becomes eos
-    tok_eos = _EosIs(eos)
-    want = []
-    for row in greedy.tolist():
-        cut = row.index(eos) if eos in row else len(row)
-        want.append(tok.decode(row[:cut]))
-    # top_k = 1 makes sampling greedy, so every sample equals the greedy response.
-    kw = dict(num_samples=2, max_new_tokens=6, top_k=1)
-    # Batches of 2: the last batch holds prompt 4 and a padding copy, dropped.
-    by_two = sample_responses(model, params, tok_eos, PROMPTS, batch_size=2, **kw)
-    assert by_two == [[w, w] for w in want]
-    assert len(want[3]) == 1  # stopped at the eos, which is not part of the response
-    eos_char = bytes([eos - 3]).decode("latin-1")
-    assert all(eos_char not in s for r in by_two for s in r)
-
-
 def _even_length(prompts, responses):
     return np.array([float(len(r) % 2 == 0) for r in responses])
 
@@ -345,12 +305,19 @@ def test_make_preferences_end_to_end(tiny, tmp_path):
     records, stats = make_preferences(
         model, params, tok, PROMPTS, scorer=_even_length, pairing="all", seed=0, **SAMPLING
     )
-    assert records and stats.num_records == len(records)
+    # The same draws through the sampler: the pairs are the hand-formed ones.
+    texts = sample_texts(model, params, tok, PROMPTS, seed=0, **SAMPLING).responses
+    scores = [_even_length(None, r) for r in texts]
+    assert stats.mean_score == pytest.approx(np.mean(np.concatenate(scores)))
     assert 0.0 < stats.mean_score < 1.0
+    want = set()
+    for p, rs, sc in zip(PROMPTS, texts, scores, strict=True):
+        distinct = {r: s for r, s in reversed(list(zip(rs, sc, strict=True))) if r.strip()}
+        want |= {(p, a, b) for a in distinct for b in distinct if distinct[a] > distinct[b]}
+    assert {(r.prompt, r.chosen, r.rejected) for r in records} == want and want
+    assert stats.num_records == len(records) == len(want)
     assert stats.fraction_with_records == stats.prompts_with_records / 5 > 0
-    for r in records:
-        assert len(r.chosen) % 2 == 0 and len(r.rejected) % 2 == 1
-    write_jsonl(records, tmp_path / "pairs.jsonl")
+    write_records(records, tmp_path / "pairs.jsonl")
     loaded = load_pairwise(str(tmp_path / "pairs.jsonl"))
     assert [(r.chosen, r.rejected) for r in loaded] == [(r.chosen, r.rejected) for r in records]
 
@@ -358,7 +325,7 @@ def test_make_preferences_end_to_end(tiny, tmp_path):
         model, params, tok, PROMPTS, scorer=_even_length, format="lists", seed=0, **SAMPLING
     )
     assert lists and all(len(set(r.labels.tolist())) == 2 for r in lists)
-    write_jsonl(lists, tmp_path / "lists.jsonl")
+    write_records(lists, tmp_path / "lists.jsonl")
     assert len(load_listwise(str(tmp_path / "lists.jsonl"))) == len(lists)
 
 

@@ -6,36 +6,20 @@ scores into preference pairs (DPO, SLiC-HF, RSO losses) or labelled lists
 
     records, stats = make_preferences(
         model, params, make_tokenizer("byte"), ["37+5=", "12*3="],
-        scorer=make_scorer("arithmetic_exact"), num_samples=8, max_new_tokens=8)
-    write_jsonl(records, "prefs.jsonl")       # read back with load_pairwise
+        scorer="arithmetic_exact", num_samples=8, max_new_tokens=8,
+        temperature=0.7, top_k=40)
+    write_records(records, "prefs.jsonl")     # read back with load_pairwise
     stats.mean_score, stats.fraction_with_records
 
-The steps are separate functions, so each can be reused or replaced:
-
-1. ``sample_responses``: m samples per prompt (temperature 0.7, top-k 40, as
-   in SLiC-HF and RSO), prompts fed as ``[bos] + encode(prompt)``, each
-   sample decoded up to (not including) eos.
-2. A scorer ``(prompts: list[str], responses: list[str]) -> float [N]``:
-   ``make_scorer("arithmetic_exact" | "arithmetic_graded")`` for the built-in
-   arithmetic task, or any callable with that signature (e.g. a reward model).
-3. ``build_pairwise`` / ``build_listwise``: per prompt, drop blank responses and
-   repeats of an earlier identical response (identical texts are never paired
-   or listed together), then form pairs with ``form_pairs`` or keep the list
-   with the scores as labels. Prompts whose samples all score equally give no
-   record; ``PreferenceStats`` counts them.
-4. ``write_jsonl``: the JSON Lines format of ``lm_align.data.preference``.
-
-Pairing methods (``form_pairs``), for m candidates with scores s:
-
-- "first_round" (RSO's first-round rank): shuffle, pair neighbours (0,1),
-  (2,3), ...; the higher score wins; tied pairs are dropped. At most m // 2
-  disjoint pairs.
-- "tournament": single elimination on a shuffled order; each decided match is
-  a pair and its winner advances; a tied match gives no pair and a random
-  player advances; an odd player out gets a bye. With distinct scores: m - 1
-  pairs, and the best response never loses.
-- "best_worst": one pair, a highest-scored vs a lowest-scored response.
-- "all": every pair with different scores (up to m (m - 1) / 2).
+The steps, each replaceable: ``lm_align.sampling.sample_texts`` (SLiC-HF and
+RSO sample at temperature 0.7, top-k 40); a scorer from
+``lm_align.data.scorers`` or any ``(prompts, responses) -> float [N]`` callable
+(e.g. ``lm_align.align.reward.reward_model_scorer``); ``build_pairwise`` /
+``build_listwise``, which drop blank and repeated responses per prompt (identical
+texts are never paired or listed together) and form pairs with ``form_pairs``
+("first_round", "tournament", "best_worst", "all") or keep lists with the
+scores as labels; ``lm_align.data.preference.write_records``. Prompts whose
+samples all score equally give no record; ``PreferenceStats`` counts them.
 
 Soft labels (geometric-averaged DPO, Furuta et al. 2024) are
 ``p = sigmoid((s_w - s_l) / T)`` in [0.5, 1]; ``T = None`` gives hard labels.
@@ -51,183 +35,19 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from lm_align.data.arithmetic import ArithmeticTask
-from lm_align.data.preference import ListwiseRecord, PairwiseRecord
+from lm_align import sampling
+from lm_align.data.preference import ListwiseRecord, PairwiseRecord, write_records
+from lm_align.data.scorers import SCORERS, Scorer, make_scorer, score_lists  # noqa: F401
 from lm_align.data.tokenizers import Tokenizer, make_tokenizer
-from lm_align.sampling import generate
-
-Scorer = Callable[[list[str], list[str]], np.ndarray]  # (prompts, responses) -> float [N]
 
 PAIRING_METHODS = ("first_round", "tournament", "best_worst", "all")
 FORMATS = ("pairs", "lists")
-
-# ----------------------------------------------------------------------------
-# Scorers
-# ----------------------------------------------------------------------------
-
-_INTEGER_RE = re.compile(r"[+-]?[0-9]+")
-
-
-def arithmetic_exact(prompt: str, response: str) -> float:
-    """1.0 if ``response.strip()`` is the exact answer to the arithmetic prompt, else 0.0.
-
-    >>> arithmetic_exact("37+5=", " 42\\n"), arithmetic_exact("37+5=", "41")
-    (1.0, 0.0)
-    """
-    return float(response.strip() == ArithmeticTask.solve(prompt))
-
-
-def arithmetic_graded(prompt: str, response: str) -> float:
-    """Exact answer 1.0; an integer ``pred`` gets partial credit; anything else 0.0.
-
-    With ``truth`` the true answer, a response that is not exactly right but
-    whose stripped text is an integer scores::
-
-        0.5 * max(0, 1 - |pred - truth| / max(|truth|, 1))
-
-    so near misses rank above far misses, and far misses (off by at least
-    ``|truth|``) tie with garbage at 0. Every score lies in [0, 1], so the
-    scores can be soft-label scores or list labels directly.
-
-    >>> arithmetic_graded("37+5=", "42"), round(arithmetic_graded("37+5=", "41"), 4)
-    (1.0, 0.4881)
-    >>> arithmetic_graded("37+5=", "-3"), arithmetic_graded("37+5=", "x")
-    (0.0, 0.0)
-    """
-    answer = ArithmeticTask.solve(prompt)
-    text = response.strip()
-    if text == answer:
-        return 1.0
-    if not _INTEGER_RE.fullmatch(text):
-        return 0.0
-    truth = int(answer)
-    relative_error = abs(int(text) - truth) / max(abs(truth), 1)
-    return 0.5 * max(0.0, 1.0 - relative_error)
-
-
-SCORERS = {"arithmetic_exact": arithmetic_exact, "arithmetic_graded": arithmetic_graded}
-
-
-def make_scorer(name: str) -> Scorer:
-    """The scorer ``name`` as a batched callable ``(prompts, responses) -> float64 [N]``.
-
-    Names: "arithmetic_exact" (1/0 exact match, e.g. to pick winners) and
-    "arithmetic_graded" (exact 1, near misses partial credit; for soft labels
-    and list labels). Any other callable with the same signature, e.g. a
-    reward model, can be passed wherever a scorer is expected.
-    """
-    if name not in SCORERS:
-        raise ValueError(
-            f"unknown scorer {name!r}; valid scorers: {sorted(SCORERS)}, or pass "
-            "any callable (prompts: list[str], responses: list[str]) -> scores [N]"
-        )
-    verify = SCORERS[name]
-
-    def scorer(prompts: list[str], responses: list[str]) -> np.ndarray:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return np.array([verify(p, r) for p, r in zip(prompts, responses, strict=True)], np.float64)
-
-    scorer.__name__ = name
-    return scorer
-
-
-# ----------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------
-
-
-def sample_responses(
-    model: Any,
-    params: Any,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str],
-    *,
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 0.7,
-    top_k: int = 40,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> list[list[str]]:
-    """``num_samples`` sampled responses per prompt, as text: ``[len(prompts)][num_samples]``.
-
-    Each prompt is fed as ``[bos] + tokenizer.encode(prompt)`` and continued
-    with the KV-cache decoder (``lm_align.sampling.generate``) until eos or
-    ``max_new_tokens``; the response is the decoded continuation without the
-    eos (a response cut at ``max_new_tokens`` is kept as it is).
-
-    Prompts are decoded ``batch_size`` at a time (``batch_size * num_samples``
-    rows); the last batch is padded with copies of one of its prompts, whose
-    samples are dropped, so every batch has the same shape. Batches whose
-    longest prompts differ in length compile separately.
-
-    Args:
-      model, params: a ``lm_align.models.pure.PureModel`` and its parameters.
-      tokenizer: the model's tokenizer (bos, eos, pad and decode are used).
-      prompts: prompt texts.
-      num_samples: responses per prompt (SLiC-HF: 8).
-      max_new_tokens: longest response, in tokens (eos included).
-      temperature, top_k, top_p: sampling settings (defaults as SLiC-HF/RSO:
-        temperature 0.7, top-k 40, no nucleus cut).
-      seed: the responses are a pure function of (seed, batch_size, the
-        inputs); batch b samples with key ``fold_in(key(seed), b)``.
-      batch_size: prompts per decoding batch (at most ``len(prompts)`` used).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if not prompts:
-        return []
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    size = min(batch_size, len(ids))
-    key = jax.random.key(seed)
-    responses: list[list[str]] = []
-    for b, start in enumerate(range(0, len(ids), size)):
-        batch = ids[start : start + size]
-        num_real = len(batch)
-        batch = batch + [batch[0]] * (size - num_real)
-        out = generate(
-            model,
-            params,
-            batch,
-            max_new_tokens=max_new_tokens,
-            rng=jax.random.fold_in(key, b),
-            num_samples=num_samples,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_tokens=[tokenizer.eos_id],
-            pad_id=tokenizer.pad_id,
-        )
-        tokens_RT = np.asarray(jax.device_get(out.tokens))
-        lengths_R = np.asarray(jax.device_get(out.lengths))
-        for i in range(num_real):  # rows i * n ... i * n + n - 1 continue prompt i
-            rows = range(i * num_samples, (i + 1) * num_samples)
-            responses.append([_decode(tokenizer, tokens_RT[r, : lengths_R[r]]) for r in rows])
-    return responses
-
-
-def _decode(tokenizer: Tokenizer, ids_T: np.ndarray) -> str:
-    ids = ids_T.tolist()
-    if ids and ids[-1] == tokenizer.eos_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids)
-
-
-# ----------------------------------------------------------------------------
-# Pairs, soft labels, lists
-# ----------------------------------------------------------------------------
 
 
 def _winner_loser(scores: np.ndarray, a: int, b: int) -> tuple[int, int]:
@@ -240,12 +60,18 @@ def form_pairs(
     """Preference pairs ``(winner, loser)`` (indices into ``scores``) of one prompt's responses.
 
     Every winner scores strictly higher than its loser; equal scores never form
-    a pair. Methods (see the module docstring): "first_round" (shuffle with
-    ``rng.permutation``, pair neighbours), "tournament" (single elimination on
-    ``rng.permutation``; a tied match advances ``(a, b)[rng.integers(2)]``),
-    "best_worst" (a highest vs a lowest, each drawn uniformly among ties) and
-    "all" (every pair with different scores, in order ``(i, j), i < j``).
-    The caller removes duplicate responses first.
+    a pair. The caller removes duplicate responses first. For m scores:
+
+    - "first_round" (RSO's first-round rank): shuffle (``rng.permutation``),
+      pair neighbours (0,1), (2,3), ...; the higher score wins, ties are
+      dropped. At most m // 2 disjoint pairs.
+    - "tournament": single elimination on ``rng.permutation``; each decided
+      match is a pair and its winner advances; a tied match gives no pair and
+      ``(a, b)[rng.integers(2)]`` advances; an odd player out gets a bye. With
+      distinct scores: m - 1 pairs, and the best response never loses.
+    - "best_worst": one pair, a highest vs a lowest (each uniform among ties).
+    - "all": every pair with different scores, in order ``(i, j), i < j``
+      (up to m (m - 1) / 2).
     """
     if method not in PAIRING_METHODS:
         raise ValueError(f"unknown pairing method {method!r}; valid methods: {PAIRING_METHODS}")
@@ -328,12 +154,7 @@ class PreferenceStats:
         return {**dataclasses.asdict(self), "fraction_with_records": self.fraction_with_records}
 
 
-def _check_scores(
-    prompts: Sequence[str],
-    responses: Sequence[Sequence[str]],
-    scores: Sequence[Sequence[float]],
-    name: str,
-) -> list[np.ndarray]:
+def _check_scores(prompts, responses, scores, name: str) -> list[np.ndarray]:
     """Scores as float64 arrays, one per prompt, checked against ``responses``."""
     if not len(prompts) == len(responses) == len(scores):
         raise ValueError(
@@ -372,11 +193,8 @@ def _distinct(responses: Sequence[str], stats: PreferenceStats) -> list[int]:
 
 def _new_stats(responses: Sequence[Sequence[str]], scores: list[np.ndarray]) -> PreferenceStats:
     every = np.concatenate(scores) if scores else np.zeros(0)
-    return PreferenceStats(
-        num_prompts=len(responses),
-        num_samples=int(sum(len(r) for r in responses)),
-        mean_score=float(every.mean()) if every.size else math.nan,
-    )
+    mean = float(every.mean()) if every.size else math.nan
+    return PreferenceStats(len(responses), sum(len(r) for r in responses), mean)
 
 
 def build_pairwise(
@@ -400,10 +218,9 @@ def build_pairwise(
     ``origin = "prompt i"``.
 
     Args:
-      prompts: P prompt texts.
-      responses: P lists of responses (any lengths).
-      scores: P lists of scores, one per response; higher is better. They pick
-        the winners.
+      prompts, responses, scores: P prompts, P lists of responses (any
+        lengths) and P lists of scores, one per response (higher is better;
+        they pick the winners).
       method: "first_round", "tournament", "best_worst" or "all".
       soft_label_temperature: T of ``soft_label``; None: hard labels.
       max_pairs_per_prompt: keep at most this many pairs per prompt.
@@ -418,11 +235,9 @@ def build_pairwise(
         raise ValueError(f"max_pairs_per_prompt={max_pairs_per_prompt} must be >= 1 or None")
     soft_label(0.0, 0.0, soft_label_temperature)  # checks the temperature
     scores = _check_scores(prompts, responses, scores, "scores")
-    labels = (
-        scores
-        if label_scores is None
-        else _check_scores(prompts, responses, label_scores, "label_scores")
-    )
+    labels = scores
+    if label_scores is not None:
+        labels = _check_scores(prompts, responses, label_scores, "label_scores")
     stats = _new_stats(responses, scores)
     records = []
     for i, prompt in enumerate(prompts):
@@ -470,10 +285,8 @@ def build_listwise(
     ``origin = "prompt i"``.
 
     Args:
-      prompts: P prompt texts.
-      responses: P lists of responses.
-      scores: P lists of labels, one per response, each in [0, 1] (higher is
-        better), e.g. ``make_scorer("arithmetic_graded")``.
+      prompts, responses, scores: P prompts, P lists of responses and P lists
+        of labels in [0, 1] (higher is better), e.g. "arithmetic_graded" scores.
       max_responses: K, the longest list kept (>= 2); None: all distinct ones.
       seed: seeds the subsets.
     """
@@ -512,74 +325,6 @@ def build_listwise(
     return records, stats
 
 
-# ----------------------------------------------------------------------------
-# Writing, and the whole pipeline
-# ----------------------------------------------------------------------------
-
-
-def write_jsonl(
-    records: Sequence[PairwiseRecord] | Sequence[ListwiseRecord], path: str | os.PathLike
-) -> int:
-    """Writes records as JSON Lines that ``load_pairwise`` / ``load_listwise`` read back.
-
-    Pairwise: ``{"prompt", "chosen", "rejected"}`` plus ``"p"`` when the record
-    has a soft label. Listwise: ``{"prompt", "responses", "labels"}``. The
-    origin is not written. Parent directories are created. Returns the number
-    of lines written.
-    """
-    if not records:
-        raise ValueError(
-            "no records to write: no prompt gave a preference (see PreferenceStats); "
-            "sample more responses per prompt, raise the temperature, or use a graded scorer"
-        )
-    kinds = {type(r) for r in records}
-    if kinds == {PairwiseRecord}:
-        lines = [_pairwise_json(r) for r in records]
-    elif kinds == {ListwiseRecord}:
-        lines = [
-            {"prompt": r.prompt, "responses": list(r.responses), "labels": _floats(r.labels)}
-            for r in records
-        ]
-    else:
-        raise ValueError(
-            f"got records of types {sorted(k.__name__ for k in kinds)}; "
-            "write only PairwiseRecord or only ListwiseRecord"
-        )
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for obj in lines:
-            f.write(json.dumps(obj) + "\n")  # ASCII escapes: one line per record, always
-    return len(lines)
-
-
-def _pairwise_json(r: PairwiseRecord) -> dict[str, Any]:
-    obj = {"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
-    if r.soft_label is not None:
-        obj["p"] = float(r.soft_label)
-    return obj
-
-
-def _floats(values: Any) -> list[float]:
-    return [float(v) for v in np.asarray(values, np.float64)]
-
-
-def _score(scorer: Scorer, prompts: Sequence[str], samples: list[list[str]]) -> list[np.ndarray]:
-    """Calls ``scorer`` once on every (prompt, sample); scores per prompt."""
-    if not samples:
-        return []
-    flat_prompts = [p for p, resp in zip(prompts, samples, strict=True) for _ in resp]
-    flat_responses = [r for resp in samples for r in resp]
-    scores_N = np.asarray(scorer(flat_prompts, flat_responses), np.float64)
-    if scores_N.shape != (len(flat_responses),):
-        raise ValueError(
-            f"scorer {getattr(scorer, '__name__', scorer)!r} returned shape {scores_N.shape} "
-            f"for {len(flat_responses)} responses; a scorer returns one score per response"
-        )
-    bounds = np.cumsum([len(resp) for resp in samples])[:-1]
-    return np.split(scores_N, bounds)
-
-
 def make_preferences(
     model: Any,
     params: Any,
@@ -592,31 +337,27 @@ def make_preferences(
     format: str = "pairs",
     pairing: str = "first_round",
     soft_label_temperature: float | None = None,
-    temperature: float = 0.7,
-    top_k: int = 40,
-    top_p: float = 1.0,
+    temperature: float = sampling.DEFAULT_TEMPERATURE,
+    top_k: int = sampling.DEFAULT_TOP_K,
+    top_p: float = sampling.DEFAULT_TOP_P,
     seed: int = 0,
     label_scorer: Scorer | str | None = None,
     max_pairs_per_prompt: int | None = None,
     max_responses: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = sampling.DEFAULT_BATCH_SIZE,
 ) -> tuple[list[PairwiseRecord] | list[ListwiseRecord], PreferenceStats]:
     """Sample, score and rank: preference records from the policy's own samples.
 
-    ``sample_responses`` draws ``num_samples`` responses per prompt; ``scorer``
-    scores them; then ``build_pairwise`` (format "pairs", winners picked by
-    ``scorer``) or ``build_listwise`` (format "lists", labels in [0, 1]) makes
-    the records. ``label_scorer`` (default: ``scorer``) supplies the soft-label
-    scores of pairs and the labels of lists, e.g. ``scorer="arithmetic_exact"``
-    picks correct answers as winners and ``label_scorer="arithmetic_graded"``
-    makes a near miss a less certain loser.
-
-    Returns ``(records, stats)``; ``stats.mean_score`` is the mean ``scorer``
-    score of all samples (with an exact-match scorer: the sampled accuracy)
-    and ``stats.fraction_with_records`` the fraction of prompts that gave a
-    record. Scorers may be given by name (``make_scorer``), the tokenizer by
-    name (``make_tokenizer``). Other arguments: see ``sample_responses``,
-    ``build_pairwise`` and ``build_listwise``.
+    ``sample_texts`` draws ``num_samples`` responses per prompt (default: the
+    model's own distribution); ``scorer`` scores them; ``build_pairwise``
+    (format "pairs", winners picked by ``scorer``) or ``build_listwise``
+    (format "lists", labels in [0, 1]) makes the records. ``label_scorer``
+    (default ``scorer``) gives the soft-label scores of pairs and the labels of
+    lists: e.g. "arithmetic_exact" picks winners and "arithmetic_graded" makes a
+    near miss a less certain loser. ``stats.mean_score`` is the mean ``scorer``
+    score (exact match: the sampled accuracy). Scorers and the tokenizer may be
+    given by name. Other arguments: ``sample_texts``, ``build_pairwise``,
+    ``build_listwise``.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; valid formats: {FORMATS}")
@@ -627,39 +368,32 @@ def make_preferences(
     scorer = make_scorer(scorer) if isinstance(scorer, str) else scorer
     if isinstance(label_scorer, str):
         label_scorer = make_scorer(label_scorer)
-    samples = sample_responses(
-        model,
-        params,
-        tokenizer,
-        prompts,
-        num_samples=num_samples,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    scores = _score(scorer, prompts, samples)
-    labels = None if label_scorer is None else _score(label_scorer, prompts, samples)
+    samples = sampling.sample_texts(
+        model, params, tokenizer, prompts, num_samples=num_samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, batch_size=batch_size,
+    ).responses  # fmt: skip
+    scores = score_lists(scorer, prompts, samples)
+    labels = None if label_scorer is None else score_lists(label_scorer, prompts, samples)
     if format == "pairs":
         records, stats = build_pairwise(
-            prompts,
-            samples,
-            scores,
-            method=pairing,
+            prompts, samples, scores, method=pairing,
             soft_label_temperature=soft_label_temperature,
-            max_pairs_per_prompt=max_pairs_per_prompt,
-            seed=seed,
-            label_scores=labels,
-        )
+            max_pairs_per_prompt=max_pairs_per_prompt, seed=seed, label_scores=labels,
+        )  # fmt: skip
     else:
+        labels = scores if labels is None else labels
         records, stats = build_listwise(
-            prompts,
-            samples,
-            scores if labels is None else labels,
-            max_responses=max_responses,
-            seed=seed,
+            prompts, samples, labels, max_responses=max_responses, seed=seed
         )
     stats.mean_score = float(np.concatenate(scores).mean()) if scores else math.nan
     return records, stats
+
+
+# Moved; kept until align/commands.py, study.py, config.py, held_out.py import them from
+# sampling.sample_texts, data.scorers (SCORERS, make_scorer), data.preference.write_records.
+write_jsonl = write_records
+
+
+def sample_responses(*args, **kwargs) -> list[list[str]]:
+    return sampling.sample_texts(*args, **kwargs).responses
