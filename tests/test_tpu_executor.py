@@ -387,8 +387,8 @@ def test_a_multi_host_slice_without_a_bucket_is_refused_before_anything_runs(
 ):
     runs = plan_sweep(str(checkout / "experiments" / "tpu_sweep.py"), str(tmp_path / "w"))
     executor = TPUExecutor("sw", "v5e-16", "z", source_dir=str(checkout))
-    assert executor.comments(runs)[0].startswith("# WARNING: v5litepod-16 has 4 hosts")
-    with pytest.raises(gcloud.LaunchError, match="v5litepod-16 has 4 hosts.*add --bucket BUCKET"):
+    assert executor.comments(runs)[0].startswith("# WARNING: the 4 hosts write one run directory")
+    with pytest.raises(gcloud.LaunchError, match="the 4 hosts write .*add --bucket BUCKET"):
         executor.run(runs, lambda e: None)
     assert calls(fake) == []
     one_host = TPUExecutor("sw", "v5e-8", "z", source_dir=str(checkout))

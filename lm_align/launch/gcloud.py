@@ -1,12 +1,12 @@
 """The cloud's vocabulary: one pure argv builder per gcloud / xpk operation.
 
-Every `*_argv` function returns the argument list of one command and runs
+Every `*_argv` function returns the argument tuple of one command and runs
 nothing; `lm_align.launch.steps` runs them. The shell commands a worker runs
 (`setup_command`, `remote_command`, `stop_command`) are built here too, as are
 the rules for the names these commands take (`check_name`, `parse_bucket`).
 
     >>> tpu_vm_delete_argv("my-tpu", "us-west4-a", None)
-    ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'my-tpu', '--zone=us-west4-a', '--quiet']
+    ('gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'my-tpu', '--zone=us-west4-a', '--quiet')
 """
 
 from __future__ import annotations
@@ -99,33 +99,36 @@ def location_flags(zone: str, project: str | None) -> list[str]:
     return [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
 
 
-def _tpu_vm(verb: str, *args: str) -> list[str]:
-    return [GCLOUD, "compute", "tpus", "tpu-vm", verb, *args]
+def _spot(spot: bool) -> list[str]:
+    return ["--spot"] if spot else []
 
 
-def tpu_vm_create_argv(name, zone, project, accelerator_type, version, spot=False) -> list[str]:
-    argv = _tpu_vm("create", name, *location_flags(zone, project))
-    argv += [f"--accelerator-type={accelerator_type}", f"--version={version}"]
-    return argv + (["--spot"] if spot else [])
+def _tpu_vm(verb: str, *args: str) -> Argv:
+    return (GCLOUD, "compute", "tpus", "tpu-vm", verb, *args)
 
 
-def tpu_vm_describe_argv(name, zone, project) -> list[str]:
+def tpu_vm_create_argv(name, zone, project, accelerator_type, version, spot=False) -> Argv:
+    flags = [f"--accelerator-type={accelerator_type}", f"--version={version}"]
+    return _tpu_vm("create", name, *location_flags(zone, project), *flags, *_spot(spot))
+
+
+def tpu_vm_describe_argv(name, zone, project) -> Argv:
     """Prints the node's state (READY, CREATING, PREEMPTED, ...); fails if there is none."""
     return _tpu_vm("describe", name, *location_flags(zone, project), "--format=value(state)")
 
 
-def tpu_vm_delete_argv(name, zone, project) -> list[str]:
+def tpu_vm_delete_argv(name, zone, project) -> Argv:
     return _tpu_vm("delete", name, *location_flags(zone, project), "--quiet")
 
 
-def tpu_vm_scp_to_argv(name, zone, project, local, remote, worker="all") -> list[str]:
+def tpu_vm_scp_to_argv(name, zone, project, local, remote, worker="all") -> Argv:
     """Copies the local file `local` to `remote` (relative to home) on `worker` (or all)."""
     return _tpu_vm(
         "scp", local, f"{name}:{remote}", *location_flags(zone, project), f"--worker={worker}"
     )
 
 
-def tpu_vm_scp_from_argv(name, zone, project, remote, local, worker="0") -> list[str]:
+def tpu_vm_scp_from_argv(name, zone, project, remote, local, worker="0") -> Argv:
     """Copies the directory `remote` of `worker` (recursively) into the local directory `local`."""
     return _tpu_vm(
         "scp",
@@ -137,7 +140,7 @@ def tpu_vm_scp_from_argv(name, zone, project, remote, local, worker="0") -> list
     )
 
 
-def tpu_vm_ssh_argv(name, zone, project, command, worker="all") -> list[str]:
+def tpu_vm_ssh_argv(name, zone, project, command, worker="all") -> Argv:
     """Runs the shell command `command` on `worker` (default: all workers at once).
 
     Exits with the remote command's status (the first failing worker's), or
@@ -152,26 +155,25 @@ def tpu_vm_ssh_argv(name, zone, project, command, worker="all") -> list[str]:
 # Queued resources (multislice)
 
 
-def _queued(verb: str, *args: str) -> list[str]:
-    return [GCLOUD, "compute", "tpus", "queued-resources", verb, *args]
+def _queued(verb: str, *args: str) -> Argv:
+    return (GCLOUD, "compute", "tpus", "queued-resources", verb, *args)
 
 
 def queued_resource_create_argv(
     name, zone, project, accelerator_type, runtime_version, node_count, spot=False
-) -> list[str]:
+) -> Argv:
     """A queued resource of `node_count` slices named `<name>-0`, `<name>-1`, ..."""
-    argv = _queued("create", name, *location_flags(zone, project))
-    argv += [f"--accelerator-type={accelerator_type}", f"--runtime-version={runtime_version}"]
-    argv += [f"--node-count={node_count}", f"--node-prefix={name}"]
-    return argv + (["--spot"] if spot else [])
+    flags = [f"--accelerator-type={accelerator_type}", f"--runtime-version={runtime_version}"]
+    flags += [f"--node-count={node_count}", f"--node-prefix={name}"]
+    return _queued("create", name, *location_flags(zone, project), *flags, *_spot(spot))
 
 
-def queued_resource_describe_argv(name, zone, project) -> list[str]:
+def queued_resource_describe_argv(name, zone, project) -> Argv:
     """Prints the queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ...)."""
     return _queued("describe", name, *location_flags(zone, project), "--format=value(state.state)")
 
 
-def queued_resource_delete_argv(name, zone, project) -> list[str]:
+def queued_resource_delete_argv(name, zone, project) -> Argv:
     """Deletes the queued resource and (--force) its nodes."""
     return _queued("delete", name, *location_flags(zone, project), "--force", "--quiet")
 
@@ -182,22 +184,22 @@ def queued_resource_delete_argv(name, zone, project) -> list[str]:
 
 def xpk_create_argv(
     cluster, workload, tpu_type, num_slices, docker_image, zone, project, command
-) -> list[str]:
+) -> Argv:
     argv = [XPK, "workload", "create", f"--cluster={cluster}", f"--workload={workload}"]
     argv += [f"--tpu-type={tpu_type}", f"--num-slices={num_slices}"]
     argv += [f"--docker-image={docker_image}", *location_flags(zone, project)]
-    return argv + [f"--command={command}"]
+    return (*argv, f"--command={command}")
 
 
-def xpk_wait_argv(cluster, workload, zone, project) -> list[str]:
+def xpk_wait_argv(cluster, workload, zone, project) -> Argv:
     """Follows the workload until it ends; exits 0 on success, 125 on failure."""
     argv = [XPK, "workload", "list", f"--cluster={cluster}"]
-    return argv + [f"--wait-for-job-completion={workload}", *location_flags(zone, project)]
+    return (*argv, f"--wait-for-job-completion={workload}", *location_flags(zone, project))
 
 
-def xpk_delete_argv(cluster, workload, zone, project) -> list[str]:
+def xpk_delete_argv(cluster, workload, zone, project) -> Argv:
     argv = [XPK, "workload", "delete", f"--cluster={cluster}", f"--workload={workload}"]
-    return argv + [*location_flags(zone, project), "--force"]
+    return (*argv, *location_flags(zone, project), "--force")
 
 
 # ---------------------------------------------------------------------------

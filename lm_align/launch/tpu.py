@@ -102,11 +102,6 @@ class Job:
         return self.accelerator.hosts * self.num_slices
 
     @property
-    def runs(self) -> bool:
-        """The command is one whose processes all write one run directory."""
-        return bool(self.command) and self.command[0] in wd.RUN_COMMANDS
-
-    @property
     def nodes(self) -> list[str]:
         """The TPU VM of each slice."""
         return g.node_names(self.name, self.num_slices)
@@ -145,7 +140,6 @@ def job_from_args(args, overrides: Sequence[str] = ()) -> Job:
         docker_image=args.docker_image,
         bucket=bucket,
         workdir_given=workdir,
-        source_dir=getattr(args, "source_dir", None) or SOURCE_DIR,
         archive=os.path.join(tempfile.gettempdir(), f"lm_align-{name}.tar.gz"),
     )
 
@@ -264,13 +258,13 @@ def _tpu_steps(job: Job) -> list[Step]:
         ready, dead = g.TPU_VM_READY, g.TPU_VM_DEAD
     spot = " (spot)" if job.spot else ""
     if job.reuse:
-        lookup = Lookup(f"Look up the {what} (--reuse: kept if it exists)", tuple(describe), dead)
-        made = Create(f"Create it{spot} unless the lookup found it", tuple(create), name, lookup)
+        lookup = Lookup(f"Look up the {what} (--reuse: kept if it exists)", describe, dead)
+        made = Create(f"Create it{spot} unless the lookup found it", create, name, lookup)
     else:
-        made = Create(f"Create the {what}{spot}", tuple(create), name)
+        made = Create(f"Create the {what}{spot}", create, name)
     wait = Wait(
         f"Wait until it is {ready} (checked every {POLL_S:.0f} s)",
-        tuple(describe),
+        describe,
         name,
         ready,
         dead,
@@ -285,12 +279,10 @@ def _teardown_steps(job: Job) -> list[Step]:
     if job.multislice:
         delete = g.queued_resource_delete_argv(job.name, job.zone, job.project)
         return [
-            Teardown(
-                f"Delete the queued resource {job.name} and its nodes (--teardown)", tuple(delete)
-            )
+            Teardown(f"Delete the queued resource {job.name} and its nodes (--teardown)", delete)
         ]
     delete = g.tpu_vm_delete_argv(job.name, job.zone, job.project)
-    return [Teardown(f"Delete the TPU VM {job.name} (--teardown)", tuple(delete))]
+    return [Teardown(f"Delete the TPU VM {job.name} (--teardown)", delete)]
 
 
 def _worker_steps(job: Job) -> list[Step]:
@@ -303,11 +295,11 @@ def _worker_steps(job: Job) -> list[Step]:
         prefix = f"[slice {i}] "
         scp = g.tpu_vm_scp_to_argv(node, z, p, job.archive, g.REMOTE_ARCHIVE)
         node_named = f" ({node})" if job.multislice else ""
-        copy.append(Run(f"Copy it to {where}{node_named}", tuple(scp), prefix))
+        copy.append(Run(f"Copy it to {where}{node_named}", scp, prefix))
         ssh = g.tpu_vm_ssh_argv(node, z, p, g.setup_command(job.bucket))
         what = g.setup_comment(job.bucket)
         setup.append(
-            Run(f"{what[:1].upper()}{what[1:]} on {where} ({g.SETUP_SCRIPT})", tuple(ssh), prefix)
+            Run(f"{what[:1].upper()}{what[1:]} on {where} ({g.SETUP_SCRIPT})", ssh, prefix)
         )
         ssh = g.tpu_vm_ssh_argv(node, z, p, g.remote_command(job.command))
         together = ", with the other slices" if job.multislice else ""
@@ -315,11 +307,11 @@ def _worker_steps(job: Job) -> list[Step]:
             Run(
                 f"Run lm-align {job.command[0]} on {where} at once{together} "
                 f"(output prefixed {prefix.strip()})",
-                tuple(ssh),
+                ssh,
                 prefix,
             )
         )
-    stop = tuple(tuple(g.tpu_vm_ssh_argv(node, z, p, g.stop_command())) for node in job.nodes)
+    stop = tuple(g.tpu_vm_ssh_argv(node, z, p, g.stop_command()) for node in job.nodes)
     return [
         Together(tuple(copy)),
         Together(tuple(setup)),
@@ -328,31 +320,20 @@ def _worker_steps(job: Job) -> list[Step]:
 
 
 def _xpk_steps(job: Job) -> list[Step]:
+    """Submit the workload, follow it until it ends; with --teardown, delete it."""
     acc, c, w, z, p = job.accelerator, job.gke_cluster, job.name, job.zone, job.project
     slices = f"{job.num_slices} slice{'s' if job.multislice else ''}"
-    create = g.xpk_create_argv(
-        c, w, acc.name, job.num_slices, job.docker_image, z, p, g.lm_align_command(job.command)
+    command = g.lm_align_command(job.command)
+    create = g.xpk_create_argv(c, w, acc.name, job.num_slices, job.docker_image, z, p, command)
+    submit = (
+        f"Submit the workload {w} to the GKE cluster {c}: {slices} of {acc.name} "
+        f"({hosts_text(job.hosts)}), image {job.docker_image}, the command on every host"
     )
-    steps = [
-        Run(
-            f"Submit the workload {w} to the GKE cluster {c}: {slices} of {acc.name} "
-            f"({hosts_text(job.hosts)}), image {job.docker_image}, the command on every host",
-            tuple(create),
-        ),
-        Together(
-            (
-                Run(
-                    "Follow it until it ends (logs: Cloud Logging, or kubectl logs on the cluster)",
-                    tuple(g.xpk_wait_argv(c, w, z, p)),
-                ),
-            ),
-            main=True,
-        ),
-    ]
+    follow = "Follow it until it ends (logs: Cloud Logging, or kubectl logs on the cluster)"
+    steps = [Run(submit, create), Together((Run(follow, g.xpk_wait_argv(c, w, z, p)),), main=True)]
     if job.teardown:
-        steps.append(
-            Teardown(f"Delete the workload {w} (--teardown)", tuple(g.xpk_delete_argv(c, w, z, p)))
-        )
+        delete = g.xpk_delete_argv(c, w, z, p)
+        steps.append(Teardown(f"Delete the workload {w} (--teardown)", delete))
     return steps
 
 

@@ -92,6 +92,20 @@ def bucket_comments(
     return [*lines, f"# {why}: the run directory is {where}; it outlives the TPU"]
 
 
+BUCKET_FIX = (
+    "add --bucket BUCKET (a Cloud Storage bucket that every worker mounts with gcsfuse; "
+    "the run directory goes there)"
+)
+
+
+def not_shared(hosts: int, run_dir: str, where: str) -> str:
+    """Why `hosts` processes cannot write `run_dir` if it is `where` (not shared)."""
+    return (
+        f"the {hosts} hosts write one run directory together, so it must be storage every "
+        f"host mounts at the same path, but {run_dir} is under {where}"
+    )
+
+
 def shared_dir_problem(command: Sequence[str], hosts: int, gke: bool) -> tuple[str, str] | None:
     """(what is wrong, how to fix it) when the `hosts` processes of `command` (without
     --bucket) would each write their own run directory; None when they share one."""
@@ -109,13 +123,8 @@ def shared_dir_problem(command: Sequence[str], hosts: int, gke: bool) -> tuple[s
     else:
         where = f"~/{REMOTE_DIR} on each worker's own disk"
         fix = (
-            "add --bucket BUCKET (a Cloud Storage bucket that every worker mounts with gcsfuse; "
-            "the run directory goes there) or give an absolute --workdir on storage every "
-            "worker mounts at the same path"
+            f"{BUCKET_FIX} or give an absolute --workdir on storage every worker mounts at the "
+            "same path"
         )
     run_dir = f"--workdir {workdir}" if workdir is not None else "the default runs/<experiment>"
-    problem = (
-        f"the {hosts} hosts write one run directory together, so it must be storage every "
-        f"host mounts at the same path, but {run_dir} is under {where}"
-    )
-    return problem, fix
+    return not_shared(hosts, run_dir, where), fix

@@ -88,6 +88,7 @@ from collections.abc import Callable, Sequence
 
 from lm_align import config as config_lib
 from lm_align.launch import gcloud as g
+from lm_align.launch import workdir as wd
 from lm_align.launch.accelerators import hosts_text, parse_accelerator
 from lm_align.launch.gcloud import LaunchError
 from lm_align.launch.steps import (
@@ -207,12 +208,8 @@ class TPUExecutor:
         hosts = self.accelerator.hosts
         if hosts < 2 or self.bucket:
             return None
-        return (
-            f"{self.accelerator.name} has {hosts} hosts, which write each run's directory "
-            "together, so it must be storage every host mounts at the same path, but without "
-            f"--bucket it is ~/{self.remote_root}/... on each worker's own disk: add --bucket "
-            "BUCKET (a Cloud Storage bucket every worker mounts with gcsfuse; the runs go there)"
-        )
+        where = f"~/{self.remote_root}/... on each worker's own disk"
+        return f"{wd.not_shared(hosts, 'each run directory', where)}: {wd.BUCKET_FIX}"
 
     def comments(self, runs: Sequence[RunSpec]) -> list[str]:
         """Dry-run comment lines: where the runs' directories are; what would fail."""
@@ -286,13 +283,13 @@ class TPUExecutor:
         """Make slice `s` READY (created if missing, created again if dead), then (`setup`)
         give its workers the checkout `archive` and install it."""
         z, p, acc, prefix = self.zone, self.project, self.accelerator, f"[{s.name}] "
-        describe = tuple(g.tpu_vm_describe_argv(s.name, z, p))
+        describe = g.tpu_vm_describe_argv(s.name, z, p)
         lookup = Lookup(
             f"Slice {s.index}: look up the TPU VM {s.name} (kept if it exists; deleted and "
             "created again if preempted)",
             describe,
             g.TPU_VM_DEAD,
-            delete=tuple(g.tpu_vm_delete_argv(s.name, z, p)),
+            delete=g.tpu_vm_delete_argv(s.name, z, p),
         )
         spot = " (spot)" if self.spot else ""
         create = g.tpu_vm_create_argv(s.name, z, p, acc.name, self.runtime_version, self.spot)
@@ -300,7 +297,7 @@ class TPUExecutor:
             Create(
                 f"Slice {s.index}: create it unless found: {acc.name}, "
                 f"{hosts_text(acc.hosts)}{spot}",
-                tuple(create),
+                create,
                 s.name,
                 lookup,
                 prefix,
@@ -317,8 +314,8 @@ class TPUExecutor:
             scp = g.tpu_vm_scp_to_argv(s.name, z, p, archive, g.REMOTE_ARCHIVE)
             ssh = g.tpu_vm_ssh_argv(s.name, z, p, g.setup_command(self.bucket))
             steps += [
-                Run(f"Slice {s.index}: copy the checkout to its workers", tuple(scp), prefix),
-                Run(f"Slice {s.index}: {g.setup_comment(self.bucket)}", tuple(ssh), prefix),
+                Run(f"Slice {s.index}: copy the checkout to its workers", scp, prefix),
+                Run(f"Slice {s.index}: {g.setup_comment(self.bucket)}", ssh, prefix),
             ]
         return steps
 
@@ -332,14 +329,14 @@ class TPUExecutor:
             Run(
                 f"Run {run.name} on every worker of {s.name} (logs: {run.workdir}/stdout.log, "
                 "stderr.log)",
-                tuple(g.tpu_vm_ssh_argv(s.name, z, p, self.run_command(run))),
+                g.tpu_vm_ssh_argv(s.name, z, p, self.run_command(run)),
             ),
             Query(
                 f"Check {s.name} is still READY (else: preempted; recreate it and rerun, at "
                 f"most {self.max_retries} times)",
-                tuple(g.tpu_vm_describe_argv(s.name, z, p)),
+                g.tpu_vm_describe_argv(s.name, z, p),
             ),
-            Run(f"Copy {what} back into {run.workdir}{via}", tuple(copy)),
+            Run(f"Copy {what} back into {run.workdir}{via}", copy),
         )
 
     def plan(
