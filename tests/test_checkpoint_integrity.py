@@ -67,3 +67,66 @@ def test_interrupted_save_directory_is_reported_and_ignored(straight, tmp_path):
     assert f"ignoring {tmp}: a save that was interrupted before it finished" in out
     assert "resumed from" in out and "/8 (step 8 of 12)" in out
     assert losses(workdir) == straight
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tmp_path_factory):
+    """A run with steps 4 and 8 whose newest step (8) was truncated, and step 4's params."""
+    import numpy as np
+
+    from lm_align.align.setup import load_model
+
+    workdir = tmp_path_factory.mktemp("damaged")
+    run_cli(workdir, RUN + ["train.steps=8"])
+    _, good_params, _ = load_model(str(workdir / "checkpoints" / "4"))
+    _, newest_params, _ = load_model(str(workdir / "checkpoints" / "8"))
+    assert not np.array_equal(good_params["embed"], newest_params["embed"])
+    problem = _damage_truncate(workdir / "checkpoints" / "8")
+    expected = (
+        f"checkpoint {workdir / 'checkpoints'}/8 is incomplete or corrupt ({problem}); "
+        "loading step 4 instead"
+    )
+    return workdir, good_params, expected
+
+
+def test_loading_a_damaged_newest_step_falls_back_and_says_so(damaged_run, capsys):
+    """`lm-align eval --policy`, `align.policy_checkpoint` and `train.init_from` all load
+    through `resolve`: the truncated step 8 is skipped with a message, step 4 is loaded."""
+    import jax
+    import numpy as np
+
+    from lm_align.align.config import align_base_config
+    from lm_align.align.setup import load_model, setup
+    from lm_align.config import apply_overrides, load_config
+    from lm_align.train.checkpoint import CheckpointNotFoundError, resolve
+    from lm_align.train.loop import init_state_fn
+    from lm_align.train.setup import build_experiment
+    from tests.helpers import DEFAULT_EXPERIMENT
+
+    workdir, good, expected = damaged_run
+    assert resolve(str(workdir)).step == 4
+    assert expected in capsys.readouterr().out
+
+    # lm-align eval --policy WORKDIR (and every other command that loads a model)
+    _, params, _ = load_model(str(workdir))
+    assert expected in capsys.readouterr().out
+    np.testing.assert_array_equal(params["embed"], good["embed"])
+
+    # align.policy_checkpoint=WORKDIR
+    cfg = align_base_config()
+    cfg.align.train_file, cfg.align.policy_checkpoint = "x", str(workdir)
+    params = setup(cfg).init_params()
+    assert expected in capsys.readouterr().out
+    np.testing.assert_array_equal(params["embed"], good["embed"])
+
+    # train.init_from=WORKDIR
+    cfg = apply_overrides(load_config(DEFAULT_EXPERIMENT), RUN + [f"train.init_from={workdir}"])
+    exp = build_experiment(cfg, jax.devices()[:1])
+    state = init_state_fn(exp, cfg.train.init_from)()
+    out = capsys.readouterr().out
+    assert expected in out and f"parameters from {workdir / 'checkpoints'}/4" in out
+    np.testing.assert_array_equal(state.params["embed"], good["embed"])
+
+    # A damaged step named explicitly is an error, not a silent fallback.
+    with pytest.raises(CheckpointNotFoundError, match="incomplete or corrupt"):
+        resolve(str(workdir / "checkpoints" / "8"))

@@ -43,7 +43,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         shard_count=jax.process_count(),
     )
     start, state, finished = run.restore_or_init(
-        steps.abstract_state, _init_fn(exp, t.init_from), train_iter.set_state
+        steps.abstract_state, init_state_fn(exp, t.init_from), train_iter.set_state
     )
     if finished is not None:
         return TrainResult(start, None, finished, workdir, state)
@@ -99,7 +99,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
     return run.finish(state, stopped_by, row, final_metrics)
 
 
-def _init_fn(exp, init_from: str):
+def init_state_fn(exp, init_from: str):
     """() -> the step-0 state: fresh, or `init_from`'s params with a fresh optimizer state."""
     steps = exp.steps
     if not init_from:
