@@ -140,6 +140,14 @@ def test_gke_with_xpk():
     ]  # fmt: skip
 
 
+def test_runtime_version_overrides_the_generations_default():
+    plan = tpu.launch_steps(job_of(*BASE, "--runtime-version", "v2-custom", "--", "bench"))
+    assert plan[0].argv[-1] == "--version=v2-custom"
+    assert tpu.launch_steps(job_of(*BASE, "--", "bench"))[0].argv[-1] == (
+        "--version=v2-alpha-tpuv5-lite"
+    )
+
+
 @pytest.mark.parametrize(
     "command, moved",
     [
@@ -243,6 +251,25 @@ def test_docs_show_the_current_dry_runs():
     assert len(warnings) == 2
     for line in warnings:
         assert line.replace("runs/x", "runs/default") in doc, line
+
+
+def test_the_python_example_of_the_docs_runs(capsys):
+    """docs/launching_tpu.md's ```python block prints the steps of a one-host launch."""
+    with open(os.path.join(SRC, "docs", "launching_tpu.md")) as f:
+        blocks = f.read().split("```python\n")[1:]
+    assert len(blocks) == 1
+    exec(compile(blocks[0].split("```")[0], "docs/launching_tpu.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# Create the TPU VM my-tpu: v5litepod-8, 1 host"
+    assert lines[1].split() == [
+        *VM,
+        "create",
+        "my-tpu",
+        "--zone=us-west4-a",
+        "--accelerator-type=v5litepod-8",
+        "--version=v2-alpha-tpuv5-lite",
+    ]
+    assert lines[-1].startswith("gcloud compute tpus tpu-vm ssh my-tpu")
 
 
 @pytest.mark.parametrize(

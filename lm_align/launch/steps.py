@@ -13,7 +13,14 @@ order through a `runner`, the one thing that touches the world:
 `execute` shows each command before it runs it (`# N. comment`, then the
 command line) through `show`, and its status lines through `log`.
 `lm-align launch tpu` and `lm-align sweep --executor tpu` both run their
-steps here; tests pass a fake runner.
+steps here; tests pass a fake runner. A dry run, written line by line:
+
+    >>> shown = dry_run([Run("Say hello", ("echo", "hello world")),
+    ...                  Teardown("Clean up", ("rm", "-f", "x"))], print)
+    # 1. Say hello
+    echo 'hello world'
+    # 2. Clean up
+    rm -f x
 """
 
 from __future__ import annotations
@@ -335,9 +342,9 @@ def _create(step: Create, ctx: _Context) -> None:
                     f"{step.name} exists but is {state}: delete it (see the --teardown "
                     "command of --dry-run) or use another --name"
                 )
-            ctx.log(f"{step.name} is {state}; deleting it to create it again")
-            ctx.show(f"Delete {step.name} ({state})", lookup.delete)
-            _check(ctx.runner(lookup.delete, prefix=step.prefix), "delete", lookup.delete)
+            comment = f"Delete {step.name} ({state}) to create it again"
+            ctx.show(comment, lookup.delete)
+            _check(ctx.runner(lookup.delete, prefix=step.prefix), comment, lookup.delete)
             found = False
         if found:
             ctx.log(f"found {step.name} ({state}); reusing it")

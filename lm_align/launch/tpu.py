@@ -81,7 +81,7 @@ class Job:
     command: tuple[str, ...]  # lm-align arguments, e.g. ("train", "--config", ...)
     project: str | None = None
     num_slices: int = 1
-    runtime_version: str = ""
+    runtime_version: str | None = None  # None: the generation's default
     spot: bool = False
     reuse: bool = False
     teardown: bool = False
@@ -90,7 +90,16 @@ class Job:
     bucket: str | None = None  # mounted at ~/lm_align_bucket on every worker
     workdir_given: str | None = None  # the command's --workdir before --bucket moved it
     source_dir: str = SOURCE_DIR
-    archive: str = ""
+
+    @property
+    def runtime(self) -> str:
+        """The TPU software version the TPU is created with."""
+        return self.runtime_version or self.accelerator.generation.runtime_version
+
+    @property
+    def archive(self) -> str:
+        """Where the packed checkout is written, here."""
+        return os.path.join(tempfile.gettempdir(), f"lm_align-{self.name}.tar.gz")
 
     @property
     def multislice(self) -> bool:
@@ -132,7 +141,7 @@ def job_from_args(args, overrides: Sequence[str] = ()) -> Job:
         command=tuple(command),
         project=args.project,
         num_slices=args.num_slices,
-        runtime_version=args.runtime_version or accelerator.generation.runtime_version,
+        runtime_version=args.runtime_version,
         spot=args.spot,
         reuse=args.reuse,
         teardown=args.teardown,
@@ -140,7 +149,6 @@ def job_from_args(args, overrides: Sequence[str] = ()) -> Job:
         docker_image=args.docker_image,
         bucket=bucket,
         workdir_given=workdir,
-        archive=os.path.join(tempfile.gettempdir(), f"lm_align-{name}.tar.gz"),
     )
 
 
@@ -211,7 +219,7 @@ def header(job: Job) -> list[str]:
     else:
         lines.append(f"# {acc.describe()}")
     if not job.gke_cluster:
-        lines.append(f"# TPU software (runtime) version {job.runtime_version}")
+        lines.append(f"# TPU software (runtime) version {job.runtime}")
     if job.multislice and not job.gke_cluster:
         lines.append(
             "# multislice: the queued resource gives every node its MEGASCALE_* "
@@ -248,13 +256,13 @@ def _tpu_steps(job: Job) -> list[Step]:
         )
         describe = g.queued_resource_describe_argv(name, z, p)
         create = g.queued_resource_create_argv(
-            name, z, p, acc.name, job.runtime_version, job.num_slices, job.spot
+            name, z, p, acc.name, job.runtime, job.num_slices, job.spot
         )
         ready, dead = g.QUEUED_RESOURCE_READY, g.QUEUED_RESOURCE_DEAD
     else:
         what = f"TPU VM {name}: {acc.name}, {hosts_text(acc.hosts)}"
         describe = g.tpu_vm_describe_argv(name, z, p)
-        create = g.tpu_vm_create_argv(name, z, p, acc.name, job.runtime_version, job.spot)
+        create = g.tpu_vm_create_argv(name, z, p, acc.name, job.runtime, job.spot)
         ready, dead = g.TPU_VM_READY, g.TPU_VM_DEAD
     spot = " (spot)" if job.spot else ""
     if job.reuse:
