@@ -297,28 +297,104 @@ def test_train_epochs_cover_all_documents_and_reshuffle(tmp_path):
     assert epoch1 != epoch2
 
 
-def test_shards_partition_the_global_order(tmp_path):
-    (tmp_path / "t.txt").write_text("\n".join(f"doc {i}" for i in range(41)), encoding="utf-8")
-    cfg = {"source": f"text:{tmp_path}/t.txt", "packing": "pad"}  # 38 train docs
-    tok = data.ByteTokenizer()
+def shard_iterators(cfg, processes, *, split="train", global_batch=8, seed=3):
+    """One iterator per process k of `processes`, each B = global_batch / processes rows."""
+    b = global_batch // processes
+    common = {"split": split, "seq_len": SEQ_LEN, "batch_size": b, "seed": seed}
+    return [
+        data.make_batch_iterator(cfg, **common, shard_index=k, shard_count=processes)
+        for k in range(processes)
+    ]
 
-    def epoch_docs(shard_index, shard_count, n_docs):
-        it = data.make_batch_iterator(
-            cfg,
-            split="train",
-            seq_len=SEQ_LEN,
-            batch_size=1,
-            seed=3,
-            shard_index=shard_index,
-            shard_count=shard_count,
+
+def global_batches(cfg, *, processes, steps, state=None):
+    """The global batches [G, L] that `processes` shards assemble, row block k from
+    shard k (the rows `parallel.global_batch` puts on process k's devices), and
+    each shard's iterator state afterwards."""
+    its = shard_iterators(cfg, processes)
+    if state is not None:
+        for it in its:
+            it.set_state(json.loads(json.dumps(state)))
+    out = []
+    for _ in range(steps):
+        blocks = [next(it) for it in its]
+        out.append({key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]})
+    return out, [it.get_state() for it in its]
+
+
+def assert_same_batches(want, got):
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        for key in data.FEATURE_DTYPES:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("packing", ["pack", "pad"])
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path, packing):
+    """1, 2 or 4 processes assemble the same global batches, row for row, and save
+    the same iterator state, which resumes any process count."""
+    # A finite source with over-long lines (skipped): epochs and skips are global too.
+    lines = [f"doc {i} " + "x" * (i % 7) * (9 if i % 11 == 0 else 1) for i in range(60)]
+    (tmp_path / "t.txt").write_text("\n".join(lines), encoding="utf-8")
+    for cfg in (
+        {"packing": packing, "arithmetic_operators": "+-*"},
+        {"packing": packing, "source": f"text:{tmp_path}/t.txt", "overlong": "skip"},
+    ):
+        one, (state,) = global_batches(cfg, processes=1, steps=6)
+        for processes in (2, 4):
+            got, states = global_batches(cfg, processes=processes, steps=6)
+            assert_same_batches(one, got)
+            assert states == [state] * processes  # one global position
+        assert any(np.any(b["segment_ids"] == 0) for b in one)  # padding somewhere
+        # Resume: 3 steps on 2 processes, then 1 or 4 processes from their state.
+        _, states = global_batches(cfg, processes=2, steps=3)
+        for processes in (1, 4):
+            resumed, _ = global_batches(cfg, processes=processes, steps=3, state=states[0])
+            assert_same_batches(one[3:], resumed)
+
+
+def test_global_eval_batches_do_not_depend_on_the_process_count():
+    """The eval split: read once, the same global batches and count on every process;
+    the last global batch is padded (10 examples in batches of 8)."""
+    for packing in ("pack", "pad"):
+        cfg = {"eval_examples": 10, "packing": packing}
+        one = list(
+            data.make_batch_iterator(cfg, split="eval", seq_len=SEQ_LEN, batch_size=8, seed=0)
         )
-        return [tok.decode(documents(b)[0][0]) for b in batches(it, n_docs)]
+        assert len(one) == (2 if packing == "pad" else 1)
+        for processes in (2, 4):
+            its = shard_iterators(cfg, processes, split="eval", seed=0)
+            per_process = [list(it) for it in its]
+            assert {len(batches) for batches in per_process} == {len(one)}
+            got = [
+                {key: np.concatenate([b[key] for b in blocks]) for key in data.FEATURE_DTYPES}
+                for blocks in zip(*per_process)
+            ]
+            assert_same_batches(one, got)
+        # The last global batch is padded: 10 = 8 + 2 rows (pad), 10 documents in
+        # fewer than 8 rows (pack).
+        np.testing.assert_array_equal(one[-1]["segment_ids"][2 if packing == "pad" else 4 :], 0)
 
-    whole = epoch_docs(0, 1, 38)
-    shard0, shard1 = epoch_docs(0, 2, 19), epoch_docs(1, 2, 19)
-    assert not set(shard0) & set(shard1)
-    assert sorted(shard0 + shard1) == sorted(whole)
-    assert shard0 == whole[0::2] and shard1 == whole[1::2]
+
+def test_iterator_state_format_and_older_states():
+    cfg = {"packing": "pad"}
+    kwargs = dict(split="train", seq_len=SEQ_LEN, batch_size=2, seed=0)
+    it = data.make_batch_iterator(cfg, **kwargs)
+    batches(it, 3)
+    state = it.get_state()
+    assert state == {"version": 1, "grain": {"next_index": 6}}  # 3 steps x 2 rows
+    expected = batches(it, 2)
+    # A state of the earlier per-process pipeline (the grain state alone) resumes
+    # a single process, where the two pipelines coincide ...
+    single = data.make_batch_iterator(cfg, **kwargs)
+    single.set_state(state["grain"])
+    assert_same_batches(expected, batches(single, 2))
+    # ... but not several, whose position it does not give.
+    shard = data.make_batch_iterator(cfg, **{**kwargs, "shard_index": 1, "shard_count": 2})
+    with pytest.raises(data.DataError, match="no 'version'"):
+        shard.set_state(state["grain"])
+    with pytest.raises(data.DataError, match="version 1"):
+        shard.set_state({"version": 2, "grain": state["grain"]})
 
 
 def test_eval_split_is_finite_ordered_and_padded():

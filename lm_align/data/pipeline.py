@@ -1,6 +1,7 @@
 """The grain pipeline: records -> token documents -> [batch, seq_len] batches.
 
-Shape legend: B = per-process batch size, L = seq_len, N = document length.
+Shape legend: B = per-process batch size, G = B * shard_count = global batch
+size, L = seq_len, N = document length.
 
 Per record (``document_features``)::
 
@@ -16,21 +17,35 @@ Per record (``document_features``)::
 Rows (``data_cfg.packing``):
 
   "pack": whole documents are first-fit packed (grain's
-          ``FirstFitPackIterDataset`` with B bins) into rows of exactly L
+          ``FirstFitPackIterDataset`` with G bins) into rows of exactly L
           tokens; ``segment_ids`` numbers the documents of a row 1, 2, ...
           (0 = padding) and ``positions`` restart at 0 for each document.
           Attention must be restricted to equal segment ids.
   "pad":  one document per row, padded with pad_id; segment_ids 1/0.
   Padding always has loss_mask 0, segment_ids 0, positions 0.
 
-Order and sharding: the train split is globally shuffled with ``seed``, a fresh
-permutation per epoch (``shuffle(seed).repeat()``), and shard k of K reads
-global positions ``k, k + K, k + 2K, ...``; so the global order does not depend
-on K. The eval split is read once, in order, sharded the same way; its last
-batch is padded with all-padding rows (loss_mask 0) so every batch is [B, L].
+Order and sharding: the pipeline builds GLOBAL batches, a function of the data
+config, ``seed`` and the step only. The train split is globally shuffled with
+``seed``, a fresh permutation per epoch (``shuffle(seed).repeat()``), and its
+documents are packed (or padded) into global batches of G = batch_size *
+shard_count rows, first fit over G bins. Process k of K runs this same global
+pipeline and keeps rows ``[k * batch_size, (k + 1) * batch_size)`` of every
+global batch, the contiguous block that ``lm_align.parallel.global_batch``
+places on its devices; so 1 process x 8 devices and 2 processes x 4 devices
+train on the same global batches, row for row. The cost: every process
+tokenizes and packs all G rows of a step, K times the rows it keeps. The eval
+split is read once, in order, into global batches the same way; its last
+global batch is padded with all-padding rows (loss_mask 0), so every batch is
+[B, L] on every process and all processes see the same number of batches.
 
-Checkpointing: ``it.get_state()`` is a JSON-serialisable dict and
-``it.set_state(state)`` on a fresh iterator resumes at exactly the next batch.
+Checkpointing: ``it.get_state()`` is a JSON-serialisable dict, the same on
+every process: ``{"version": 1, "grain": S}`` with S grain's state of the
+global pipeline (a position in the global stream; nothing in it depends on k or
+K). ``it.set_state(state)`` on a fresh iterator, with any shard_index and
+shard_count of the same global batch size, resumes at exactly the next global
+batch. A state without "version" (written by the per-process pipeline of
+earlier versions) is accepted only with shard_count 1, where the two pipelines
+coincide.
 Skipping over-long documents keeps this: the decision is a pure function of the
 record, so a skipped record is skipped again after a resume.
 
@@ -309,18 +324,87 @@ def _rename_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _stack_and_pad(
-    rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, pad_id: int
+def _process_rows(
+    rows: Sequence[dict[str, np.ndarray]],
+    *,
+    start: int,
+    batch_size: int,
+    seq_len: int,
+    pad_id: int,
 ) -> dict[str, np.ndarray]:
-    """Stacks rows into [B, L]; a short (final eval) batch gets padding rows."""
-    batch = {k: np.stack([r[k] for r in rows]) for k in FEATURE_DTYPES}
-    missing = batch_size - len(rows)
-    if missing:
-        for key, value in batch.items():
-            fill = pad_id if key in ("inputs", "targets") else 0
-            pad_rows = np.full((missing,) + value.shape[1:], fill, value.dtype)
-            batch[key] = np.concatenate([value, pad_rows])
+    """This process's block of a global batch: rows[start : start + B] as [B, L].
+
+    ``rows`` holds the G rows of one global batch (fewer in the final eval
+    batch); the block is padded with all-padding rows (loss_mask 0) where the
+    global batch has no rows left.
+    """
+    mine = rows[start : start + batch_size]
+    missing = batch_size - len(mine)
+    batch = {}
+    for key, dtype in FEATURE_DTYPES.items():
+        fill = pad_id if key in ("inputs", "targets") else 0
+        pad = np.full((missing, seq_len), fill, dtype)
+        batch[key] = np.concatenate([np.stack([r[key] for r in mine]), pad]) if mine else pad
     return batch
+
+
+STATE_VERSION = 1
+
+
+class _GlobalStateIterator(grain.DatasetIterator):
+    """The pipeline's iterator with the state ``{"version": 1, "grain": S}``.
+
+    S is grain's state of the global pipeline, the same on every process; a
+    state without "version" (per-process pipeline of earlier versions) is
+    accepted only when this process reads the whole global batch.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, *, shard_count: int):
+        super().__init__(parent)
+        self._shard_count = shard_count
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "grain": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "version" not in state:
+            if self._shard_count != 1:
+                raise DataError(
+                    "this data-iterator state has no 'version': it was saved by the "
+                    "per-process pipeline of an earlier lm_align, whose position "
+                    f"depends on the process; it cannot resume {self._shard_count} "
+                    "processes on the global batch sequence. Resume it with 1 "
+                    "process, or start the run again."
+                )
+            self._parent.set_state(state)
+            return
+        if state["version"] != STATE_VERSION or set(state) != {"version", "grain"}:
+            raise DataError(
+                f"data-iterator state with keys {sorted(state)} and version "
+                f"{state['version']!r}; this lm_align reads version {STATE_VERSION} "
+                "states {'version', 'grain'}."
+            )
+        self._parent.set_state(state["grain"])
+
+    def __str__(self) -> str:
+        return f"GlobalStateIterator(shard_count={self._shard_count})"
+
+
+class _GlobalStateIterDataset(grain.IterDataset):
+    """Wraps the pipeline so its iterators save ``{"version", "grain"}`` states."""
+
+    def __init__(self, parent: grain.IterDataset, *, shard_count: int):
+        super().__init__(parent)
+        self._shard_count = shard_count
+
+    def __iter__(self) -> _GlobalStateIterator:
+        return _GlobalStateIterator(self._parent.__iter__(), shard_count=self._shard_count)
+
+    def __str__(self) -> str:
+        return f"GlobalStateIterDataset(shard_count={self._shard_count})"
 
 
 class _Unchunk(grain.experimental.FlatMapTransform):
@@ -369,6 +453,7 @@ def make_dataset(
     if not 0 <= seed < _MAX_SEED:
         raise DataError(f"seed={seed}; use an integer in [0, 2**32).")
     tokenizer = make_tokenizer(config.get(data_cfg, "tokenizer"))
+    global_batch = batch_size * shard_count  # G rows; this process keeps B of them
 
     source = make_source(data_cfg, split)
     featurizer = DocumentFeaturizer(
@@ -386,7 +471,7 @@ def make_dataset(
     ds = grain.MapDataset.source(source).map_with_index(featurizer)
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat()  # new permutation every epoch
-    ds = ds[shard_index::shard_count]
+    # Every process reads the whole global stream: no per-process slice here.
     packing = config.get(data_cfg, "packing")
     if packing == "pad":
         ds = ds.map(functools.partial(pad_features, seq_len=seq_len, pad_id=tokenizer.pad_id))
@@ -416,7 +501,7 @@ def make_dataset(
         iter_ds = grain.experimental.FirstFitPackIterDataset(
             iter_ds,
             length_struct={k: seq_len for k in _TOKEN_FEATURES},
-            num_packing_bins=batch_size,
+            num_packing_bins=global_batch,
             shuffle_bins=False,
             padding_struct={
                 "inputs": tokenizer.pad_id,
@@ -424,11 +509,18 @@ def make_dataset(
                 "loss_mask": 0.0,
             },
         ).map(_rename_packed)
-    return iter_ds.batch(
-        batch_size,
+    iter_ds = iter_ds.batch(
+        global_batch,
         drop_remainder=False,
-        batch_fn=functools.partial(_stack_and_pad, batch_size=batch_size, pad_id=tokenizer.pad_id),
+        batch_fn=functools.partial(
+            _process_rows,
+            start=shard_index * batch_size,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            pad_id=tokenizer.pad_id,
+        ),
     )
+    return _GlobalStateIterDataset(iter_ds, shard_count=shard_count)
 
 
 def make_batch_iterator(
@@ -449,16 +541,21 @@ def make_batch_iterator(
       split: "train" (shuffled with ``seed``, infinite) or "eval" (in order,
         finite, last batch padded with loss_mask-0 rows).
       seq_len: L, tokens per row.
-      batch_size: B, rows per batch on this process (global batch / processes).
+      batch_size: B, rows per batch on this process; the global batch has
+        G = batch_size * shard_count rows (train.batch_size / processes).
       seed: shuffle seed in [0, 2**32); the same on every process.
-      shard_index, shard_count: this process reads global positions
-        ``shard_index::shard_count`` (use jax.process_index()/process_count()).
+      shard_index, shard_count: this process builds the global batches and
+        keeps their rows ``[shard_index * B, (shard_index + 1) * B)`` (use
+        jax.process_index()/process_count()); the global batches do not
+        depend on shard_count.
 
     Returns:
       A grain ``DatasetIterator`` yielding dicts with keys and dtypes
       ``FEATURE_DTYPES`` (inputs, targets, segment_ids, positions int32;
       loss_mask float32), with JSON-serialisable ``get_state()`` and
-      ``set_state(state)``. With ``grain_workers > 0`` call ``close()`` when done.
+      ``set_state(state)``; the state is the same on every process and
+      restores into an iterator with any shard_count of the same G. With
+      ``grain_workers > 0`` call ``close()`` when done.
     """
     return iter(
         make_dataset(
