@@ -85,13 +85,18 @@ def test_deterministic_for_a_seed():
     np.testing.assert_array_equal(a, rejection_sample(r_N, 8, 0.5, np.random.default_rng(7)))
 
 
-def test_batch_rows_are_successive_draws_from_one_generator():
+def test_batch_rows_are_independent_draws_reproducible_from_one_seed():
+    r_PN = np.tile(_rewards(16), (6, 1))  # the same candidates for every prompt
+    idx_PK = rejection_sample_batch(r_PN, num_samples=4, beta=np.inf, rng=3)
+    assert idx_PK.shape == (6, 4) and idx_PK.dtype == np.int64
+    # One generator for the batch: equal rows would mean one draw reused.
+    assert len({tuple(row) for row in idx_PK.tolist()}) == 6
+    np.testing.assert_array_equal(idx_PK, rejection_sample_batch(r_PN, 4, np.inf, rng=3))
+    # beta -> 0: every row is its own top 4 in descending order.
     r_PN = np.stack([_rewards(16, seed) for seed in range(4)])
-    idx_PK = rejection_sample_batch(r_PN, num_samples=4, beta=0.5, rng=3)
-    gen = np.random.default_rng(3)
-    expected = [rejection_sample(r_N, 4, 0.5, gen) for r_N in r_PN]
-    assert idx_PK.shape == (4, 4) and idx_PK.dtype == np.int64
-    np.testing.assert_array_equal(idx_PK, expected)
+    np.testing.assert_array_equal(
+        rejection_sample_batch(r_PN, 4, 1e-9, rng=0), np.argsort(-r_PN, axis=1)[:, :4]
+    )
 
 
 def test_intermediate_beta_favours_high_rewards():
@@ -153,3 +158,33 @@ def test_rso_pairs_accept_then_pair():
         assert score[r.chosen] > score[r.rejected]
     with pytest.raises(ValueError, match="num_accept=12"):
         rso_pairs(prompts, responses, rewards, num_accept=12, beta=0.5)
+
+
+def test_rso_preferences_samples_scores_accepts_and_pairs():
+    from lm_align.align.rso import rso_preferences
+    from lm_align.data.tokenizers import make_tokenizer
+    from lm_align.models import TransformerConfig
+    from lm_align.models.pure import PureModel
+    from lm_align.sampling import sample_texts
+
+    model = PureModel(TransformerConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+    params, tok = model.init(0), make_tokenizer("byte")
+    prompts = ["1+2=", "30+4=", "5+67="]
+
+    def code_sum(ps, rs):  # a reward with many distinct values
+        return np.array([float(sum(map(ord, r))) for r in rs])
+
+    kw = {"num_candidates": 8, "max_new_tokens": 4, "seed": 5}
+    records, stats = rso_preferences(
+        model, params, tok, prompts, scorer=code_sum, num_accept=4, beta=1e-9, **kw
+    )
+    cands = sample_texts(model, params, tok, prompts, num_samples=8, max_new_tokens=4, seed=5)
+    assert stats.mean_score == pytest.approx(code_sum(None, sum(cands.responses, [])).mean())
+    assert records and stats.num_records == len(records)
+    for r in records:  # beta -> 0 accepts the top 4 of each prompt's candidates
+        c = cands.responses[prompts.index(r.prompt)]
+        top4 = {c[i] for i in np.argsort(-code_sum(None, c), kind="stable")[:4]}
+        assert {r.chosen, r.rejected} <= top4
+        assert code_sum(None, [r.chosen])[0] > code_sum(None, [r.rejected])[0]
+    with pytest.raises(ValueError, match="num_accept=9"):
+        rso_preferences(model, params, tok, prompts, scorer=code_sum, num_accept=9, **kw)

@@ -35,7 +35,12 @@ Usage, one prompt or many::
 
 The K accepted responses then form K / 2 pairs by RSO's "first-round rank"
 (:func:`lm_align.align.datagen.form_pairs` with ``method="first_round"``),
-labelled by the reward model.
+labelled by the reward model (:func:`rso_pairs`). :func:`rso_preferences` is
+the whole pipeline: sample N candidates per prompt from the policy
+(``lm_align.sampling.sample_texts``), score them, accept, pair. Its default
+proposal is the policy's own distribution (temperature 1, no top-k), the
+pi_sft of the derivation above; the paper's runs sampled at temperature 0.7,
+top-k 40 (pass them to reproduce that).
 
 References:
   Liu et al. 2024, Statistical Rejection Sampling Improves Preference
@@ -44,7 +49,15 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+
+from lm_align import sampling
+from lm_align.align.datagen import PreferenceStats, build_pairwise
+from lm_align.data.preference import PairwiseRecord
+from lm_align.data.scorers import Scorer, make_scorer, score_lists
 
 
 def _check_rewards(rewards: np.ndarray | list[float]) -> np.ndarray:
@@ -215,8 +228,6 @@ def rso_pairs(
         policy; rewards: `[P][N_c]` their rewards (reward model or verifier).
     Returns ``(records, stats)`` as ``lm_align.align.datagen.build_pairwise``.
     """
-    from lm_align.align.datagen import build_pairwise
-
     rng = np.random.default_rng(seed)
     accepted_responses, accepted_rewards = [], []
     for cand, r in zip(responses, rewards, strict=True):
@@ -237,3 +248,50 @@ def rso_pairs(
         soft_label_temperature=soft_label_temperature,
         seed=seed,
     )
+
+
+def rso_preferences(
+    model: Any,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    scorer: Scorer | str,
+    num_candidates: int,
+    max_new_tokens: int,
+    num_accept: int = 8,
+    beta: float = 0.5,
+    pairing: str = "first_round",
+    soft_label_temperature: float | None = None,
+    temperature: float = sampling.DEFAULT_TEMPERATURE,
+    top_k: int = sampling.DEFAULT_TOP_K,
+    top_p: float = sampling.DEFAULT_TOP_P,
+    seed: int = 0,
+    batch_size: int = sampling.DEFAULT_BATCH_SIZE,
+) -> tuple[list[PairwiseRecord], PreferenceStats]:
+    """RSO preference pairs from the policy's own samples: ``(records, stats)``.
+
+    ``sample_texts`` draws ``num_candidates`` (N_c; the paper: 64) responses
+    per prompt with ``seed``; ``scorer`` (a reward model or verifier, or a
+    name for ``make_scorer``) gives their rewards; :func:`rso_pairs` accepts
+    ``num_accept`` of them at temperature ``beta`` and pairs them.
+    ``stats.mean_score`` is the mean reward of all candidates.
+    """
+    if not 2 <= num_accept <= num_candidates:
+        raise ValueError(
+            f"num_accept={num_accept} must lie in [2, num_candidates={num_candidates}]: "
+            "pairs need two accepted responses, accepted ones are candidates"
+        )
+    scorer = make_scorer(scorer) if isinstance(scorer, str) else scorer
+    candidates = sampling.sample_texts(
+        model, params, tokenizer, prompts, num_samples=num_candidates,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, batch_size=batch_size,
+    ).responses  # fmt: skip
+    rewards = score_lists(scorer, prompts, candidates)
+    records, stats = rso_pairs(
+        prompts, candidates, rewards, num_accept=num_accept, beta=beta, pairing=pairing,
+        seed=seed, soft_label_temperature=soft_label_temperature,
+    )  # fmt: skip
+    stats.mean_score = float(np.mean(np.concatenate(rewards))) if rewards else float("nan")
+    return records, stats
