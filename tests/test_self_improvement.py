@@ -1,6 +1,7 @@
 """Learning from the model's own samples: sample files, policy evaluation, ReST-EM, BoN."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from lm_align.align.config import align_base_config
 from lm_align.align.policy_eval import evaluate_policy
 from lm_align.config import ConfigError
 from lm_align.data import DataError
+from lm_align.data.arithmetic import arithmetic_exact
 from lm_align.data.preference import load_samples
 from lm_align.data.tokenizers import make_tokenizer
 from lm_align.models import TransformerConfig
@@ -47,41 +49,98 @@ def test_policy_gradient_losses_and_only_they_take_samples(loss, fmt):
         trainer.setup(cfg)
 
 
-def _scorer(prompts, responses):
-    """Accepts responses that start with a digit (a verifier the tiny model can pass)."""
-    return np.array([float(r[:1].isdigit()) for r in responses])
+def _first_byte_even(prompts, responses):
+    """Accepts responses whose first byte is even: about half the samples of an
+    untrained byte model, so both outcomes occur."""
+    return np.array([float(bool(r) and r.encode("utf-8")[0] % 2 == 0) for r in responses])
 
 
-def test_evaluate_policy_invariants():
+PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (30, 4), (5, 67), (8, 8), (12, 21), (9, 9)]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
     model = PureModel(TransformerConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=2, d_ff=64))
-    params = model.init(0)
-    tok = make_tokenizer("byte")
-    prompts = [f"{a}+{b}=" for a, b in [(1, 2), (30, 4), (5, 67), (8, 8), (12, 21)]]
-    oracle = []
+    return model, model.init(0), make_tokenizer("byte")
 
-    def oracle_selector(s, k):  # the verifier itself picks: bon@N is then pass@N
-        flat = [r for rs in s["responses"] for r in rs]
-        scores = _scorer(None, flat).reshape(len(prompts), -1)
-        oracle.append(scores)
-        return scores
+
+def _comb_pass_at_k(n, c, k):
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def test_evaluate_policy_against_hand_computed_numbers(tiny):
+    model, params, tok = tiny
+    drawn = []
+
+    def oracle_selector(samples, k):  # the verifier itself picks: bon@N is then pass@N
+        drawn.append(samples)
+        flat = [r for rs in samples.responses for r in rs]
+        return _first_byte_even(None, flat).reshape(len(PROMPTS), -1)
 
     r = evaluate_policy(
-        model, params, tok, prompts, _scorer, num_samples=4, ks=(1, 4), seed=3,
+        model, params, tok, PROMPTS, _first_byte_even, num_samples=4, ks=(1, 2, 4), seed=3,
         reference_params=params, selector=oracle_selector,
     )  # fmt: skip
-    c = oracle[0].sum(axis=1)
-    assert r["pass@4"] == pytest.approx(np.mean(c > 0))
-    assert r["bon@4"] == pytest.approx(r["pass@4"])
-    assert r["pass@1"] == pytest.approx(r["sample_accuracy"]) == pytest.approx(np.mean(c) / 4)
+    s = drawn[0]
+    correct = np.array([[_first_byte_even(None, [x])[0] for x in rs] for rs in s.responses])
+    c = correct.sum(axis=1).astype(int)
+    # Some samples are right and some wrong, on some prompt neither all nor none:
+    # otherwise every number below would be 0 or 1 whatever the code did.
+    assert 0 < c.sum() < correct.size and np.any((c > 0) & (c < 4))
+    assert r["sample_accuracy"] == pytest.approx(c.sum() / correct.size)
+    for k in (1, 2, 4):
+        want = np.mean([_comb_pass_at_k(4, ci, k) for ci in c])
+        assert r[f"pass@{k}"] == pytest.approx(want, abs=1e-12)
+    assert r["pass@4"] == pytest.approx(np.mean(c > 0)) == pytest.approx(r["bon@4"])
+    eos = tok.eos_id
+    lengths = [len(t) - (bool(t) and t[-1] == eos) for ts in s.token_ids for t in ts]
+    assert r["mean_length"] == pytest.approx(np.mean(lengths))
     assert abs(r["kl"]) < 1e-4  # the policy is its own reference
     assert 0.0 <= r["ece"] <= 1.0 and 0.0 < r["greedy_confidence"] <= 1.0
-    again = evaluate_policy(
-        model, params, tok, prompts, _scorer, num_samples=4, ks=(1, 4), seed=3,
-        selector=oracle_selector,
-    )  # fmt: skip
-    assert again["pass@4"] == r["pass@4"]  # reproducible from the seed
+    # The default selector (mean token log-prob) at n = 1 can only pick sample 0.
+    plain = evaluate_policy(model, params, tok, PROMPTS, _first_byte_even, num_samples=4,
+                            ks=(1, 4), seed=3)  # fmt: skip
+    assert plain["bon@1"] == pytest.approx(correct[:, 0].mean())
+    assert plain["pass@4"] == r["pass@4"]  # the same draws from the same seed
     with pytest.raises(ValueError, match="ks"):
-        evaluate_policy(model, params, tok, prompts, _scorer, num_samples=2, ks=(3,))
+        evaluate_policy(model, params, tok, PROMPTS, _first_byte_even, num_samples=2, ks=(3,))
+
+
+def test_e_step_keeps_accepted_samples_up_to_the_cap(tiny):
+    from lm_align.align.rest_em import DEFAULTS, e_step
+
+    model, params, tok = tiny
+    spec = {**DEFAULTS, "num_samples": 6, "max_new_tokens": 4, "max_per_problem": 2}
+    samples, kept, counts = e_step(model, params, tok, PROMPTS, _first_byte_even, spec, seed=1)
+    assert len(samples) == 6 * len(PROMPTS) == counts["samples"]
+    rewards = np.array([x["reward"] for x in samples]).reshape(len(PROMPTS), 6)
+    assert 0 < rewards.sum() < rewards.size  # both outcomes occur
+    for p, prompt in enumerate(PROMPTS):
+        good = [x["response"] for x in samples[6 * p : 6 * p + 6] if x["reward"] > 0.5]
+        good = [g for g in good if g.strip()]
+        assert [k["completion"] for k in kept if k["prompt"] == prompt] == good[:2]
+    assert counts["kept"] == len(kept)
+    assert counts["problems_solved"] == sum(rewards[p].max() > 0.5 for p in range(len(PROMPTS)))
+    assert counts["sample_accuracy"] == pytest.approx(rewards.mean())
+
+
+def test_bon_samples_file_holds_every_sample_and_its_reward(tiny, tmp_path):
+    from lm_align.align.bon import DEFAULTS, write_samples
+
+    model, params, tok = tiny
+    spec = {**DEFAULTS, "num_samples": 4, "max_new_tokens": 4}
+    path = str(tmp_path / "samples.jsonl")
+    stats = write_samples(model, params, tok, PROMPTS, _first_byte_even, spec, path, seed=2)
+    with open(path) as f:
+        rows = [json.loads(x) for x in f]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for r in rows:
+        assert len(r["responses"]) == 4
+        assert r["rewards"] == _first_byte_even(None, r["responses"]).tolist()
+    rewards = np.array([r["rewards"] for r in rows])
+    assert 0 < rewards.sum() < rewards.size
+    assert stats == {"problems": len(PROMPTS), "sample_accuracy": pytest.approx(rewards.mean())}
+    assert len(load_samples(path)) == len(PROMPTS)  # the "samples" format reads it back
 
 
 def _run(args, timeout=1200):
@@ -107,8 +166,6 @@ def test_rest_em_quick_runs_and_resumes(tmp_path):
     for i in (1, 2):
         kept = [json.loads(x) for x in (workdir / f"iter_{i}" / "kept.jsonl").open()]
         assert kept and len(kept) == rows[i]["kept"]
-        from lm_align.align.datagen import arithmetic_exact
-
         assert all(arithmetic_exact(k["prompt"], k["completion"]) == 1.0 for k in kept)
     # An interrupted run (iteration 2 evaluated but not recorded) continues there.
     os.remove(workdir / "iter_2" / "eval.json")

@@ -27,7 +27,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lm_align.align.rest_em import _log, _write_json, _write_jsonl
+from lm_align.data.scorers import make_scorer, score_lists
+from lm_align.sampling import sample_texts
+from lm_align.utils import log, write_atomic, write_json, write_jsonl
 
 DEFAULTS: dict[str, Any] = {
     "methods": ("bon_rl", "bon_imitation", "reinforce", "bon_sft"),
@@ -35,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "base_checkpoint": "",
     "num_problems": 1024,
     "num_samples": 8,  # N: samples per problem, and the N of BoN
-    "temperature": 1.0,
+    "temperature": 1.0,  # on-policy samples (sample_texts' default distribution)
     "top_k": 0,
     "max_new_tokens": 8,
     "scorer": "arithmetic_exact",
@@ -45,32 +47,35 @@ DEFAULTS: dict[str, Any] = {
 
 
 def write_samples(model, params, tokenizer, prompts, scorer, spec, path, seed) -> dict:
-    """Samples N responses per prompt, scores them, writes a "samples" file."""
-    from lm_align.align.policy_eval import sample
+    """Samples N responses per prompt, scores them, writes a "samples" file.
 
-    s = sample(
+    `sample_texts` at the spec's temperature and top-k with seed `seed`; one
+    line `{"prompt", "responses" [N], "rewards" [N]}` per prompt. Returns the
+    problem count and the sampled accuracy (reward > 0.5).
+    """
+    responses_PN = sample_texts(
         model, params, tokenizer, prompts, num_samples=spec["num_samples"],
         max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
         top_k=spec["top_k"], seed=seed,
-    )  # fmt: skip
+    ).responses  # fmt: skip
     rows, correct = [], []
-    for prompt, responses in zip(prompts, s["responses"], strict=True):
-        rewards = [float(x) for x in scorer([prompt] * len(responses), responses)]
-        rows.append({"prompt": prompt, "responses": responses, "rewards": rewards})
-        correct += [r > 0.5 for r in rewards]
-    _write_jsonl(path, rows)
+    rewards_PN = score_lists(scorer, prompts, responses_PN)
+    for prompt, responses, rewards in zip(prompts, responses_PN, rewards_PN, strict=True):
+        rows.append({"prompt": prompt, "responses": responses, "rewards": rewards.tolist()})
+        correct += (rewards > 0.5).tolist()
+    write_jsonl(path, rows)
     return {"problems": len(prompts), "sample_accuracy": sum(correct) / len(correct)}
 
 
 def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
-    from lm_align.align.datagen import make_scorer
     from lm_align.align.experiment import evaluate_run, open_experiment, start_policy
-    from lm_align.align.trainer import align, load_model
+    from lm_align.align.setup import load_model
+    from lm_align.align.trainer import align
 
     exp = open_experiment(config_path, "get_bon", DEFAULTS, overrides, "lm_align/align/bon.py")
     spec = exp.spec
     os.makedirs(workdir, exist_ok=True)
-    start = start_policy(exp, workdir, eval_problems=spec["eval_problems"], log=_log)
+    start = start_policy(exp, workdir, eval_problems=spec["eval_problems"], log=log)
     base_dir, tokenizer, train_src = start.directory, start.tokenizer, start.train_source
     scorer = make_scorer(spec["scorer"])
     N = spec["num_samples"]
@@ -82,7 +87,7 @@ def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
             max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
             top_k=spec["top_k"], seed=spec["seed"],
         )  # fmt: skip
-        _log(
+        log(
             f"{label}: greedy {report['greedy_accuracy']:.3f}, pass@{N} "
             f"{report[f'pass@{N}']:.3f}, bon@{N} {report[f'bon@{N}']:.3f}"
         )
@@ -104,7 +109,7 @@ def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
                     model, params, tokenizer, prompts, scorer, spec, samples_path,
                     seed=spec["seed"] + r,
                 )  # fmt: skip
-                _write_json(os.path.join(round_dir, "samples_stats.json"), stats)
+                write_json(os.path.join(round_dir, "samples_stats.json"), stats)
             run_dir = os.path.join(round_dir, "train")
             cfg = exp.load(
                 method,
@@ -115,19 +120,18 @@ def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
                     f"align.policy_checkpoint={policy_dir}",
                 ],
             )
-            _log(f"== {method}, round {r} -> {run_dir}")
+            log(f"== {method}, round {r} -> {run_dir}")
             result = align(cfg, run_dir)
             if result.stopped_by:
-                _log(f"stopped by {result.stopped_by}; rerun the same command to continue")
+                log(f"stopped by {result.stopped_by}; rerun the same command to continue")
                 return rows
             policy_dir = run_dir
         report = evaluate(policy_dir, os.path.join(workdir, method, "eval.json"), method)
         rows.append({"method": method, **report})
-    _write_json(os.path.join(workdir, "results.json"), rows)
+    write_json(os.path.join(workdir, "results.json"), rows)
     table = format_table(rows, N)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    _log(table)
+    write_atomic(os.path.join(workdir, "results.md"), table + "\n")
+    log(table)
     return rows
 
 

@@ -41,34 +41,24 @@ from typing import Any
 import numpy as np
 
 from lm_align import config as config_lib
-from lm_align.sweeps.summary import write_atomic
+from lm_align.data.scorers import SCORERS, make_scorer, score_lists
+from lm_align.sampling import sample_texts
+from lm_align.utils import log, write_atomic, write_json, write_jsonl
 
 DEFAULTS: dict[str, Any] = {
     "iterations": 3,
     "base_checkpoint": "",  # '' = train get_config("base") in WORKDIR/base
     "num_problems": 2048,  # train-split problems sampled in each E-step
     "num_samples": 8,  # solutions sampled per problem
-    "temperature": 0.7,
+    "temperature": 0.7,  # the paper's E-step sampling (sample_texts default: 1.0, no top-k)
     "top_k": 40,
     "max_new_tokens": 8,
     "max_per_problem": 10,  # kept correct samples per problem (cap)
-    "scorer": "arithmetic_exact",  # binary verifier (lm_align.align.datagen.SCORERS)
+    "scorer": "arithmetic_exact",  # binary verifier (lm_align.data.scorers.SCORERS)
     "eval_problems": 512,  # held-out problems
     "eval_samples": 8,  # samples per held-out problem for pass@k
     "seed": 0,
 }
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _write_json(path: str, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2))
-
-
-def _write_jsonl(path: str, rows) -> None:
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def check_spec(spec: dict) -> dict:
@@ -76,8 +66,6 @@ def check_spec(spec: dict) -> dict:
     for name in ("iterations", "num_problems", "num_samples", "max_per_problem"):
         if spec[name] < 1:
             raise config_lib.ConfigError(f"rest_em {name}={spec[name]} must be >= 1")
-    from lm_align.align.datagen import SCORERS
-
     if spec["scorer"] not in SCORERS:
         raise config_lib.ConfigError(
             f"rest_em scorer={spec['scorer']!r}; use one of {sorted(SCORERS)}"
@@ -86,17 +74,21 @@ def check_spec(spec: dict) -> dict:
 
 
 def e_step(model, params, tokenizer, prompts, scorer, spec, seed: int) -> tuple[list, list, dict]:
-    """(all samples with rewards, kept {"prompt", "completion"} rows, counts)."""
-    from lm_align.align.policy_eval import sample
+    """(all samples with rewards, kept {"prompt", "completion"} rows, counts).
 
-    s = sample(
+    Samples `num_samples` responses per prompt (`sample_texts` at the spec's
+    temperature and top-k, seed `seed`) and keeps, per prompt, the first
+    `max_per_problem` non-blank ones that `scorer` accepts (score > 0.5).
+    """
+    responses_PN = sample_texts(
         model, params, tokenizer, prompts, num_samples=spec["num_samples"],
         max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
         top_k=spec["top_k"], seed=seed,
-    )  # fmt: skip
+    ).responses  # fmt: skip
     samples, kept, solved = [], [], 0
-    for prompt, responses in zip(prompts, s["responses"], strict=True):
-        rewards = np.asarray(scorer([prompt] * len(responses), responses), np.float64)
+    for prompt, responses, rewards in zip(
+        prompts, responses_PN, score_lists(scorer, prompts, responses_PN), strict=True
+    ):
         samples += [
             {"prompt": prompt, "response": r, "reward": float(x)}
             for r, x in zip(responses, rewards, strict=True)
@@ -116,9 +108,7 @@ def e_step(model, params, tokenizer, prompts, scorer, spec, seed: int) -> tuple[
 
 def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
     """Runs (or resumes) every iteration; returns the result rows."""
-    from lm_align.align.datagen import make_scorer
     from lm_align.align.experiment import evaluate_run, open_experiment, start_policy
-    from lm_align.align.trainer import load_model
     from lm_align.train.loop import train
 
     exp = open_experiment(
@@ -126,8 +116,8 @@ def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
     )
     spec = check_spec(exp.spec)
     os.makedirs(workdir, exist_ok=True)
-    start = start_policy(exp, workdir, eval_problems=spec["eval_problems"], log=_log)
-    base_dir, tokenizer, train_src = start.directory, start.tokenizer, start.train_source
+    start = start_policy(exp, workdir, eval_problems=spec["eval_problems"], log=log)
+    base_dir = start.directory
     scorer = make_scorer(spec["scorer"])
     ks = sorted({1, spec["eval_samples"] // 2 or 1, spec["eval_samples"]})
 
@@ -136,7 +126,7 @@ def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
             run_dir, out_path, start, scorer, num_samples=spec["eval_samples"], ks=ks,
             max_new_tokens=spec["max_new_tokens"], seed=spec["seed"],
         )  # fmt: skip
-        _log(
+        log(
             f"{label}: greedy accuracy {report['greedy_accuracy']:.3f}, sampled "
             f"{report['sample_accuracy']:.3f}, pass@{ks[-1]} {report[f'pass@{ks[-1]}']:.3f}"
         )
@@ -147,32 +137,9 @@ def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
     for i in range(1, spec["iterations"] + 1):
         it_dir = os.path.join(workdir, f"iter_{i}")
         os.makedirs(it_dir, exist_ok=True)
-        kept_path = os.path.join(it_dir, "kept.jsonl")
-        estep_path = os.path.join(it_dir, "estep.json")
-        if not os.path.exists(estep_path):
-            _log(f"== iteration {i}: E-step, sampling from {policy_dir}")
-            model, params, _ = load_model(policy_dir)
-            # Problems differ between iterations: a fresh slice of the train split.
-            first = (i - 1) * spec["num_problems"]
-            prompts = [train_src[first + j]["prompt"] for j in range(spec["num_problems"])]
-            samples, kept, counts = e_step(
-                model, params, tokenizer, prompts, scorer, spec, seed=spec["seed"] + i
-            )
-            if not kept:
-                raise RuntimeError(
-                    f"iteration {i}: no sample was correct ({counts}); start from a stronger "
-                    "base policy or sample more (num_samples)"
-                )
-            _write_jsonl(os.path.join(it_dir, "samples.jsonl"), samples)
-            _write_jsonl(kept_path, kept)
-            _write_json(estep_path, counts)
-        with open(estep_path) as f:
-            counts = json.load(f)
-        _log(
-            f"iteration {i}: kept {counts['kept']} of {counts['samples']} samples, "
-            f"{counts['problems_solved']}/{counts['problems']} problems solved"
-        )
+        counts = _e_step_once(it_dir, i, policy_dir, start, scorer, spec)
         m_dir = os.path.join(it_dir, "train")
+        kept_path = os.path.join(it_dir, "kept.jsonl")
         cfg = exp.load(
             "mstep",
             [
@@ -184,20 +151,51 @@ def run_rest_em(config_path: str, workdir: str, overrides=()) -> list[dict]:
                 "train.answer_eval_examples=0",
             ],
         )
-        _log(f"== iteration {i}: M-step from the base -> {m_dir}")
+        log(f"== iteration {i}: M-step from the base -> {m_dir}")
         result = train(cfg, m_dir)
         if result.stopped_by:
-            _log(f"stopped by {result.stopped_by}; rerun the same command to continue")
+            log(f"stopped by {result.stopped_by}; rerun the same command to continue")
             return rows
         report = evaluate(m_dir, os.path.join(it_dir, "eval.json"), f"iteration {i}")
         rows.append({"iteration": i, "kept": counts["kept"], **report})
         policy_dir = m_dir
-    _write_json(os.path.join(workdir, "results.json"), rows)
+    write_json(os.path.join(workdir, "results.json"), rows)
     table = format_table(rows, ks)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    _log(table)
+    write_atomic(os.path.join(workdir, "results.md"), table + "\n")
+    log(table)
     return rows
+
+
+def _e_step_once(it_dir: str, i: int, policy_dir: str, start, scorer, spec: dict) -> dict:
+    """Iteration i's E-step from `policy_dir`, written once to `it_dir`
+    (samples.jsonl, kept.jsonl, estep.json, in that order); its counts."""
+    from lm_align.align.setup import load_model
+
+    estep_path = os.path.join(it_dir, "estep.json")
+    if not os.path.exists(estep_path):
+        log(f"== iteration {i}: E-step, sampling from {policy_dir}")
+        model, params, _ = load_model(policy_dir)
+        # Problems differ between iterations: a fresh slice of the train split.
+        first = (i - 1) * spec["num_problems"]
+        prompts = [start.train_source[first + j]["prompt"] for j in range(spec["num_problems"])]
+        samples, kept, counts = e_step(
+            model, params, start.tokenizer, prompts, scorer, spec, seed=spec["seed"] + i
+        )
+        if not kept:
+            raise RuntimeError(
+                f"iteration {i}: no sample was correct ({counts}); start from a stronger "
+                "base policy or sample more (num_samples)"
+            )
+        write_jsonl(os.path.join(it_dir, "samples.jsonl"), samples)
+        write_jsonl(os.path.join(it_dir, "kept.jsonl"), kept)
+        write_json(estep_path, counts)
+    with open(estep_path) as f:
+        counts = json.load(f)
+    log(
+        f"iteration {i}: kept {counts['kept']} of {counts['samples']} samples, "
+        f"{counts['problems_solved']}/{counts['problems']} problems solved"
+    )
+    return counts
 
 
 def format_table(rows: list[dict], ks) -> str:
