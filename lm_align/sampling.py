@@ -311,12 +311,15 @@ def sample_texts(
     batches whose longest prompts differ in length compile separately.
 
     Args:
-      model, params: a `lm_align.models.pure.PureModel` and its parameters.
+      model: a `lm_align.models.pure.PureModel`.
+      params: its parameters.
       tokenizer: the model's tokenizer (bos, eos, pad and decode are used).
       prompts: P prompt texts.
       num_samples: n, responses per prompt.
       max_new_tokens: longest response, in tokens (eos included).
-      temperature, top_k, top_p: the sampling distribution (`process_logits`).
+      temperature: softmax temperature of the sampling distribution (`process_logits`).
+      top_k: keep the k most likely tokens (0: all).
+      top_p: keep the nucleus of probability top_p (1: all).
       greedy: argmax decoding (then every sample of a prompt is the same).
       seed: the sampling seed (see the RNG scheme).
       batch_size: prompts per decoding call (at most P are used).
