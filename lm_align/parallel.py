@@ -18,6 +18,7 @@ size divides it (replicated if none does); `describe_shardings` lists the result
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -155,11 +156,57 @@ def opt_state_shardings(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def process_batch_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+    """[lo, hi): the rows of a [global_rows, ...] batch this process's devices hold.
+
+    Raises ValueError when they are not one contiguous block (then no process-
+    local slice of consecutive rows can feed them).
+    """
+    index_map = sharding.addressable_devices_indices_map((global_rows,))
+    blocks = sorted({index[0].indices(global_rows)[:2] for index in index_map.values()})
+    lo, hi = blocks[0][0], blocks[0][1]
+    for start, stop in blocks[1:]:
+        if start > hi:
+            raise ValueError(
+                f"process {jax.process_index()} holds batch rows {blocks} of {global_rows} "
+                f"under {sharding.spec} on mesh {dict(sharding.mesh.shape)}, not one "
+                "contiguous block; order the mesh devices by process (jax.make_mesh does)"
+            )
+        hi = max(hi, stop)
+    return lo, hi
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """Assembles per-process numpy batches into global jax.Arrays with `sharding`."""
+    """Assembles per-process numpy batches into global jax.Arrays with `sharding`.
+
+    Process k of K passes rows [k * b, (k + 1) * b) of the global batch of
+    G = K * b rows (b = its local rows; `lm_align.data.make_batch_iterator` with
+    shard_index=k, shard_count=K yields exactly these), and its devices must
+    hold exactly those rows: `make_array_from_process_local_data` places the
+    local rows, in order, on the process's devices' row blocks in global order.
+    A mesh on which they hold other rows (e.g. a batch replicated across
+    processes, data * fsdp smaller than the process count) is a ValueError
+    rather than a silently different global batch.
+    """
+    arrays = {k: np.asarray(v) for k, v in local_batch.items()}
+    count = jax.process_count()
+    if count == 1:
+        return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
+    rows = len(next(iter(arrays.values())))
+    index = jax.process_index()
+    lo, hi = process_batch_rows(sharding, rows * count)
+    if (lo, hi) != (index * rows, (index + 1) * rows):
+        raise ValueError(
+            f"process {index} of {count} feeds global batch rows [{index * rows}, "
+            f"{(index + 1) * rows}) but its devices hold rows [{lo}, {hi}) under "
+            f"{sharding.spec} on mesh {dict(sharding.mesh.shape)}; make data * fsdp a "
+            f"multiple of the process count ({count}) so the batch splits evenly "
+            "over processes"
+        )
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-        for k, v in local_batch.items()
+        k: jax.make_array_from_process_local_data(sharding, v, (rows * count,) + v.shape[1:])
+        for k, v in arrays.items()
     }
 
 

@@ -1,13 +1,15 @@
 """Multi-process runs on this machine (`lm-align launch local`), as hosts of a pod run.
 
 Two processes x 4 simulated CPU devices talk through JAX's CPU collectives.
-They must train exactly like one process with 8 devices and like 1 device,
-stop together on SIGTERM and resume exactly, and not hang when one of them
-dies.
+They must train exactly like one process with 8 devices and like 1 device (the
+same global batches, with the default packing), resume a checkpoint written by
+the other process count, stop together on SIGTERM and resume exactly, and not
+hang when one of them dies.
 """
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,15 +29,23 @@ from tests.helpers import (
     run_cli,
 )
 
-pytestmark = pytest.mark.slow
-
 STEPS = 30
 RUN = TINY + [
     f"train.steps={STEPS}",
     "train.checkpoint_every=5",
     "train.async_checkpointing=true",
-    "data.packing=pad",  # each process packs its own rows; padding keeps the rows identical
     "model.vocab_size=260",
+]
+# The default experiment with its default packing on a data=4 x fsdp=2 mesh: a
+# few steps, a checkpoint half way.
+SHORT_STEPS = 6
+SHORT = TINY + [
+    f"train.steps={SHORT_STEPS}",
+    "train.checkpoint_every=3",
+    "train.async_checkpointing=false",
+    "model.vocab_size=260",
+    "mesh.data=4",
+    "mesh.fsdp=2",
 ]
 HEARTBEAT_S = 5
 
@@ -69,6 +79,7 @@ def straight(tmp_path_factory):
     return losses(workdir)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_one_device(straight, tmp_path):
     run_cli(tmp_path / "eight", RUN, devices=8)  # 1 process, mesh data=8
     run_cli(tmp_path / "one", RUN + ["mesh.data=1"], devices=1)
@@ -77,6 +88,47 @@ def test_two_processes_match_one_process_and_one_device(straight, tmp_path):
     steps = sorted(straight)
     np.testing.assert_allclose([straight[s] for s in steps], [eight[s] for s in steps], rtol=1e-5)
     np.testing.assert_allclose([straight[s] for s in steps], [one[s] for s in steps], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """SHORT as 2 processes x 4 devices and as 1 process x 8 devices."""
+    root = tmp_path_factory.mktemp("short")
+    _launch(root / "two", SHORT)
+    run_cli(root / "eight", SHORT, devices=8)
+    return root
+
+
+def test_two_processes_and_one_process_train_on_the_same_global_batches(short_runs):
+    """Packing happens on the global batch, so the process count changes nothing."""
+    two, eight = losses(short_runs / "two"), losses(short_runs / "eight")
+    assert sorted(two) == sorted(eight) == list(range(1, SHORT_STEPS + 1))
+    np.testing.assert_allclose([two[s] for s in eight], [eight[s] for s in eight], rtol=1e-5)
+
+
+def _rewind(src, dst, step):
+    """A copy of run `src` as it was at the checkpoint of `step` (later ones removed)."""
+    shutil.copytree(src, dst)
+    for name in os.listdir(dst / "checkpoints"):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(dst / "checkpoints" / name)
+    os.remove(dst / "final.json")
+
+
+@pytest.mark.parametrize("written_by,resumed_by", [("two", "eight"), ("eight", "two")])
+def test_resume_on_another_process_count_continues_the_sequence(
+    short_runs, tmp_path, written_by, resumed_by
+):
+    workdir = tmp_path / f"{written_by}_then_{resumed_by}"
+    _rewind(short_runs / written_by, workdir, 3)
+    if resumed_by == "two":
+        out = _launch(workdir, SHORT)
+    else:
+        out = run_cli(workdir, SHORT, devices=8).stdout
+    assert f"resumed from {workdir / 'checkpoints'}/3" in out
+    want, got = losses(short_runs / resumed_by), losses(workdir)
+    assert sorted(got) == list(range(1, SHORT_STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
 
 
 def _popen_launch(workdir, overrides=RUN):
@@ -108,6 +160,7 @@ def _wait_rows(path, rows, proc, timeout=300):
     raise AssertionError(f"{path} never reached {rows} rows")
 
 
+@pytest.mark.slow
 def test_sigterm_to_both_processes_then_relaunch_matches_uninterrupted(straight, tmp_path):
     workdir = tmp_path / "interrupted"
     proc = _popen_launch(workdir, RUN + ["train.checkpoint_every=1000"])
@@ -126,6 +179,7 @@ def test_sigterm_to_both_processes_then_relaunch_matches_uninterrupted(straight,
     assert losses(workdir) == straight  # every step, bitwise
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other_and_a_restart_resumes(straight, tmp_path):
     workdir = tmp_path / "killed"
     proc = _popen_launch(workdir)
@@ -149,6 +203,7 @@ def test_a_dead_process_stops_the_other_and_a_restart_resumes(straight, tmp_path
     assert losses(workdir) == straight
 
 
+@pytest.mark.slow
 def test_preference_training_two_processes_match_one(tmp_path):
     from tests.test_align_trainer import EXPERIMENT, _write_data
 
@@ -189,6 +244,7 @@ except d.DistributedError as e:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "what,message",
     [
