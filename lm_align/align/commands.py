@@ -49,6 +49,11 @@ def add_parsers(subparsers) -> None:
         "BoN-aware RL vs REINFORCE vs SFT on best-of-N, from one policy",
     )  # fmt: skip
 
+    _add_eval_parser(subparsers)
+    _add_preferences_parser(subparsers)
+
+
+def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="greedy accuracy, pass@k, bon@k, ECE, length, KL of a policy"
     )
@@ -81,6 +86,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", help="also write the JSON report here")
     p.set_defaults(fn=cmd_eval)
 
+
+def _add_preferences_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "preferences",
         help="sample K responses per prompt from a policy, score, write pairs or lists",

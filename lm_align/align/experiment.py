@@ -15,6 +15,7 @@ from typing import Any
 
 from lm_align import config as config_lib
 from lm_align import data as data_lib
+from lm_align.utils import write_json
 
 
 @dataclasses.dataclass
@@ -78,13 +79,11 @@ def start_policy(exp: Experiment, workdir: str, *, eval_problems: int, log) -> S
 
 def cached(path: str, compute: Callable[[], dict]) -> dict:
     """The JSON at `path`, or `compute()` written there atomically."""
-    from lm_align.sweeps.summary import write_atomic
-
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     result = compute()
-    write_atomic(path, json.dumps(result, indent=2))
+    write_json(path, result)
     return result
 
 

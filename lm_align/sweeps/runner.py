@@ -47,6 +47,7 @@ from lm_align.sweeps.executor import (
     RunSpec,
     lock_run_dir,
 )
+from lm_align.utils import write_atomic
 
 DIVERGED_EXIT = 3  # `lm-align train`'s exit status on a non-finite loss
 DONE = ("finished", "diverged")  # statuses a rerun skips
@@ -318,7 +319,7 @@ class _Sweep:
     def save(self, run: RunSpec) -> None:
         os.makedirs(run.workdir, exist_ok=True)
         path = os.path.join(run.workdir, summary_lib.RUN_JSON)
-        summary_lib.write_atomic(path, json.dumps(self.records[run.index], indent=2) + "\n")
+        write_atomic(path, json.dumps(self.records[run.index], indent=2) + "\n")
 
     def row(self, run: RunSpec) -> dict:
         if run.index not in self._rows:
@@ -422,7 +423,7 @@ def _record_sweep(workdir: str, config_arg: str, extra_overrides, runs, log) -> 
         "extra_overrides": list(extra_overrides),
         "runs": [{"index": r.index, "name": r.name, "overrides": r.overrides} for r in runs],
     }
-    summary_lib.write_atomic(path, json.dumps(record, indent=2) + "\n")
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def run_sweep(

@@ -29,6 +29,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from lm_align.utils import write_atomic
+
 SUMMARY_JSONL = "summary.jsonl"
 SUMMARY_CSV = "summary.csv"
 RUN_JSON = "run.json"
@@ -136,14 +138,6 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
     for row in rows:
         writer.writerow([_csv_cell(row.get(c)) for c in columns])
     write_atomic(path, buf.getvalue())
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_summary(workdir: str, rows: Sequence[dict]) -> None:

@@ -12,7 +12,8 @@ segment_ids, positions (int32).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,35 +129,19 @@ def apply_update(
     return new, metrics, updates
 
 
-def make_train_step(
+def lm_loss_fn(
     model: PureModel,
-    tx: optax.GradientTransformation,
-    schedule: Callable,
     *,
     z_loss_coef: float = 0.0,
-    grad_accum_steps: int = 1,
-    nonfinite: str = "halt",
     loss_chunks: int = 0,
     constrain_BLD: Callable | None = None,
-    per_layer_diagnostics: bool = True,
 ) -> Callable:
-    """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
+    """`(params, batch) -> (loss, (LMLoss, diagnostics))`: the token-mean LM loss of a batch.
 
     `loss_chunks > 0` computes the readout and loss with
     `fused_readout_lm_loss` over that many sequence chunks (no [B, L, V] logits
-    in memory); 0 materialises the logits and uses `lm_loss`. `constrain_BLD`
-    is passed to the model (the sharding of its residual stream).
-
-    With `grad_accum_steps = k` the batch is split into k micro-batches whose
-    gradients are summed with weights (tokens in micro-batch) / (tokens in batch),
-    which is exactly the gradient of the full-batch token-mean loss.
-    In "skip" mode an update whose loss or gradient is non-finite is dropped
-    (params and optimizer state unchanged) and counted in `state.skipped`.
-    `per_layer_diagnostics` adds `param_rms/<name>`, `grad_rms/<name>` and
-    `update_rms/<name>` (update / lr) for every parameter (see `per_layer_rms`).
+    in memory); 0 materialises the logits and uses `lm_loss`.
     """
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
 
     def loss_fn(params, batch):
         module = model.bind(params)
@@ -181,12 +166,27 @@ def make_train_step(
             out = lm_loss(out_BLX, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
         return out.loss, (out, diag)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
 
-    def accumulated_grads(params, batch):
-        if grad_accum_steps == 1:
+
+def accumulated_grads_fn(loss_fn: Callable, grad_accum_steps: int) -> Callable:
+    """`(params, batch) -> (grads, LMLoss, diagnostics)` over `grad_accum_steps` micro-batches.
+
+    The batch is split into k micro-batches whose gradients are summed with
+    weights (tokens in micro-batch) / (tokens in batch), which is exactly the
+    gradient of the full-batch token-mean loss; diagnostics are maxima over
+    micro-batches.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+
+        def whole(params, batch):
             (_, (out, diag)), grads = grad_fn(params, batch)
             return grads, out, diag
+
+        return whole
+
+    def accumulated(params, batch):
         micro = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
             batch,
@@ -206,8 +206,58 @@ def make_train_step(
         diag = jax.tree.map(lambda d: jnp.max(d, axis=0), diags)
         return grads, out._replace(num_tokens=total_tokens), diag
 
+    return accumulated
+
+
+def rms_metrics(params, grads, updates, lr, *, stacked: bool, per_layer: bool) -> dict:
+    """``param_rms``, ``grad_rms`` and ``update_rms`` (update / lr), pooled and, with
+    `per_layer`, per parameter (``<prefix>/<name>``, see `rms_by_param`)."""
+    metrics = {}
+    inv_lr = 1.0 / jnp.maximum(lr, 1e-30)
+    for prefix, tree, scale in (
+        ("param_rms", params, 1.0),
+        ("grad_rms", grads, 1.0),
+        ("update_rms", updates, inv_lr),
+    ):
+        pooled, per_param = rms_by_param(tree, stacked)
+        metrics[prefix] = pooled * scale
+        if per_layer:
+            for name, value in per_param.items():
+                metrics[f"{prefix}/{name}"] = value * scale
+    return metrics
+
+
+def make_train_step(
+    model: PureModel,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    z_loss_coef: float = 0.0,
+    grad_accum_steps: int = 1,
+    nonfinite: str = "halt",
+    loss_chunks: int = 0,
+    constrain_BLD: Callable | None = None,
+    per_layer_diagnostics: bool = True,
+) -> Callable:
+    """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
+
+    The loss is `lm_loss_fn`'s (`loss_chunks`: fused chunked readout), the
+    gradient `accumulated_grads_fn`'s (exact token-weighted accumulation over
+    `grad_accum_steps` micro-batches), the update `apply_update`'s (in "skip"
+    mode a non-finite update is dropped and counted in `state.skipped`).
+    `constrain_BLD` is passed to the model (the sharding of its residual
+    stream). `per_layer_diagnostics` adds `param_rms/<name>`, `grad_rms/<name>`
+    and `update_rms/<name>` (update / lr) for every parameter (`rms_metrics`).
+    """
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
+    loss_fn = lm_loss_fn(
+        model, z_loss_coef=z_loss_coef, loss_chunks=loss_chunks, constrain_BLD=constrain_BLD
+    )
+    grads_fn = accumulated_grads_fn(loss_fn, grad_accum_steps)
+
     def train_step(state: TrainState, batch):
-        grads, out, diag = accumulated_grads(state.params, batch)
+        grads, out, diag = grads_fn(state.params, batch)
         new, update_metrics, updates = apply_update(
             state, grads, out.loss, tx, schedule, nonfinite=nonfinite
         )
@@ -222,18 +272,15 @@ def make_train_step(
             "max_attn_logit": diag["max_attn_logit"],
             "num_tokens": out.num_tokens,
         }
-        # The update per unit learning rate: update / lr.
-        inv_lr = 1.0 / jnp.maximum(update_metrics["lr"], 1e-30)
-        for prefix, tree, scale in (
-            ("param_rms", state.params, 1.0),
-            ("grad_rms", grads, 1.0),
-            ("update_rms", updates, inv_lr),
-        ):
-            pooled, per_param = rms_by_param(tree, model.cfg.scan_layers)
-            metrics[prefix] = pooled * scale
-            if per_layer_diagnostics:
-                for name, value in per_param.items():
-                    metrics[f"{prefix}/{name}"] = value * scale
+        rms = rms_metrics(
+            state.params,
+            grads,
+            updates,
+            update_metrics["lr"],
+            stacked=model.cfg.scan_layers,
+            per_layer=per_layer_diagnostics,
+        )
+        metrics.update(rms)
         return new, metrics
 
     return train_step
