@@ -273,7 +273,7 @@ def decode_response(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """How every sampler and scorer feeds a prompt: `[bos] + tokenizer.encode(prompt)`."""
+    """How `sample_texts` and `rescore` feed a prompt: `[bos] + tokenizer.encode(prompt)`."""
     return [tokenizer.bos_id] + tokenizer.encode(prompt)
 
 
@@ -323,8 +323,9 @@ def sample_texts(
       greedy: argmax decoding (then every sample of a prompt is the same).
       seed: the sampling seed (see the RNG scheme).
       batch_size: prompts per decoding call (at most P are used).
-      mesh: split each call's rows over the mesh's data axes (`generate`); the
-        batch is filled up so that its rows are a multiple of that size.
+      mesh: split each call's rows over the mesh's data axes (`generate`);
+        `batch_size` is rounded up so that a call's rows are a multiple of
+        the data-parallel size.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
