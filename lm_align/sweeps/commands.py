@@ -250,26 +250,7 @@ def cmd_plot(args, overrides) -> int:
         return 2
     keys = _override_keys(args.sweep, rows)
     if args.lines:
-        if not args.x:
-            print("error: --lines needs --x (the key on the horizontal axis)", file=sys.stderr)
-            return 2
-        group = None if args.group in (None, "none") else args.group
-        try:
-            path, points = plots.plot_lines(
-                rows, args.out or args.sweep, x=args.x, group=group, metric=args.metric,
-                title=os.path.basename(os.path.normpath(args.sweep)),
-            )  # fmt: skip
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        for line in format_table(
-            [{"group": g, "x": x, "metric": m} for g, x, m in points],
-            ["group", "x", "metric"],
-            [plots.short(group) if group else "group", plots.short(args.x), args.metric],
-        ):
-            print(f"  {line}")
-        print(f"wrote {path}")
-        return 0
+        return _plot_lines(args, rows)
     inferred = analysis.infer_axes(rows, keys)
     x = args.x or inferred["x"]
     if x is None:
@@ -280,11 +261,10 @@ def cmd_plot(args, overrides) -> int:
         return 2
     group = _choose(args.group, inferred["group"])
     compare = _choose(args.compare, inferred["compare"])
-    out = args.out or args.sweep
     try:
         report = plots.plot_sweep(
             rows,
-            out,
+            args.out or args.sweep,
             x=x,
             group=group,
             compare=compare,
@@ -294,11 +274,45 @@ def cmd_plot(args, overrides) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _print_sweep_report(report, x=x, group=group, compare=compare, metric=args.metric)
+    return 0
+
+
+def _plot_lines(args, rows) -> int:
+    """`plot --lines`: one line of the metric against --x per group; prints the points."""
+    from lm_align.sweeps import plots
+
+    if not args.x:
+        print("error: --lines needs --x (the key on the horizontal axis)", file=sys.stderr)
+        return 2
+    group = None if args.group in (None, NONE) else args.group
+    try:
+        path, points = plots.plot_lines(
+            rows, args.out or args.sweep, x=args.x, group=group, metric=args.metric,
+            title=os.path.basename(os.path.normpath(args.sweep)),
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in format_table(
+        [{"group": g, "x": x, "metric": m} for g, x, m in points],
+        ["group", "x", "metric"],
+        [plots.short(group) if group else "group", plots.short(args.x), args.metric],
+    ):
+        print(f"  {line}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_sweep_report(report, *, x, group, compare, metric) -> None:
+    """Prints the optimal-LR table, the shift across groups and the LR sensitivity table."""
+    from lm_align.sweeps import plots
+
     split = [k for k in (compare, group) if k]
     names = {"compare": compare, "group": group}
     key_cols = [c for c in ("compare", "group") if names[c]]
     headers = [plots.short(names[c]) for c in key_cols]
-    print(f"x {x}, group {group}, compare {compare}, metric {args.metric}")
+    print(f"x {x}, group {group}, compare {compare}, metric {metric}")
     print(f"\noptimal {x} per {' x '.join(split) or 'sweep'}:")
     cols = [
         "optimal_lr",
@@ -313,16 +327,8 @@ def cmd_plot(args, overrides) -> int:
     for line in format_table(report.transfer, key_cols + cols, headers + cols):
         print(f"  {line}")
     if group:
-        for cmp_value, steps in report.shift.items():
-            where = f" ({plots.short(compare)}={cmp_value})" if compare else ""
-            fitted = [r["fitted_shift"] for r in report.transfer if r["compare"] == cmp_value]
-            fitted = [f for f in fitted if f is not None]
-            span = f"{max(fitted) - min(fitted):.2f}" if fitted else "n/a"
-            print(
-                f"optimal-LR shift across {plots.short(group)}{where}: {_fmt(steps)} grid steps "
-                f"(argmin), {span} grid steps (fitted)"
-            )
-    print(f"\nLR sensitivity (mean of min({args.metric}, init_loss) - best over the LR grid):")
+        _print_shifts(report, group=group, compare=compare)
+    print(f"\nLR sensitivity (mean of min({metric}, init_loss) - best over the LR grid):")
     cols = ["lr_sensitivity", "init_loss", "best_loss", "runs", "nonfinite"]
     for line in format_table(report.sensitivity, key_cols + cols, headers + cols):
         print(f"  {line}")
@@ -331,4 +337,18 @@ def cmd_plot(args, overrides) -> int:
             "  (nan: no run of that curve logged step 1, whose loss is the loss at initialisation)"
         )
     print("\nwrote " + ", ".join(report.files))
-    return 0
+
+
+def _print_shifts(report, *, group, compare) -> None:
+    """One line per compare value: how far the optimal LR moves across the groups."""
+    from lm_align.sweeps import plots
+
+    for cmp_value, steps in report.shift.items():
+        where = f" ({plots.short(compare)}={cmp_value})" if compare else ""
+        fitted = [r["fitted_shift"] for r in report.transfer if r["compare"] == cmp_value]
+        fitted = [f for f in fitted if f is not None]
+        span = f"{max(fitted) - min(fitted):.2f}" if fitted else "n/a"
+        print(
+            f"optimal-LR shift across {plots.short(group)}{where}: {_fmt(steps)} grid steps "
+            f"(argmin), {span} grid steps (fitted)"
+        )

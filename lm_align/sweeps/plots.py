@@ -247,11 +247,6 @@ def plot_sweep(
         raise ValueError(f"no run has a numeric {x!r}; choose the LR key with --x")
     transfer = analysis.transfer_table(rows, x, group, metric, compare)
     sensitivity = analysis.sensitivity_table(rows, x, group, metric, compare)
-    shift = {}
-    for cmp_value in dict.fromkeys(r["compare"] for r in transfer):
-        shift[cmp_value] = analysis.lr_shift_in_grid_steps(
-            [r for r in transfer if r["compare"] == cmp_value]
-        )
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in (LOSS_PNG, ATTN_PNG)}
     plot_loss_vs_lr(
@@ -267,16 +262,39 @@ def plot_sweep(
     plot_max_attn_logit_vs_lr(
         points, paths[ATTN_PNG], x=x, group=group, compare=compare, title=title
     )
+    csv_paths = _write_sweep_csvs(
+        out_dir, points, transfer, sensitivity, x=x, group=group, compare=compare, metric=metric
+    )
+    files = [paths[LOSS_PNG], paths[ATTN_PNG], *csv_paths]
+    shift = _shift_per_compare(transfer)
+    return SweepReport(x, group, compare, metric, points, transfer, sensitivity, shift, files)
+
+
+def _shift_per_compare(transfer: Sequence[Mapping[str, Any]]) -> dict:
+    """compare value -> the optimal LR's shift across groups, in grid steps."""
+    shift = {}
+    for cmp_value in dict.fromkeys(r["compare"] for r in transfer):
+        shift[cmp_value] = analysis.lr_shift_in_grid_steps(
+            [r for r in transfer if r["compare"] == cmp_value]
+        )
+    return shift
+
+
+def _renamed(r: Mapping[str, Any], group: str | None, compare: str | None) -> dict:
+    """A table row with its "group"/"compare" values also under the keys they stand for."""
+    out = dict(r)
+    if compare:
+        out[compare] = r["compare"]
+    if group:
+        out[group] = r["group"]
+    return out
+
+
+def _write_sweep_csvs(
+    out_dir, points, transfer, sensitivity, *, x, group, compare, metric
+) -> list[str]:
+    """Writes points.csv, optimal_lr.csv and lr_sensitivity.csv; returns their paths."""
     key_columns = [k for k in (compare, group) if k]
-
-    def renamed(r):
-        out = dict(r)
-        if compare:
-            out[compare] = r["compare"]
-        if group:
-            out[group] = r["group"]
-        return out
-
     point_rows = []
     for p in points:
         loss0 = analysis.group_init_loss(
@@ -285,7 +303,7 @@ def plot_sweep(
         plotted = loss0 if p["diverged"] else p["loss"]
         point_rows.append(
             dict(
-                renamed(p),
+                _renamed(p, group, compare),
                 **{x: p["x"], metric: p["loss"], "loss_plotted": plotted},
             )
         )
@@ -298,17 +316,16 @@ def plot_sweep(
     )
     write_csv(
         csv_paths[1],
-        [renamed(r) for r in transfer],
+        [_renamed(r, group, compare) for r in transfer],
         [*key_columns, "optimal_lr", "grid_index", "shift", "fitted_lr", "fitted_shift"]
         + ["best_loss", "runs", "nonfinite"],
     )
     write_csv(
         csv_paths[2],
-        [renamed(r) for r in sensitivity],
+        [_renamed(r, group, compare) for r in sensitivity],
         [*key_columns, "lr_sensitivity", "init_loss", "best_loss", "runs", "nonfinite"],
     )
-    files = [paths[LOSS_PNG], paths[ATTN_PNG], *csv_paths]
-    return SweepReport(x, group, compare, metric, points, transfer, sensitivity, shift, files)
+    return csv_paths
 
 
 def plot_lines(
