@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -431,7 +432,6 @@ def test_defaults_build_and_work_with_config_dict_and_multisteps():
     np.testing.assert_array_equal(u["w"], 0.0)  # first micro-step: no update
     u, state = acc.update(grads, state, params)
     assert np.all(np.asarray(u["w"]) < 0)
-    ml_collections = pytest.importorskip("ml_collections")
     cfg = ml_collections.ConfigDict(dict(lo.DEFAULTS))
     cfg.name, cfg.decay_steps = "adam_atan2", 50
     opt = lo.make_optimizer(cfg, total_steps=100)

@@ -4,7 +4,7 @@ vocabulary trained here, read through `seqio:NAME` into a train step.
 The module written by the `tasks` fixture is exactly what a user writes
 (docs/data.md, "seqio: train on a task of your own"); `seqio_imports` names it.
 Importing seqio pulls TensorFlow, so everything here shares one module-scoped
-fixture.
+fixture, which imports it (the test extra installs seqio: a missing one fails).
 """
 
 import json
@@ -31,7 +31,7 @@ def line(i):
 def tasks(tmp_path_factory):
     """Writes a corpus, trains a SentencePiece model on it, and writes the task
     module; yields the tokenizer spec. Tasks are removed again afterwards."""
-    seqio = pytest.importorskip("seqio")
+    import seqio  # imported here, not at collection: it pulls in TensorFlow
     root = tmp_path_factory.mktemp("seqio")
     for split, lines in (("train", range(120)), ("validation", range(120, 140))):
         (root / f"{split}.txt").write_text("\n".join(line(i) for i in lines) + "\n")

@@ -13,12 +13,11 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from lm_align import config as config_lib
 from lm_align import data
 from tests.helpers import DEFAULT_EXPERIMENT, REPO, TINY, env_with_devices
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 NAME = "lm_align_test_corpus"  # tfds's snake_case of the class name below
 WORDS = "the cat sat on a mat while dogs ran over green hills".split()

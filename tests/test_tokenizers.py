@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import sentencepiece  # noqa: F401  (the test extra installs it; a missing one fails here)
 
 from lm_align import config as config_lib
 from lm_align import data
 from tests.helpers import DEFAULT_EXPERIMENT, REPO, env_with_devices
-
-pytest.importorskip("sentencepiece")
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
