@@ -1,4 +1,5 @@
-"""Listwise losses (LiPO): the spec's worked example, closed forms, masks, no-grad weights."""
+"""Listwise losses (LiPO): the LiPO worked example of docs/listwise.md, closed forms, masks,
+no-grad weights."""
 
 import functools
 
@@ -6,20 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import rax
 
 from lm_align.losses import listwise
 
-rax = pytest.importorskip("rax")
-
-# The spec's worked example (docs ALIGNMENT.md, "Listwise"): K=4, beta 0.05.
+# The LiPO worked example of docs/listwise.md: K=4, beta 0.05.
 BETA = 0.05
 POLICY_LP = np.array([-40.0, -55.0, -38.0, -60.0])
 REF_LP = np.array([-45.0, -50.0, -42.0, -58.0])
-WIN_MATRIX = np.array(  # row k: P(y_k > y_i)
-    [[0.5, 0.8, 0.6, 0.9], [0.2, 0.5, 0.3, 0.7], [0.4, 0.7, 0.5, 0.8], [0.1, 0.3, 0.2, 0.5]]
-)
-PSI = WIN_MATRIX.mean(axis=1)  # (0.7, 0.425, 0.6, 0.275)
-SCORES = BETA * (POLICY_LP - REF_LP)  # (0.25, -0.25, 0.2, -0.1)
+# By hand: psi_k = the row means of the example's win matrix
+# [[0.5, 0.8, 0.6, 0.9], [0.2, 0.5, 0.3, 0.7], [0.4, 0.7, 0.5, 0.8], [0.1, 0.3, 0.2, 0.5]]
+# (row k: P(y_k > y_i)); s_k = BETA * (POLICY_LP - REF_LP).
+PSI = np.array([0.7, 0.425, 0.6, 0.275])
+SCORES = np.array([0.25, -0.25, 0.2, -0.1])
 FULL_MASK = np.ones((1, 4), bool)
 
 ALL_LOSSES = {
@@ -38,9 +38,32 @@ def _example_value(loss_fn):
     return float(loss_fn(SCORES[None], PSI[None], FULL_MASK)[0])
 
 
-def test_worked_example_inputs():
-    np.testing.assert_allclose(PSI, [0.7, 0.425, 0.6, 0.275])
-    np.testing.assert_allclose(SCORES, [0.25, -0.25, 0.2, -0.1])
+def test_worked_example_gradient_with_respect_to_the_policy_logprobs():
+    """d L / d lp_k = beta * sum over pairs of Delta_ij * d log(1 + e^-(s_i - s_j)) / d s_k.
+
+    By hand: ranks by s are tau = (1, 4, 2, 3), so 1/log2(1 + tau) =
+    (1, 0.43068, 0.63093, 0.5); gains 2^psi - 1 = (0.62450, 0.34257, 0.51572, 0.20999).
+    Each pair (i, j) with psi_i > psi_j adds -Delta_ij sigma(-(s_i - s_j)) to s_i and
+    the opposite to s_j.
+    """
+    grad = jax.grad(
+        lambda lp: jnp.sum(
+            listwise.lipo_lambda(BETA * (lp - REF_LP)[None], PSI[None], FULL_MASK)
+        )
+    )(jnp.asarray(POLICY_LP))
+    gain = 2.0**PSI - 1.0
+    inv_discount = 1.0 / np.log2(1.0 + np.array([1.0, 4.0, 2.0, 3.0]))
+    want = np.zeros(4)
+    for i in range(4):
+        for j in range(4):
+            if PSI[i] > PSI[j]:
+                delta = abs(gain[i] - gain[j]) * abs(inv_discount[i] - inv_discount[j])
+                push = delta / (1.0 + np.exp(SCORES[i] - SCORES[j]))  # Delta sigma(-(s_i - s_j))
+                want[i] -= push
+                want[j] += push
+    np.testing.assert_allclose(grad, BETA * want, rtol=1e-5)
+    # The best response by psi (y_0) is pushed up, the worst (y_3) down.
+    assert grad[0] < 0 < grad[3]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +151,8 @@ def test_padded_entries_change_neither_value_nor_gradient(name):
 
 
 def _numpy_lambda_weights(scores, labels):
-    """Delta_ij from the spec, by hand: ranks from a descending argsort of the scores."""
+    """Delta_ij as defined in docs/listwise.md, by hand: ranks from a descending argsort
+    of the scores."""
     tau = np.empty(len(scores), int)
     tau[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
     gain = 2.0**labels - 1.0
