@@ -60,6 +60,9 @@ def test_gradient_flows_to_the_params_only_through_masked_targets():
     zero = dict(rows, loss_mask=np.zeros_like(rows["loss_mask"]))
     grads = jax.grad(lambda p: sequence_logprobs(MODEL, p, zero).logps.sum())(PARAMS)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    # With the completion's targets in the mask, every parameter gets a gradient.
+    grads = jax.grad(lambda p: sequence_logprobs(MODEL, p, rows).logps.sum())(PARAMS)
+    assert all(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads))
 
 
 def test_missing_keys_are_named():

@@ -1,6 +1,7 @@
 """Sweeps end to end: run names, early validation, statuses, resume after SIGTERM, summary."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -111,7 +112,6 @@ def test_run_names_are_deterministic_and_filesystem_safe():
         "001_lr=0.0003_d_model=256_source=text-a-b-.txt",
         "002_model.dropout=0.1_optimizer.dropout=true",  # last parts collide: full keys
     ]
-    assert run_names(sweep) == run_names([dict(o) for o in sweep])
 
 
 def test_bad_override_key_fails_before_any_run(experiment, tmp_path):
@@ -170,7 +170,7 @@ def test_run_metrics_takes_init_loss_only_from_step_1(tmp_path):
     m = run_metrics(str(tmp_path))
     assert m["init_loss"] is None  # step 1 was not logged
     assert m["max_attn_logit_final"] == 2.0 and m["max_attn_logit_peak"] == 7.0
-    assert m["final_train_loss"] != m["final_train_loss"]  # NaN
+    assert isinstance(m["final_train_loss"], float) and math.isnan(m["final_train_loss"])
     assert m["steps"] == 10 and m["eval_loss"] is None
 
 
@@ -219,14 +219,10 @@ def _mtimes(run_dir):
     }
 
 
-def test_sigterm_then_resume_skips_finished_runs_and_records_divergence(
-    experiment, tmp_path, tmp_path_factory
-):
+def test_sigterm_then_resume_skips_finished_runs_and_records_divergence(experiment, tmp_path):
     """SIGTERM after the first run; the rerun leaves it untouched and does the rest."""
     workdir = str(tmp_path / "sw")
-    env = env_with_devices(1)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env = env_with_devices(1)  # with the shared compilation cache: run 2 reuses run 0's program
     cmd = [sys.executable, "-m", "lm_align.cli", "sweep", "--config", experiment]
     cmd += ["--workdir", workdir, "--config.train.log_every=1"]
     proc = subprocess.Popen(
