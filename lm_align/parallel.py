@@ -177,11 +177,12 @@ def process_batch_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, 
     return lo, hi
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
     """Assembles per-process numpy batches into global jax.Arrays with `sharding`.
 
-    Process k of K passes rows [k * b, (k + 1) * b) of the global batch of
-    G = K * b rows (b = its local rows; `lm_align.data.make_batch_iterator` with
+    `local_batch` is a pytree (e.g. a dict, nested or not) of arrays with the
+    same leading dim b. Process k of K passes rows [k * b, (k + 1) * b) of the
+    global batch of G = K * b rows (`lm_align.data.make_batch_iterator` with
     shard_index=k, shard_count=K yields exactly these), and its devices must
     hold exactly those rows: `make_array_from_process_local_data` places the
     local rows, in order, on the process's devices' row blocks in global order.
@@ -189,11 +190,11 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding)
     processes, data * fsdp smaller than the process count) is a ValueError
     rather than a silently different global batch.
     """
-    arrays = {k: np.asarray(v) for k, v in local_batch.items()}
+    arrays = jax.tree.map(np.asarray, local_batch)
     count = jax.process_count()
     if count == 1:
-        return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
-    rows = len(next(iter(arrays.values())))
+        return jax.tree.map(lambda v: jax.device_put(v, sharding), arrays)
+    rows = len(jax.tree.leaves(arrays)[0])
     index = jax.process_index()
     lo, hi = process_batch_rows(sharding, rows * count)
     if (lo, hi) != (index * rows, (index + 1) * rows):
@@ -204,10 +205,12 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding)
             f"multiple of the process count ({count}) so the batch splits evenly "
             "over processes"
         )
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (rows * count,) + v.shape[1:])
-        for k, v in arrays.items()
-    }
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(
+            sharding, v, (rows * count,) + v.shape[1:]
+        ),
+        arrays,
+    )
 
 
 def describe_shardings(shardings: Any) -> list[str]:
