@@ -1,4 +1,5 @@
-"""Sweep analysis: LR sensitivity (spec section 5), optimal LR transfer, the plot command."""
+"""Sweep analysis: LR sensitivity (Wortsman et al. 2023, arXiv:2309.14322, section 3; defined
+in docs/sweeps.md), optimal LR transfer, the plot command."""
 
 import csv
 import math

@@ -104,7 +104,8 @@ def _with_qk_scales(params, scale_q_NK, scale_k_NK):
 
 
 def test_qk_layernorm_bounds_attention_logits_by_sqrt_head_dim_times_scales():
-    """Spec section 3: q.k/sqrt(K) <= sqrt(K) * max|scale_q| * max|scale_k| under qk-layernorm,
+    """qk-layernorm (Wortsman et al. 2023, arXiv:2309.14322; docs/scaling.md, Study 1):
+    q.k/sqrt(K) <= sqrt(K) * max|scale_q| * max|scale_k| under qk-layernorm,
     however large the weights; without qk-layernorm the same weights give far larger logits."""
     N, K = TINY["n_layers"], TINY["d_model"] // TINY["n_heads"]
     tokens_BL = random_tokens(3)

@@ -1,7 +1,8 @@
 """Tests for lm_align.parameterization: the abc table, roles, closed forms, symmetry.
 
-The expected numbers below are copied from specs/SCALING.md section 1 by hand,
-not imported from the module, so a typo in either place fails a test.
+The expected numbers below are copied by hand from docs/scaling.md (exponent
+tables; Everett et al. 2024, arXiv:2407.05872), not imported from the module,
+so a typo in either place fails a test.
 """
 
 import dataclasses
@@ -21,14 +22,15 @@ from lm_align.models.pure import PureModel
 ROLES = ("embedding", "hidden", "readout")
 NAMES = ("standard", "ntk", "mup", "mfp")
 
-# SCALING.md: (a, b) per parameterization, roles (embedding, hidden, readout).
+# docs/scaling.md (exponent tables; Everett et al. 2024, arXiv:2407.05872):
+# (a, b) per parameterization, roles (embedding, hidden, readout).
 SPEC_AB = {
     "standard": ((0, 0), (0, 0.5), (0, 0.5)),
     "ntk": ((0, 0), (0.5, 0), (0.5, 0)),
     "mup": ((-0.5, 0.5), (0, 0.5), (0.5, 0.5)),
     "mfp": ((-0.5, 0.5), (0.5, 0), (1, 0)),
 }
-# SCALING.md: LR exponents c per (optimizer, alignment), columns SP, NTK, muP, MFP.
+# docs/scaling.md: LR exponents c per (optimizer, alignment), columns SP, NTK, muP, MFP.
 SPEC_C = {
     ("sgd", "full"): ((-0.5, 0.5, 1), (-0.5, -0.5, 0), (0, 0, 0), (0, -1, -1)),
     ("adam", "full"): ((0, 1, 1), (0, 0.5, 0.5), (0.5, 1, 0.5), (0.5, 0.5, 0)),
@@ -36,7 +38,7 @@ SPEC_C = {
     ("adafactor", "full"): ((0, 0.5, 0.5), (0, 0.5, 0.5), (0, 0.5, 0), (0, 0.5, 0)),
     ("adafactor", "none"): ((0, 0, 0), (0, 0, 0), (0, 0, -0.5), (0, 0, -0.5)),
 }
-# SCALING.md: epsilon exponents g.
+# docs/scaling.md: epsilon exponents g.
 SPEC_G = {
     "standard": (0.5, 0.5, 0),
     "ntk": (0.5, 1, 0.5),
@@ -85,7 +87,7 @@ def test_sgd_without_alignment_is_unsupported():
         P.Parameterization.from_config({"alignment": "none"}, optimizer="sgd", width=64)
 
 
-def test_flagged_cells_are_the_specs_and_exist():
+def test_flagged_cells_are_the_documented_ones_and_exist():
     assert ("AB", "mfp", "embedding") in P.CHECK
     assert ("C", ("adafactor", "none", "mup"), "readout") in P.CHECK
     assert ("C", ("adafactor", "none", "mfp"), "readout") in P.CHECK
