@@ -378,7 +378,7 @@ def test_global_eval_batches_do_not_depend_on_the_process_count():
 
 def test_iterator_state_format_and_older_states():
     cfg = {"packing": "pad"}
-    kwargs = dict(split="train", seq_len=SEQ_LEN, batch_size=2, seed=0)
+    kwargs = {"split": "train", "seq_len": SEQ_LEN, "batch_size": 2, "seed": 0}
     it = data.make_batch_iterator(cfg, **kwargs)
     batches(it, 3)
     state = it.get_state()
@@ -432,13 +432,16 @@ def test_grain_workers_give_identical_batches_and_resume():
         multi += batches(it, 2)
     finally:
         it.close()
-    restored = data.make_batch_iterator(cfg, **kwargs)
+    # Resumed by process 1 of 2 (with workers too): rows 2..3 of the same batches.
+    shard = {"batch_size": BATCH // 2, "shard_index": 1, "shard_count": 2}
+    restored = data.make_batch_iterator(cfg, **{**kwargs, **shard})
     try:
         restored.set_state(state)
         resumed = batches(restored, 2)
     finally:
         restored.close()
-    for want, got in zip(single + single[2:], multi + resumed):
+    second_half = [{k: v[BATCH // 2 :] for k, v in b.items()} for b in single[2:]]
+    for want, got in zip(single + second_half, multi + resumed):
         for key in data.FEATURE_DTYPES:
             np.testing.assert_array_equal(want[key], got[key])
 
