@@ -47,9 +47,7 @@ def test_worked_example_gradient_with_respect_to_the_policy_logprobs():
     the opposite to s_j.
     """
     grad = jax.grad(
-        lambda lp: jnp.sum(
-            listwise.lipo_lambda(BETA * (lp - REF_LP)[None], PSI[None], FULL_MASK)
-        )
+        lambda lp: jnp.sum(listwise.lipo_lambda(BETA * (lp - REF_LP)[None], PSI[None], FULL_MASK))
     )(jnp.asarray(POLICY_LP))
     gain = 2.0**PSI - 1.0
     inv_discount = 1.0 / np.log2(1.0 + np.array([1.0, 4.0, 2.0, 3.0]))

@@ -32,6 +32,7 @@ def tasks(tmp_path_factory):
     """Writes a corpus, trains a SentencePiece model on it, and writes the task
     module; yields the tokenizer spec. Tasks are removed again afterwards."""
     import seqio  # imported here, not at collection: it pulls in TensorFlow
+
     root = tmp_path_factory.mktemp("seqio")
     for split, lines in (("train", range(120)), ("validation", range(120, 140))):
         (root / f"{split}.txt").write_text("\n".join(line(i) for i in lines) + "\n")

@@ -1,10 +1,16 @@
 """Optimizers for lm_align, as plain optax transformations (jax + optax only).
 
-    import jax.numpy as jnp, optax, lm_align.optim as lo
-    params = {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
-    tx = lo.adam_atan2(lo.warmup_then_decay(1e-3, total_steps=1000, warmup_steps=100))
-    state = tx.init(params); grads = {"w": jnp.full((4, 4), 1e-9), "b": jnp.ones(4)}
-    updates, state = tx.update(grads, state, params); params = optax.apply_updates(params, updates)
+    >>> import jax.numpy as jnp, optax, lm_align.optim as lo
+    >>> params = {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
+    >>> tx = lo.adam_atan2(lo.warmup_then_decay(1e-3, total_steps=1000, warmup_steps=100))
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.full((4, 4), 1e-9), "b": jnp.ones(4)}
+    >>> for step in range(2):  # warmup: the LR is 0 at step 0, 1e-5 at step 1
+    ...     updates, state = tx.update(grads, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    >>> # Adam-atan2's first steps are -lr * sign(g), however small the gradient.
+    >>> round(float(updates["w"][0, 0]), 8), round(float(updates["b"][0]), 8)
+    (-1e-05, -1e-05)
 
 Contents (one idea per file):
 - adam_atan2.py: ``scale_by_adam_atan2`` / ``adam_atan2``, Adam without epsilon.

@@ -6,20 +6,21 @@ Adam epsilon. Both are static pytrees of floats with the structure of the
 params, so they work with any JAX model; ``lm_align.parameterization`` builds
 them for lm_align's Transformer, but nothing here depends on it.
 
-    import jax, jax.numpy as jnp, optax
-    import lm_align.optim as lo
-
-    params = {"embed": jnp.zeros((10, 4)), "hidden": jnp.zeros((4, 4)),
-              "readout": jnp.zeros((4, 3))}
-    lr_scales = {"embed": 1.0, "hidden": 0.25, "readout": 0.5}   # e.g. (n/n_base)^(-c_l)
-    eps = {"embed": 1e-8, "hidden": 1e-8 / 16, "readout": 1e-8 / 4}
-    tx = lo.per_layer_lr(
-        optax.chain(lo.scale_by_adam_per_param_eps(eps=eps), optax.scale(-1e-3)),
-        lr_scales)
-    state = tx.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, state = tx.update(grads, state, params)
-    # step 1: |update| = 1e-3 * scale (to 1e-5: optax's float32 1 - b2**t)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import lm_align.optim as lo
+    >>> params = {"embed": jnp.zeros((10, 4)), "hidden": jnp.zeros((4, 4)),
+    ...           "readout": jnp.zeros((4, 3))}
+    >>> lr_scales = {"embed": 1.0, "hidden": 0.25, "readout": 0.5}  # e.g. (n/n_base)^(-c_l)
+    >>> eps = {"embed": 1e-8, "hidden": 1e-8 / 16, "readout": 1e-8 / 4}
+    >>> tx = lo.per_layer_lr(
+    ...     optax.chain(lo.scale_by_adam_per_param_eps(eps=eps), optax.scale(-1e-3)),
+    ...     lr_scales)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> # step 1: update = -1e-3 * scale (to 1e-5: optax's float32 1 - b2**t)
+    >>> {name: round(float(u.max()), 6) for name, u in updates.items()}
+    {'embed': -0.001, 'hidden': -0.00025, 'readout': -0.0005}
 
 Labels instead of a tree of numbers: ``scales = jax.tree.map(lambda l:
 {"embedding": 1.0, "hidden": 0.25}[l], labels)``. This is what

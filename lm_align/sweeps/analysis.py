@@ -52,6 +52,10 @@ def lr_sensitivity(final_losses: Iterable[Any], init_loss: float) -> float:
       init_loss: loss0, finite.
 
     Raises ValueError for an empty grid or a non-finite `init_loss`.
+
+    Examples:
+        >>> lr_sensitivity([4.0, 3.0, float("nan"), None], init_loss=5.0)  # (1 + 0 + 2 + 2) / 4
+        1.25
     """
     loss0 = as_float(init_loss)
     if not math.isfinite(loss0):
@@ -64,7 +68,12 @@ def lr_sensitivity(final_losses: Iterable[Any], init_loss: float) -> float:
 
 
 def optimal_lr(lrs: Sequence[Any], losses: Sequence[Any]) -> float | None:
-    """The LR of the lowest finite loss (the first, on ties); None if no loss is finite."""
+    """The LR of the lowest finite loss (the first, on ties); None if no loss is finite.
+
+    Examples:
+        >>> optimal_lr([1e-3, 3e-3, 1e-2], [2.5, 2.2, float("nan")])
+        0.003
+    """
     if len(lrs) != len(losses):
         raise ValueError(f"{len(lrs)} LRs but {len(losses)} losses")
     values = np.array([as_float(v) for v in losses], dtype=np.float64)
