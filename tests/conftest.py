@@ -1,9 +1,10 @@
 """Test-suite settings.
 
-The default run (`pytest -q`) must stay under 15 minutes on 2 CPU cores.
-The variants below repeat a check the default run already makes (another
-parameterization, another decoder setting, another data source end to end)
-and are marked `slow`: `pytest -q -m slow` runs them, and CI runs both.
+CI (`.ci/run`: `pytest -q -n 2 --dist loadfile -m "slow or not slow"`, every
+test) must finish within 15 minutes on 2 CPU cores. The variants below repeat
+a check the default run already makes (another parameterization, another
+decoder setting, another data source end to end) and are marked `slow`: the
+default run skips them, `-m slow` runs only them.
 """
 
 import pytest
@@ -38,6 +39,15 @@ SLOW_VARIANTS = (
 
 
 def pytest_collection_modifyitems(config, items):
+    """Marks SLOW_VARIANTS slow; an entry naming no test of a collected file is an error."""
+    ids = {item.nodeid.split("tests/", 1)[-1] for item in items}
     for item in items:
         if item.nodeid.split("tests/", 1)[-1] in SLOW_VARIANTS:
             item.add_marker(pytest.mark.slow)
+    # Only when whole files were collected (no -k, no file::test selection).
+    if config.option.keyword or any("::" in arg for arg in config.args):
+        return
+    files = {nodeid.split("::", 1)[0] for nodeid in ids}
+    stale = [v for v in SLOW_VARIANTS if v.split("::", 1)[0] in files and v not in ids]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW_VARIANTS names no collected test: {stale}")

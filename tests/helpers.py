@@ -26,10 +26,24 @@ TINY = [
 ]
 
 
+# A persistent XLA compilation cache shared by the lm-align processes the tests
+# start (not by the test process itself): a program compiled by one subprocess
+# (most run the same tiny model) is loaded by the next instead of compiled again.
+# It lives under the git-ignored .pytest_cache, or in $LM_ALIGN_TEST_COMPILATION_CACHE
+# (`.ci/run` sets a fresh one per run). JAX_ENABLE_COMPILATION_CACHE=false turns it
+# off. JAX keys each entry by the program, the XLA flags and the jax version.
+COMPILATION_CACHE_DIR = os.environ.get("LM_ALIGN_TEST_COMPILATION_CACHE") or os.path.join(
+    REPO, ".pytest_cache", "jax_compilation_cache"
+)
+
+
 def env_with_devices(n: int) -> dict:
+    """The environment for an lm-align subprocess on `n` simulated CPU devices."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE_DIR
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     return env
 
 
