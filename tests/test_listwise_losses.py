@@ -218,3 +218,45 @@ def test_returns_one_value_per_example_and_zero_for_empty_lists(name):
     loss = ALL_LOSSES[name](scores, labels, mask)
     assert loss.shape == (2,)
     assert float(loss[1]) == 0.0
+
+
+def test_list_mle_gradient_at_tied_scores_is_the_plackett_luce_closed_form():
+    """At s = 0 (the policy equal to its reference) with n = 4 distinct labels, the
+    gradient for the item ranked k-th is -1 + sum_{m <= k} 1 / (n - m + 1):
+    -3/4, -1 + 1/4 + 1/3, -1 + 1/4 + 1/3 + 1/2, -1 + 1/4 + 1/3 + 1/2 + 1.
+    A score off the tie by float rounding must not change it."""
+    labels = jnp.array([[0.0, 1.0, 0.2, 0.6]])  # ranked order: items 1, 3, 2, 0
+    mask = jnp.ones((1, 4), bool)
+    by_rank = np.array([-3 / 4, -5 / 12, 1 / 12, 13 / 12])
+    want = by_rank[[3, 0, 2, 1]]  # back to list order
+    grad = jax.grad(lambda s: listwise.list_mle(s, labels, mask).sum())
+    for noise_at in (None, 0, 1, 3):
+        s = jnp.zeros((1, 4)) if noise_at is None else jnp.zeros((1, 4)).at[0, noise_at].set(1e-7)
+        np.testing.assert_allclose(grad(s)[0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(listwise.list_mle(jnp.zeros((1, 4)), labels, mask), [np.log(24.0)])
+
+
+def test_lipo_lambda_weights_ignore_rounding_noise_around_ties():
+    """While the policy equals its reference every score is 0 up to float rounding, which
+    differs between device layouts; it must not reorder the list (and so the weights)."""
+    labels = jnp.array([[1.0, 0.6, 0.2, 0.0]])
+    mask = jnp.ones((1, 4), bool)
+    value_and_grad = jax.value_and_grad(lambda s: listwise.lipo_lambda(s, labels, mask).sum())
+    zero = jnp.zeros((1, 4))
+    want = value_and_grad(zero)
+    for noise in (2e-7, -2e-7):
+        for k in range(4):
+            got = value_and_grad(zero.at[0, k].set(noise))
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_point_sigmoid_gradient_at_zero_is_sigmoid_minus_the_label():
+    """d/ds [-psi logsig(s) - (1 - psi) logsig(-s)] = sigmoid(s) - psi, = 1/2 - psi at s = 0
+    (every score is 0 while the policy equals its reference)."""
+    labels = jnp.array([[1.0, 0.6, 0.2, 0.0]])
+    mask = jnp.ones((1, 4), bool)
+    grad = jax.grad(lambda s: listwise.point_sigmoid(s, labels, mask).sum())
+    np.testing.assert_allclose(grad(jnp.zeros((1, 4)))[0], [-0.5, -0.1, 0.3, 0.5], atol=1e-6)
+    np.testing.assert_allclose(listwise.point_sigmoid(jnp.zeros((1, 4)), labels, mask),
+                               [4 * np.log(2.0)], rtol=1e-6)  # fmt: skip

@@ -9,7 +9,8 @@ with psi_i > psi_j; equal labels form no pair.
     LiPO-lambda   sum_{pairs} Delta_ij * log(1 + exp(-(s_i - s_j)))
                   Delta_ij = |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)|,
                   G = 2^psi - 1, D(tau) = log2(1 + tau),
-                  tau = 1-based rank of s (descending), no gradient
+                  tau = 1-based rank of s (descending, s compared on a
+                  grid of RANK_RESOLUTION), no gradient
     pair-logistic sum_{pairs} log(1 + exp(-(s_i - s_j)))   (= DPO on all pairs)
     pair-hinge    sum_{pairs} max(0, 1 - (s_i - s_j))
     ListMLE       -sum_k log(exp(s_(k)) / sum_{m >= k} exp(s_(m)))  (Plackett-Luce DPO;
@@ -34,6 +35,10 @@ import jax
 import jax.numpy as jnp
 
 _REDUCTIONS = ("paper", "rax")
+# The ranks behind the lambda weights compare scores on a grid of this step: scores in one
+# cell tie (and go to the earlier list position).
+RANK_RESOLUTION = 1e-4
+_INVALID_SCORE = -1e9  # exp(-1e9 - s) is 0 in float32 for any score a policy gives
 
 
 def _rax():
@@ -63,10 +68,16 @@ def _pairs(labels_BK, mask_BK):
 def _ranks(scores_BK, mask_BK):
     """1-based rank of each valid score among the valid ones, descending.
 
-    Ties go to the earlier list position (as in rax.utils.ranks); counting
+    Scores are compared as round(s / RANK_RESOLUTION); ties go to the earlier
+    list position (as in rax.utils.ranks). While the policy equals its
+    reference (at initialisation, or with a zero learning rate) every s is 0
+    up to float rounding (about 1e-7), and that rounding depends on the device
+    layout and the CPU: compared exactly, it would order the list differently
+    on 1 and on 8 devices, and so weight the pairs differently. Counting
     instead of sorting keeps invalid entries out of the ranking whatever they hold.
     """
-    s_i, s_j = scores_BK[..., :, None], scores_BK[..., None, :]
+    grid_BK = jnp.round(scores_BK / RANK_RESOLUTION)
+    s_i, s_j = grid_BK[..., :, None], grid_BK[..., None, :]
     k = jnp.arange(scores_BK.shape[-1])
     ahead_BKK = (s_j > s_i) | ((s_j == s_i) & (k[None, :] < k[:, None]))
     return 1 + jnp.sum(ahead_BKK & mask_BK[..., None, :], axis=-1)
@@ -155,10 +166,22 @@ def list_mle(scores, labels, mask):
 
         -sum_k [s_(k) - log sum_{m >= k} exp(s_(m))],  (k) sorted by psi descending
 
-    `rax.listmle_loss` per list. Tied labels are ordered by list position.
+    Tied labels are ordered by list position (as `rax.listmle_loss`). The
+    suffix log-sum-exps come from `jax.lax.cumlogsumexp`, whose gradient is
+    the softmax over the suffix everywhere, ties in s included: at s = 0 (the
+    policy equal to its reference) the gradient for item (k) is
+    -1 + sum_{m <= k} 1 / (n - m + 1). (`rax.listmle_loss` differentiates
+    through a running max there and gives another value at exact ties.)
     """
     scores_BK, labels_BK, mask_BK = _clean(scores, labels, mask)
-    return _rax().listmle_loss(scores_BK, labels_BK, where=mask_BK, reduce_fn=None)
+    # Valid entries by label, descending (stable: ties keep list order); invalid ones last.
+    order_BK = jnp.argsort(jnp.where(mask_BK, -labels_BK, jnp.inf), axis=-1, stable=True)
+    s_BK = jnp.take_along_axis(scores_BK, order_BK, axis=-1)
+    valid_BK = jnp.take_along_axis(mask_BK, order_BK, axis=-1)
+    # A finite floor keeps invalid entries out of every suffix sum without inf - inf.
+    s_BK = jnp.where(valid_BK, s_BK, _INVALID_SCORE)
+    lse_BK = jax.lax.cumlogsumexp(s_BK, axis=s_BK.ndim - 1, reverse=True)
+    return -jnp.sum(jnp.where(valid_BK, s_BK - lse_BK, 0.0), axis=-1)
 
 
 def softmax_cross_entropy(scores, labels, mask):
@@ -188,9 +211,14 @@ def point_mse(scores, labels, mask):
 def point_sigmoid(scores, labels, mask):
     """sum_k -psi_k logsig(s_k) - (1 - psi_k) logsig(-s_k), [B].
 
-    Sigmoid cross-entropy with psi as a soft target; `rax.pointwise_sigmoid_loss`
-    (which clips psi to [0, 1]), summed over valid entries.
+    Sigmoid cross-entropy with psi (clipped to [0, 1]) as a soft target,
+    summed over valid entries; equal to `rax.pointwise_sigmoid_loss` summed.
+    Its gradient sigmoid(s_k) - psi_k holds at s_k = 0 too (the policy equal
+    to its reference), where rax's, through max(s, 0), is off by one.
     """
     scores_BK, labels_BK, mask_BK = _clean(scores, labels, mask)
-    loss_BK = _rax().pointwise_sigmoid_loss(scores_BK, labels_BK, where=mask_BK, reduce_fn=None)
-    return jnp.sum(loss_BK, axis=-1)
+    psi_BK = jnp.clip(labels_BK, 0.0, 1.0)
+    loss_BK = -psi_BK * jax.nn.log_sigmoid(scores_BK) - (1.0 - psi_BK) * jax.nn.log_sigmoid(
+        -scores_BK
+    )
+    return jnp.sum(jnp.where(mask_BK, loss_BK, 0.0), axis=-1)
