@@ -2,10 +2,17 @@
 
 The train step, optax, orbax and jit shardings all work on plain pytrees:
 
-    model = PureModel(TransformerConfig(...))
-    params = model.init(seed)                       # {'embed': [V, D], 'blocks': ...}
-    logits_BLV = model.apply(params, tokens_BL)
-    model.logical_axes                              # same tree, logical axis names
+    >>> import jax.numpy as jnp
+    >>> from lm_align.models import TransformerConfig
+    >>> from lm_align.models.pure import PureModel
+    >>> cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+    >>> model = PureModel(cfg)
+    >>> params = model.init(0)  # {'embed': [V, D], 'blocks': ..., 'readout': [D, V], ...}
+    >>> tokens_BL = jnp.zeros((1, 8), jnp.int32)
+    >>> model.apply(params, tokens_BL).shape  # logits [B, L, V]
+    (1, 8, 64)
+    >>> params["embed"].shape, model.logical_axes["embed"]  # same tree, logical axis names
+    ((64, 32), ('vocab', None))
 """
 
 from __future__ import annotations
