@@ -1,10 +1,12 @@
-"""mkdocs.yml's nav lists every page under docs/, and every page it lists exists.
+"""mkdocs.yml's nav lists every page under docs/, and every page it lists exists;
+README shows the test command CI runs.
 
 Fast (no build): `mkdocs build --strict` (README, "Run the tests") renders the
 site; this test keeps a new docs page from being left out of the navigation.
 """
 
 import os
+import re
 
 import yaml
 
@@ -53,3 +55,25 @@ def test_every_docs_page_is_in_the_nav():
     assert not missing, f"docs pages missing from mkdocs.yml nav: {missing}"
     absent = sorted(p for p in nav if not os.path.isfile(os.path.join(docs_dir, p)))
     assert not absent, f"mkdocs.yml nav lists pages that do not exist: {absent}"
+
+
+def _pytest_commands(text):
+    """Every `pytest ...` command line of a shell script or of a README code block."""
+    commands = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#") or "pytest " not in line:
+            continue
+        commands.append("pytest " + line.split("pytest ", 1)[1].strip())
+    return commands
+
+
+def test_readme_shows_the_test_command_ci_runs():
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+        ci = _pytest_commands(f.read())
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    blocks = re.findall(r"^```bash\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+    shown = [c for block in blocks for c in _pytest_commands(block)]
+    assert ci, ".ci/run runs no pytest command"
+    assert set(ci) <= set(shown), f".ci/run runs {ci}; README shows {shown}"
