@@ -95,17 +95,25 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
     greedy: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(tokens int32 [B], model log-probs float32 [B]) for one decoding step.
 
     ``greedy`` (or what decoding with temperature 0 means) takes the argmax and
-    ignores rng, temperature, top_k and top_p.
+    ignores rng, temperature, top_k and top_p. ``vocab_size`` (the tokenizer's)
+    keeps ids at or above it from being chosen: a model's vocabulary is often
+    padded past its tokenizer's, and those ids decode to nothing. The log-probs
+    stay the model's own (over all of its ids), as a rescoring pass computes them.
     """
     logits = logits_BV.astype(jnp.float32)
+    choose = logits
+    V = logits.shape[-1]
+    if vocab_size is not None and vocab_size < V:
+        choose = jnp.where(jnp.arange(V) < vocab_size, logits, NEG_INF)
     if greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = jnp.argmax(choose, axis=-1)
     else:
-        x = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        x = process_logits(choose, temperature=temperature, top_k=top_k, top_p=top_p)
         tokens = jax.random.categorical(rng, x, axis=-1)
     logps = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logps, tokens[:, None], axis=-1)[:, 0]
@@ -147,6 +155,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    vocab_size: int | None = None,
 ) -> Generation:
     """Batched autoregressive decoding with a KV cache (one compiled program).
 
@@ -166,6 +175,8 @@ def generate(
       params: its parameters.
       prompts: token id lists (include bos if the model was trained with it).
       max_new_tokens: tokens generated per row (fixed shapes).
+      vocab_size: ids at or above it are never generated (the tokenizer's
+        vocabulary, when the model's is padded past it); None: every id.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -187,6 +198,7 @@ def generate(
         tuple(int(t) for t in stop_tokens),
         int(pad_id),
         mesh,
+        None if vocab_size is None else int(vocab_size),
     )
     if mesh is not None:
         dp = parallel.data_parallel_size(mesh)
@@ -204,7 +216,9 @@ def generate(
 
 
 @functools.lru_cache(maxsize=32)
-def _decoder(model, max_new, temperature, top_k, top_p, greedy, stop_tokens, pad_id, mesh):
+def _decoder(
+    model, max_new, temperature, top_k, top_p, greedy, stop_tokens, pad_id, mesh, vocab_size
+):
     from lm_align.models.transformer import init_cache
 
     stop = jnp.asarray(stop_tokens, jnp.int32) if stop_tokens else None
@@ -226,8 +240,9 @@ def _decoder(model, max_new, temperature, top_k, top_p, greedy, stop_tokens, pad
             logits_BV, cache, done_B, key = carry
             key, sub = jax.random.split(key)
             tok_B, logp_B = sample_next(
-                sub, logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
-            )
+                sub, logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
+                greedy=greedy, vocab_size=vocab_size,
+            )  # fmt: skip
             tok_B = jnp.where(done_B, pad_id, tok_B)
             logp_B = jnp.where(done_B, 0.0, logp_B)
             live_B = ~done_B
@@ -300,6 +315,8 @@ def sample_texts(
     the eos, decoded (`decode_response`). The defaults sample from the
     model's own distribution (temperature 1, no top-k or nucleus cut; see the
     module docstring); `greedy` takes the argmax and ignores the settings.
+    Ids at or above the tokenizer's vocabulary (a model's vocabulary padded
+    past it) are never generated.
 
     RNG scheme: prompts are decoded `batch_size` at a time (`batch_size *
     num_samples` rows per call); batch b = prompts `[b * batch_size, (b + 1)
@@ -344,6 +361,7 @@ def sample_texts(
             max_new_tokens=max_new_tokens, rng=jax.random.fold_in(key, b),
             num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
             greedy=greedy, stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, mesh=mesh,
+            vocab_size=tokenizer.vocab_size,
         )  # fmt: skip
         tokens_RT = np.asarray(jax.device_get(out.tokens))[: num_real * num_samples]
         lengths_R = np.asarray(jax.device_get(out.lengths))[: num_real * num_samples]

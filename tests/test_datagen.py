@@ -335,3 +335,21 @@ def test_make_preferences_checks_settings_before_sampling(tiny):
         make_preferences(model, params, tok, PROMPTS, scorer=_even_length, format="x", **SAMPLING)
     with pytest.raises(ValueError, match="first_round"):
         make_preferences(model, params, tok, PROMPTS, scorer=_even_length, pairing="x", **SAMPLING)
+
+
+def test_direct_pairs_take_the_reference_over_the_first_wrong_sample():
+    from lm_align.align.direct import direct_pairs
+
+    prompts = ["1+1=", "2+2=", "3+3=", "4+4="]
+    golds = ["2", "4", "6", "8"]
+    samples = [["2", "3", "5"], ["4", "4"], ["", "7", "9"], ["9", "8"]]
+    scores = [np.array([1.0, 0.0, 0.0]), np.array([1.0, 1.0]), np.array([0.0, 0.0, 0.0]),
+              np.array([0.5, 1.0])]  # fmt: skip
+    records, stats = direct_pairs(prompts, golds, samples, scores)
+    # prompt 0: first wrong is "3"; prompt 1: none wrong; prompt 2: the blank one is skipped,
+    # "7" is first; prompt 3: 0.5 counts as wrong.
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [
+        ("1+1=", "2", "3"), ("3+3=", "6", "7"), ("4+4=", "8", "9"),
+    ]  # fmt: skip
+    assert (stats.num_prompts, stats.num_samples, stats.num_records) == (4, 10, 3)
+    assert stats.mean_score == pytest.approx(4.5 / 10)

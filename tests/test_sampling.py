@@ -348,3 +348,18 @@ def test_greedy_sample_texts_is_step_by_step_greedy(byte_model):
         prompt = [tok.bos_id] + tok.encode(text)
         want = _greedy_without_cache(model, params, prompt, 4)
         assert s.token_ids[i][0] == want[: len(s.token_ids[i][0])]
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_generated():
+    """A model whose vocabulary is padded past the tokenizer's: the padded ids get all the
+    mass, yet the sampler picks only tokenizer ids; the log-probs stay the model's own."""
+    vocab = 5
+    logits = jnp.asarray([[0.0, 0.0, 0.0, 0.0, 1.0, 9.0, 9.0, 9.0]] * 64)
+    for greedy in (True, False):
+        tok, logp = sample_next(jax.random.key(0), logits, greedy=greedy, vocab_size=vocab)
+        assert int(jnp.max(tok)) < vocab
+        want = logits[0, tok] - jax.scipy.special.logsumexp(logits[0])
+        np.testing.assert_allclose(logp, want, rtol=1e-6)
+    # Without the limit the padded ids are chosen: the check above can fail.
+    tok, _ = sample_next(jax.random.key(0), logits, greedy=True)
+    assert int(tok[0]) >= vocab

@@ -13,6 +13,7 @@ import os
 import sys
 
 from lm_align.distributed import add_process_flags
+from lm_align.utils import write_json
 
 PAIRINGS = ("first_round", "tournament", "best_worst", "all")
 
@@ -195,13 +196,26 @@ def cmd_bon(args, overrides) -> int:
     return _run_stages("bon", run_bon, args, overrides)
 
 
-def cmd_eval(args, overrides) -> int:
+def _reward_model_selector(path: str, tokenizer, prompts):
+    """bon@k's selector: a reward model's scores of the samples, [P, n]."""
     import numpy as np
 
+    from lm_align.align.reward import RewardModel, reward_model_scorer
+    from lm_align.align.setup import load_model
+    from lm_align.data.scorers import score_lists
+
+    rm, rm_params, _ = load_model(path)
+    if not isinstance(rm, RewardModel):
+        raise ValueError(f"--selector {path} is a policy, not a reward model")
+    rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=64)
+    return lambda samples, k: np.stack(score_lists(rm_score, prompts, samples.responses))
+
+
+def cmd_eval(args, overrides) -> int:
     from lm_align import data as data_lib
-    from lm_align.align.datagen import SCORERS, make_scorer
     from lm_align.align.policy_eval import evaluate_policy
     from lm_align.align.setup import load_model
+    from lm_align.data.scorers import SCORERS, make_scorer, reference_scorer
 
     try:
         ks = [int(k) for k in args.ks.split(",")]
@@ -225,27 +239,10 @@ def cmd_eval(args, overrides) -> int:
         source = data_lib.make_source(cfg.data, args.split)
         records = [source[i] for i in range(min(args.num_prompts, len(source)))]
         prompts = [r["prompt"] for r in records]
-        if args.scorer == "reference":
-            gold = {r["prompt"]: r["completion"].strip() for r in records}
-
-            def scorer(ps, rs):
-                return np.array([float(r.strip() == gold[p]) for p, r in zip(ps, rs, strict=True)])
-        else:
-            scorer = make_scorer(args.scorer)
-        selector = None
-        if args.selector:
-            from lm_align.align.reward import RewardModel, reward_model_scorer
-
-            rm, rm_params, _ = load_model(args.selector)
-            if not isinstance(rm, RewardModel):
-                raise ValueError(f"--selector {args.selector} is a policy, not a reward model")
-            rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=64)
-
-            def selector(s, k):
-                flat = [r for rs in s["responses"] for r in rs]
-                ps = [p for p, rs in zip(prompts, s["responses"], strict=True) for _ in rs]
-                return np.asarray(rm_score(ps, flat)).reshape(len(prompts), -1)
-
+        scorer = reference_scorer(records) if args.scorer == "reference" else make_scorer(args.scorer)
+        selector = (
+            _reward_model_selector(args.selector, tokenizer, prompts) if args.selector else None
+        )
         report = evaluate_policy(
             model, params, tokenizer, prompts, scorer,
             num_samples=args.num_samples, ks=ks, max_new_tokens=args.max_new_tokens,
@@ -259,8 +256,7 @@ def cmd_eval(args, overrides) -> int:
         report["hallucination_rate"] = 1.0 - report["greedy_accuracy"]
     report = {"policy": args.policy, "source": cfg.data.source, "split": args.split, **report}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.out, report)
     if args.json:
         print(json.dumps(report))
     else:
@@ -271,7 +267,7 @@ def cmd_eval(args, overrides) -> int:
 
 
 def _scorer(spec: str, tokenizer, max_len: int):
-    from lm_align.align.datagen import SCORERS, make_scorer
+    from lm_align.data.scorers import SCORERS, make_scorer
 
     if spec in SCORERS:
         return make_scorer(spec)
@@ -288,20 +284,61 @@ def _scorer(spec: str, tokenizer, max_len: int):
     )
 
 
-def cmd_preferences(args, overrides) -> int:
-    import numpy as np
-
-    from lm_align import data as data_lib
-    from lm_align.align import datagen
-    from lm_align.align.setup import load_model
-
+def _check_preference_args(args) -> str | None:
+    """The first problem with `lm-align preferences`' numeric flags, or None."""
     for name in ("num_prompts", "num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            print(f"error: {flag}={getattr(args, name)}; use 1 or more", file=sys.stderr)
-            return 2
+            return f"--{name.replace('_', '-')}={getattr(args, name)}; use 1 or more"
     if args.format == "pairs" and args.num_samples < 2:
-        print("error: --num-samples must be >= 2 to form pairs", file=sys.stderr)
+        return "--num-samples must be >= 2 to form pairs"
+    if args.rso_accept and (args.format != "pairs" or not 2 <= args.rso_accept <= args.num_samples):
+        return (
+            f"--rso-accept={args.rso_accept} needs --format pairs and 2 <= it <= "
+            f"--num-samples={args.num_samples}"
+        )
+    return None
+
+
+def _make_records(args, model, params, tokenizer, records, prompts, scorer, label_scorer):
+    """(records, stats) by the method the flags choose: direct, RSO or sample-and-rank."""
+    from lm_align.align import datagen
+
+    sampling_args = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+    }  # fmt: skip
+    if args.direct:
+        from lm_align.align.direct import direct_preferences
+
+        golds = [records[args.offset + i]["completion"] for i in range(len(prompts))]
+        return direct_preferences(
+            model, params, tokenizer, prompts, golds, scorer=scorer,
+            num_samples=args.num_samples, **sampling_args,
+        )  # fmt: skip
+    if args.rso_accept:
+        from lm_align.align.rso import rso_preferences
+
+        return rso_preferences(
+            model, params, tokenizer, prompts, scorer=scorer, num_candidates=args.num_samples,
+            num_accept=args.rso_accept, beta=args.rso_beta, pairing=args.pairing,
+            soft_label_temperature=args.soft_label_temperature, **sampling_args,
+        )  # fmt: skip
+    return datagen.make_preferences(
+        model, params, tokenizer, prompts, scorer=scorer, label_scorer=label_scorer,
+        num_samples=args.num_samples, format=args.format, pairing=args.pairing,
+        soft_label_temperature=args.soft_label_temperature,
+        max_pairs_per_prompt=args.max_pairs_per_prompt, **sampling_args,
+    )  # fmt: skip
+
+
+def cmd_preferences(args, overrides) -> int:
+    from lm_align import data as data_lib
+    from lm_align.align.setup import load_model
+    from lm_align.data.preference import write_records
+
+    problem = _check_preference_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         model, params, cfg = load_model(args.policy)
@@ -315,68 +352,9 @@ def cmd_preferences(args, overrides) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.direct:
-        from lm_align.data.preference import PairwiseRecord
-
-        candidates = datagen.sample_responses(
-            model, params, tokenizer, prompts, num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        )  # fmt: skip
-        out, scores = [], []
-        for i, (prompt, cands) in enumerate(zip(prompts, candidates, strict=True)):
-            r = scorer([prompt] * len(cands), cands)
-            scores.append(np.mean(r))
-            gold = records[args.offset + i]["completion"]
-            wrong = [c for c, x in zip(cands, r, strict=True) if x <= 0.5 and c.strip()]
-            if wrong and wrong[0] != gold:
-                out.append(PairwiseRecord(prompt, gold, wrong[0], origin=f"prompt {i}"))
-        stats = datagen.PreferenceStats(
-            num_prompts=len(prompts), num_samples=len(prompts) * args.num_samples,
-            mean_score=float(np.mean(scores)), prompts_with_records=len(out),
-            num_records=len(out),
-        )  # fmt: skip
-    elif args.rso_accept:
-        from lm_align.align.rso import rso_pairs
-
-        if args.format != "pairs" or not 2 <= args.rso_accept <= args.num_samples:
-            print(
-                f"error: --rso-accept={args.rso_accept} needs --format pairs and 2 <= it <= "
-                f"--num-samples={args.num_samples}",
-                file=sys.stderr,
-            )
-            return 2
-        candidates = datagen.sample_responses(
-            model, params, tokenizer, prompts, num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        )  # fmt: skip
-        rewards = [scorer([p] * len(c), c) for p, c in zip(prompts, candidates, strict=True)]
-        out, stats = rso_pairs(
-            prompts, candidates, rewards, num_accept=args.rso_accept, beta=args.rso_beta,
-            pairing=args.pairing, seed=args.seed,
-            soft_label_temperature=args.soft_label_temperature,
-        )  # fmt: skip
-        stats.mean_score = float(np.mean([np.mean(r) for r in rewards]))
-    else:
-        out, stats = datagen.make_preferences(
-            model,
-            params,
-            tokenizer,
-            prompts,
-            scorer=scorer,
-            label_scorer=label_scorer,
-            num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens,
-            format=args.format,
-            pairing=args.pairing,
-            soft_label_temperature=args.soft_label_temperature,
-            max_pairs_per_prompt=args.max_pairs_per_prompt,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
+    out, stats = _make_records(
+        args, model, params, tokenizer, records, prompts, scorer, label_scorer
+    )
     if not out:
         print(
             f"error: no preference records: every prompt's {args.num_samples} samples scored "
@@ -385,10 +363,9 @@ def cmd_preferences(args, overrides) -> int:
             file=sys.stderr,
         )
         return 1
-    datagen.write_jsonl(out, args.out)
+    write_records(out, args.out)
     summary = {"policy": args.policy, "out": args.out, **stats.as_dict()}
-    with open(os.path.splitext(args.out)[0] + ".stats.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.splitext(args.out)[0] + ".stats.json", summary)
     print(
         f"wrote {len(out)} {args.format} from {len(prompts)} prompts x {args.num_samples} samples "
         f"to {args.out}; mean sample score {stats.mean_score:.3f}, prompts with a record "

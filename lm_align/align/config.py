@@ -128,7 +128,7 @@ def check_align(align_cfg) -> list[str]:
             f"(align.loss={a.loss!r}) has no likelihood to anchor, set it to 0"
         )
     if a.eval_scorer:
-        from lm_align.align.datagen import SCORERS
+        from lm_align.data.scorers import SCORERS
 
         if a.eval_scorer not in SCORERS:
             errors.append(f"align.eval_scorer={a.eval_scorer!r}; use one of {sorted(SCORERS)}")

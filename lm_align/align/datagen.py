@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from lm_align import sampling
-from lm_align.data.preference import ListwiseRecord, PairwiseRecord, write_records
-from lm_align.data.scorers import SCORERS, Scorer, make_scorer, score_lists  # noqa: F401
+from lm_align.data.preference import ListwiseRecord, PairwiseRecord
+from lm_align.data.scorers import Scorer, make_scorer, score_lists
 from lm_align.data.tokenizers import Tokenizer, make_tokenizer
 
 PAIRING_METHODS = ("first_round", "tournament", "best_worst", "all")
@@ -388,12 +388,3 @@ def make_preferences(
         )
     stats.mean_score = float(np.concatenate(scores).mean()) if scores else math.nan
     return records, stats
-
-
-# Moved; kept until align/commands.py, study.py, config.py, held_out.py import them from
-# sampling.sample_texts, data.scorers (SCORERS, make_scorer), data.preference.write_records.
-write_jsonl = write_records
-
-
-def sample_responses(*args, **kwargs) -> list[list[str]]:
-    return sampling.sample_texts(*args, **kwargs).responses

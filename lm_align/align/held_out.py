@@ -22,6 +22,8 @@ from lm_align.align.batches import map_records
 from lm_align.align.config import REWARD_LOSSES
 from lm_align.align.objectives import objective
 from lm_align.align.setup import AlignSetup
+from lm_align.data.scorers import make_scorer, score_lists
+from lm_align.sampling import rescore, sample_texts
 from lm_align.train import evaluate
 
 
@@ -63,22 +65,18 @@ def sample_metrics(model, params, ref_params, tokenizer, prompts, a, *, seed: in
     tokens); it is unbiased at temperature 1. Response length counts tokens
     before the eos.
     """
-    from lm_align.align.datagen import make_scorer
-    from lm_align.align.policy_eval import rescore, sample
-
-    out = sample(
+    out = sample_texts(
         model, params, tokenizer, prompts, num_samples=a.eval_samples,
         max_new_tokens=a.eval_max_new_tokens, temperature=a.eval_temperature, seed=seed,
     )  # fmt: skip
-    ref_logps = rescore(model, ref_params, tokenizer, prompts, out["token_ids"])
+    ref_logps = rescore(model, ref_params, tokenizer, prompts, out.token_ids)
     result = {
-        "kl": float(np.mean(out["logps"] - ref_logps)),
-        "response_length": float(np.mean(out["lengths"])),
+        "kl": float(np.mean(out.logps.astype(np.float64) - ref_logps)),
+        "response_length": float(np.mean(out.response_lengths)),
     }
     if a.eval_scorer:
-        flat_prompts = [p for p, rs in zip(prompts, out["responses"], strict=True) for _ in rs]
-        flat = [r for rs in out["responses"] for r in rs]
-        result["sample_reward"] = float(np.mean(make_scorer(a.eval_scorer)(flat_prompts, flat)))
+        scores = score_lists(make_scorer(a.eval_scorer), prompts, out.responses)
+        result["sample_reward"] = float(np.mean(np.concatenate(scores)))
     return result
 
 

@@ -94,12 +94,3 @@ def evaluate_policy(
         ref = rescore(model, reference_params, tokenizer, prompts, s.token_ids)
         report["kl"] = float(np.mean(s.logps.astype(np.float64) - ref))
     return report
-
-
-def sample(model, params, tokenizer, prompts, **kwargs) -> dict[str, Any]:
-    """`sample_texts` as the dict align/held_out.py reads; removed once it calls sample_texts."""
-    s = sample_texts(model, params, tokenizer, prompts, **kwargs)
-    return {
-        "responses": s.responses, "token_ids": s.token_ids, "logps": s.logps,
-        "lengths": s.response_lengths.astype(np.float64), "gen_lengths": s.lengths,
-    }  # fmt: skip

@@ -32,6 +32,10 @@ import jax
 
 from lm_align import config as config_lib
 from lm_align import data as data_lib
+from lm_align.data.preference import write_records
+from lm_align.data.scorers import make_scorer, score_lists
+from lm_align.sampling import sample_texts
+from lm_align.utils import log, write_atomic, write_json
 
 RESULT_KEYS = (
     ("eval_answer_exact_match", "greedy accuracy"),
@@ -39,10 +43,6 @@ RESULT_KEYS = (
     ("eval_kl", "KL to SFT"),
     ("eval_response_length", "length"),
 )
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _make_preferences(workdir: str, sft_dir: str, spec: dict[str, Any]) -> dict[str, str]:
@@ -57,7 +57,7 @@ def _make_preferences(workdir: str, sft_dir: str, spec: dict[str, Any]) -> dict[
     }
     stats_path = os.path.join(out_dir, "stats.json")
     if all(os.path.exists(p) for p in (*paths.values(), stats_path)):
-        _log(f"preferences: {out_dir} exists, reused")
+        log(f"preferences: {out_dir} exists, reused")
         return paths
     model, params, cfg = load_model(sft_dir)
     tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)
@@ -69,14 +69,10 @@ def _make_preferences(workdir: str, sft_dir: str, spec: dict[str, Any]) -> dict[
     soft_t = spec.pop("soft_label_temperature", None)
     label_scorer = spec.pop("label_scorer", None)
     max_responses = spec.pop("lists_max_responses", None)
-    scorer = datagen.make_scorer(spec.pop("scorer", "arithmetic_exact"))
-    samples = datagen.sample_responses(model, params, tokenizer, prompts, **spec)
-    scores = [scorer([p] * len(r), r) for p, r in zip(prompts, samples, strict=True)]
-    if label_scorer:
-        grade = datagen.make_scorer(label_scorer)
-        labels = [grade([p] * len(r), r) for p, r in zip(prompts, samples, strict=True)]
-    else:
-        labels = scores
+    scorer = make_scorer(spec.pop("scorer", "arithmetic_exact"))
+    samples = sample_texts(model, params, tokenizer, prompts, **spec).responses
+    scores = score_lists(scorer, prompts, samples)
+    labels = score_lists(make_scorer(label_scorer), prompts, samples) if label_scorer else scores
     pairs, pair_stats = datagen.build_pairwise(
         prompts, samples, scores, method=pairs_method, soft_label_temperature=soft_t,
         label_scores=labels,
@@ -85,12 +81,10 @@ def _make_preferences(workdir: str, sft_dir: str, spec: dict[str, Any]) -> dict[
         prompts, samples, labels, max_responses=max_responses
     )
     os.makedirs(out_dir, exist_ok=True)
-    datagen.write_jsonl(pairs, paths["pairs"])
-    datagen.write_jsonl(lists, paths["lists"])
-    stats = {"pairs": pair_stats.as_dict(), "lists": list_stats.as_dict()}
-    with open(stats_path, "w") as f:
-        json.dump(stats, f, indent=2)
-    _log(
+    write_records(pairs, paths["pairs"])
+    write_records(lists, paths["lists"])
+    write_json(stats_path, {"pairs": pair_stats.as_dict(), "lists": list_stats.as_dict()})
+    log(
         f"preferences: {len(pairs)} pairs and {len(lists)} lists from {n} prompts x "
         f"{spec['num_samples']} samples (sampled accuracy {pair_stats.mean_score:.3f}) -> {out_dir}"
     )
@@ -102,7 +96,7 @@ def run_study(config_path: str, workdir: str, overrides: list[str] = ()) -> list
     from lm_align.align.config import LISTWISE_LOSSES
     from lm_align.align.experiment import open_experiment
     from lm_align.align.trainer import align
-    from lm_align.train.loop import train
+    from lm_align.train import train
 
     exp = open_experiment(config_path, "get_study", None, overrides, "lm_align/align/study.py")
     study = exp.spec
@@ -110,7 +104,7 @@ def run_study(config_path: str, workdir: str, overrides: list[str] = ()) -> list
     load = exp.load
 
     sft_dir = os.path.join(workdir, "sft")
-    _log(f"== sft -> {sft_dir}")
+    log(f"== sft -> {sft_dir}")
     train(load("sft"), sft_dir)
     files = _make_preferences(workdir, sft_dir, study["preferences"])
 
@@ -126,21 +120,19 @@ def run_study(config_path: str, workdir: str, overrides: list[str] = ()) -> list
                 f"align.train_file={files['lists' if listwise else 'pairs']}",
             ],
         )
-        _log(f"== {method} ({cfg.align.loss}) -> {run_dir}")
+        log(f"== {method} ({cfg.align.loss}) -> {run_dir}")
         result = align(cfg, run_dir)
         if not rows:
             rows.append({"method": "SFT (start)", **_start_row(run_dir)})
         rows.append({"method": method, **{k: result.metrics.get(k) for k, _ in RESULT_KEYS}})
         if result.stopped_by:
-            _log(f"stopped by {result.stopped_by}; rerun the same command to continue")
+            log(f"stopped by {result.stopped_by}; rerun the same command to continue")
             return rows
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(os.path.join(workdir, "results.json"), rows)
         table = format_table(rows)
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
-        _log(table)
+        write_atomic(os.path.join(workdir, "results.md"), table + "\n")
+        log(table)
     return rows
 
 

@@ -82,12 +82,13 @@ def answer_accuracy(
 ) -> dict[str, Any]:
     """Greedy exact match of completions on held-out prompt/completion records.
 
-    Each prompt is fed as [bos] + prompt and decoded greedily with the KV-cache
-    decoder (`lm_align.sampling.generate`) until eos; the continuation is
-    compared with the record's completion (surrounding whitespace ignored).
-    Returns {} when the source has no prompt/completion records.
+    Each prompt is fed as [bos] + prompt and decoded greedily by the one
+    sampler (`lm_align.sampling.sample_texts`, KV cache, all prompts in one
+    call) until eos; the continuation is compared with the record's completion
+    (surrounding whitespace ignored). Returns {} when the source has no
+    prompt/completion records.
     """
-    from lm_align.sampling import generate
+    from lm_align.sampling import sample_texts
 
     records = data_lib.make_source(data_cfg, "eval")
     n = min(num_examples, len(records))
@@ -95,20 +96,13 @@ def answer_accuracy(
     if not examples or "prompt" not in examples[0]:
         return {}
     tok = data_lib.make_tokenizer(data_lib.config.get(data_cfg, "tokenizer"))
-    prompts = [[tok.bos_id] + tok.encode(r["prompt"]) for r in examples]
-    out = generate(
-        model,
-        params,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        greedy=True,
-        stop_tokens=[tok.eos_id],
-        pad_id=tok.pad_id,
-    )
-    tokens, lengths = np.asarray(jax.device_get(out.tokens)), np.asarray(out.lengths)
+    prompts = [r["prompt"] for r in examples]
+    answers = sample_texts(
+        model, params, tok, prompts, max_new_tokens=max_new_tokens, greedy=True, batch_size=n
+    ).responses
     correct, shown = 0, []
     for i, rec in enumerate(examples):
-        answer = tok.decode(tokens[i, : lengths[i]].tolist())
+        (answer,) = answers[i]
         ok = answer.strip() == rec["completion"].strip()
         correct += ok
         if len(shown) < verbose_examples:

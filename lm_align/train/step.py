@@ -110,7 +110,7 @@ def apply_update(
         raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped)
     if nonfinite == "skip":
