@@ -5,6 +5,7 @@ base_width_for(cfg, widths)   # param.base_width, or the smallest width for a no
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_cli_prints_slopes_as_json_and_writes_the_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr
     slopes = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(slopes) == {"embedding", "block0.attn", "block0.mlp", "logits"}
-    assert all(isinstance(v, float) for v in slopes.values())
+    assert all(isinstance(v, float) and math.isfinite(v) for v in slopes.values())
     assert out.exists() and out.stat().st_size > 10_000
     assert "smallest width 32 is the base width of mup" in proc.stderr, proc.stderr
     bad = subprocess.run(

@@ -17,8 +17,9 @@ The train step, optax, orbax and jit shardings all work on plain pytrees:
 
 from __future__ import annotations
 
+import math
+
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from lm_align.models.transformer import Transformer, TransformerConfig
@@ -73,7 +74,5 @@ class PureModel:
         return self.bind(params)(tokens_BL, **kwargs)
 
     def num_params(self) -> int:
-        return sum(
-            int(jnp.size(x)) if hasattr(x, "size") else 0
-            for x in jax.tree.leaves(self.abstract_params)
-        )
+        """Entries in all parameters."""
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))

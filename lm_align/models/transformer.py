@@ -10,7 +10,7 @@ Shape-suffix legend:
   F MLP hidden dim, V vocab, N layers.
 
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`,
-`head_dim`, `mlp`, `layers`) in its `sharding_names` metadata; `lm_align.parallel`
+`head_dim`, `mlp`, `layers`) in its `out_sharding` metadata; `lm_align.parallel`
 maps them to mesh axes. Packed sequences: `segment_ids` restrict attention to
 tokens of the same document and `positions` restart per document.
 """
@@ -165,7 +165,8 @@ class _Params:
         init = nnx.initializers.truncated_normal(std) if truncated else nnx.initializers.normal(std)
         return nnx.Param(
             init(rngs.params(), shape, self.dtype),
-            sharding_names=names,
+            out_sharding=names,
+            eager_sharding=False,
             multiplier=self.param.multiplier(role, f_in),
         )
 
@@ -175,7 +176,8 @@ class _Params:
         value = value * self.param.init_std(role, f_in) if value else 0.0
         return nnx.Param(
             jnp.full(shape, value, self.dtype),
-            sharding_names=names,
+            out_sharding=names,
+            eager_sharding=False,
             multiplier=self.param.multiplier(role, f_in),
         )
 
@@ -265,7 +267,7 @@ class Attention(nnx.Module):
         )
         self.out_bias = mk.const((D,), ("embed",), 0.0) if cfg.use_bias else None
         if cfg.qk_layernorm:
-            # One scale of size K shared by all heads, no bias (spec section 3).
+            # One scale of size K shared by all heads, no bias (Wortsman et al. 2023, arXiv:2309.14322; docs/scaling.md).
             self.q_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
             self.k_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
 
