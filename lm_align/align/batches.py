@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from lm_align import parallel
+
 from lm_align.align.config import resolved_format
 from lm_align.config import ConfigError
 from lm_align.data import preference as pref_data
@@ -114,11 +116,6 @@ class BatchOrder:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def sharded(batch, sharding):
-    """Process-local numpy batch -> global jax.Arrays in `sharding` (rows split over processes)."""
-    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
-
-
 def map_records(fn: Callable, data: PreferenceArrays, batch_size: int, sharding) -> list:
     """`fn(global batch)` over all records in order, the last batch padded (weight 0).
 
@@ -134,6 +131,6 @@ def map_records(fn: Callable, data: PreferenceArrays, batch_size: int, sharding)
         index = np.where(index < n, index, 0)
         batch = data.take(index[lo : lo + local])
         batch["weight"] = weight[lo : lo + local]
-        out = jax.device_get(fn(sharded(batch, sharding)))
+        out = jax.device_get(fn(parallel.global_batch(batch, sharding)))
         outs.append((out, int(min(batch_size, n - start))))
     return outs

@@ -38,13 +38,7 @@ import optax
 from lm_align import data as data_lib
 from lm_align import parallel
 from lm_align.align import held_out
-from lm_align.align.batches import (
-    BatchOrder,
-    PreferenceArrays,
-    load_preferences,
-    map_records,
-    sharded,
-)
+from lm_align.align.batches import BatchOrder, PreferenceArrays, load_preferences, map_records
 from lm_align.align.config import LISTWISE_LOSSES, REWARD_LOSSES, resolved_format
 from lm_align.align.objectives import objective
 from lm_align.align.setup import AlignSetup, initial_state, setup
@@ -237,7 +231,7 @@ def align(cfg, workdir: str, *, devices=None) -> TrainResult:
         log("start: " + held_out.describe(row))
     loop = Loop(
         train_step=_compile_step(s, ref_params, online),
-        next_batch=lambda: sharded(train_data.take(next(order)), s.batch_sharding),
+        next_batch=lambda: parallel.global_batch(train_data.take(next(order)), s.batch_sharding),
         data_state=order.get_state,
         run_eval=run_eval,
         describe=lambda m: (

@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from lm_align.launch import gcloud as g
 from lm_align.launch import workdir as wd
 from lm_align.launch.accelerators import Accelerator, hosts_text, parse_accelerator
-from lm_align.launch.gcloud import LaunchError, shell_line  # noqa: F401 (re-exported)
+from lm_align.launch.gcloud import LaunchError
 from lm_align.launch.steps import (
     POLL_S,
     SOURCE_DIR,

@@ -86,7 +86,7 @@ def add_parsers(subparsers) -> None:
 
 
 def cmd_sweep(args, overrides) -> int:
-    from lm_align.launch.tpu import LaunchError
+    from lm_align.launch.gcloud import LaunchError
     from lm_align.sweeps import runner
 
     if args.parallel < 1:
@@ -144,7 +144,7 @@ def cmd_sweep(args, overrides) -> int:
 
 def _executor(args):
     """None (run_sweep's LocalExecutor) or the TPUExecutor the tpu flags describe."""
-    from lm_align.launch.tpu import LaunchError
+    from lm_align.launch.gcloud import LaunchError
 
     given = [flag for flag, attr in TPU_FLAGS if getattr(args, attr) is not None]
     if args.executor != "tpu":
@@ -182,7 +182,7 @@ def _executor(args):
 
 
 def _print_tpu_plan(executor, runs) -> None:
-    from lm_align.launch.tpu import shell_line
+    from lm_align.launch.gcloud import shell_line
 
     acc = executor.accelerator
     print(
