@@ -325,6 +325,16 @@ def build_listwise(
     return records, stats
 
 
+def sample_and_score(
+    model: Any, params: Any, tokenizer: Tokenizer, prompts: Sequence[str], scorer: Scorer,
+    **sampling_args,
+) -> tuple[list[list[str]], list[np.ndarray]]:
+    """(responses [P][n], their scores [P] of [n]): `sampling.sample_texts` with
+    `sampling_args`, then `scorer` on every (prompt, response) pair."""
+    samples = sampling.sample_texts(model, params, tokenizer, prompts, **sampling_args).responses
+    return samples, score_lists(scorer, prompts, samples)
+
+
 def make_preferences(
     model: Any,
     params: Any,
@@ -368,12 +378,11 @@ def make_preferences(
     scorer = make_scorer(scorer) if isinstance(scorer, str) else scorer
     if isinstance(label_scorer, str):
         label_scorer = make_scorer(label_scorer)
-    samples = sampling.sample_texts(
-        model, params, tokenizer, prompts, num_samples=num_samples,
+    samples, scores = sample_and_score(
+        model, params, tokenizer, prompts, scorer, num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed, batch_size=batch_size,
-    ).responses  # fmt: skip
-    scores = score_lists(scorer, prompts, samples)
+    )  # fmt: skip
     labels = None if label_scorer is None else score_lists(label_scorer, prompts, samples)
     if format == "pairs":
         records, stats = build_pairwise(

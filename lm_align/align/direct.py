@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from lm_align import sampling
-from lm_align.align.datagen import PreferenceStats
+from lm_align.align.datagen import PreferenceStats, sample_and_score
 from lm_align.data.preference import PairwiseRecord
-from lm_align.data.scorers import Scorer, score_lists
+from lm_align.data.scorers import Scorer
 
 REJECT_AT_OR_BELOW = 0.5  # a sample scoring at most this is a mistake
 
@@ -71,9 +71,9 @@ def direct_preferences(
     seed: int = 0,
 ) -> tuple[list[PairwiseRecord], PreferenceStats]:
     """Samples with `sampling.sample_texts`, scores with `scorer`, then `direct_pairs`."""
-    samples = sampling.sample_texts(
-        model, params, tokenizer, prompts, num_samples=num_samples,
+    samples, scores = sample_and_score(
+        model, params, tokenizer, prompts, scorer, num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed,
-    ).responses  # fmt: skip
-    return direct_pairs(prompts, completions, samples, score_lists(scorer, prompts, samples))
+    )  # fmt: skip
+    return direct_pairs(prompts, completions, samples, scores)

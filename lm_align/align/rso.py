@@ -55,9 +55,9 @@ from typing import Any
 import numpy as np
 
 from lm_align import sampling
-from lm_align.align.datagen import PreferenceStats, build_pairwise
+from lm_align.align.datagen import PreferenceStats, build_pairwise, sample_and_score
 from lm_align.data.preference import PairwiseRecord
-from lm_align.data.scorers import Scorer, make_scorer, score_lists
+from lm_align.data.scorers import Scorer, make_scorer
 
 
 def _check_rewards(rewards: np.ndarray | list[float]) -> np.ndarray:
@@ -283,12 +283,11 @@ def rso_preferences(
             "pairs need two accepted responses, accepted ones are candidates"
         )
     scorer = make_scorer(scorer) if isinstance(scorer, str) else scorer
-    candidates = sampling.sample_texts(
-        model, params, tokenizer, prompts, num_samples=num_candidates,
+    candidates, rewards = sample_and_score(
+        model, params, tokenizer, prompts, scorer, num_samples=num_candidates,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed, batch_size=batch_size,
-    ).responses  # fmt: skip
-    rewards = score_lists(scorer, prompts, candidates)
+    )  # fmt: skip
     records, stats = rso_pairs(
         prompts, candidates, rewards, num_accept=num_accept, beta=beta, pairing=pairing,
         seed=seed, soft_label_temperature=soft_label_temperature,
