@@ -53,7 +53,7 @@ EXPERIMENT = textwrap.dedent("""
 
 def _write_data(root, n=40):
     rng = np.random.default_rng(0)
-    pairs, lists = [], []
+    pairs, lists, samples = [], [], []
     for i in range(n):
         a, b = int(rng.integers(10, 99)), int(rng.integers(10, 99))
         prompt, good = f"{a}+{b}=", str(a + b)
@@ -65,7 +65,12 @@ def _write_data(root, n=40):
                 "labels": [1.0, 0.6, 0.2, 0.0],
             }
         )
-    for name, records in (("pairs", pairs), ("lists", lists)):
+        # Sampled responses with verifier rewards (repeats kept), for policy-gradient losses.
+        wrong = [str(a + b + 1), str(a + b - 10)]
+        responses = [good if (i + k) % 3 == 0 else wrong[k % 2] for k in range(4)]
+        samples.append({"prompt": prompt, "responses": responses,
+                        "rewards": [float(r == good) for r in responses]})  # fmt: skip
+    for name, records in (("pairs", pairs), ("lists", lists), ("samples", samples)):
         with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
 
@@ -82,7 +87,11 @@ def experiment(tmp_path_factory):
     lists.write_text(
         EXPERIMENT.format(train=str(root / "lists.jsonl"), eval=str(root / "lists.jsonl"))
     )
-    return {"pairs": str(path), "lists": str(lists), "root": root}
+    samples = root / "exp_samples.py"
+    samples.write_text(
+        EXPERIMENT.format(train=str(root / "samples.jsonl"), eval=str(root / "samples.jsonl"))
+    )
+    return {"pairs": str(path), "lists": str(lists), "samples": str(samples), "root": root}
 
 
 def _cli(config, workdir, overrides=(), devices=1, **kw):
@@ -249,6 +258,8 @@ SGD = ["optimizer.name=sgd", "optimizer.lr=0.05"]
                      marks=pytest.mark.slow, id="every-pairwise-and-reward-loss"),
         pytest.param(",".join(objectives.names("listwise")), "lists", SGD,
                      marks=pytest.mark.slow, id="every-listwise-loss"),
+        pytest.param(",".join(objectives.names("policy_gradient")), "samples", SGD,
+                     marks=pytest.mark.slow, id="every-policy-gradient-loss"),
     ],
 )  # fmt: skip
 def test_eight_devices_match_one(experiment, tmp_path, names, fmt, optimizer):
