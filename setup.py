@@ -14,6 +14,7 @@ CORE = [
     "tqdm",
     "matplotlib",
     "rax",  # listwise ranking losses (lm_align.losses.listwise)
+    "tokenizers",  # Hugging Face tokenizer.json (lm_align.data.tokenizers.HFTokenizer)
 ]
 SEQIO = ["seqio", "tensorflow-datasets", "sentencepiece"]
 TEST = SEQIO + ["pytest", "pytest-xdist"]

@@ -19,8 +19,8 @@ DEFAULTS: dict[str, Any] = {
     "seq_len": 64,
     # "pack": first-fit pack whole documents into rows; "pad": one doc per row.
     "packing": "pack",
-    # Tokenizer for make_tokenizer: "byte" (UTF-8 bytes, vocab 259) or
-    # "sentencepiece:PATH.model".
+    # Tokenizer for make_tokenizer: "byte" (UTF-8 bytes, vocab 259),
+    # "sentencepiece:PATH.model" or "hf:DIR" (a Hugging Face tokenizer.json).
     "tokenizer": "byte",
     # If True, prompt/completion records get loss only on completion + eos.
     "completion_only_loss": False,

@@ -19,10 +19,18 @@ sampler never hard-code them.
 model's own ids. ``train_sentencepiece`` trains one locally with
 pad=0, bos=1, eos=2, unk=3, the same special ids as ``ByteTokenizer``.
 
-Tokenizer names (``data_cfg.tokenizer``): ``"byte"`` or
-``"sentencepiece:PATH"``.
+``HFTokenizer`` (a Hugging Face ``tokenizer.json``, read by the ``tokenizers``
+package; ``make_tokenizer("hf:DIR")`` with DIR holding ``tokenizer.json`` and
+``tokenizer_config.json``, or ``"hf:PATH/tokenizer.json"``): ids are the
+file's; bos, eos and pad are the ``bos_token``, ``eos_token`` and
+``pad_token`` of ``tokenizer_config.json`` (no pad token: pad = eos, which
+the pipeline masks out of every loss).
+
+Tokenizer names (``data_cfg.tokenizer``): ``"byte"``,
+``"sentencepiece:PATH"`` or ``"hf:PATH"``.
 """
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -208,6 +216,106 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
 
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` behind the ``Tokenizer`` interface.
+
+    ``encode(text)`` is the file's segmentation without special tokens
+    (``add_special_tokens=False``: the pipeline adds bos/eos itself), so its
+    ids equal ``transformers``' ``tokenizer(text, add_special_tokens=False)``.
+    """
+
+    def __init__(self, path: str):
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError(
+                "Hugging Face tokenizers need the tokenizers package: pip install tokenizers"
+            ) from None
+        path = os.path.expanduser(path)
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise DataError(
+                f"no tokenizer file {file}; 'hf:PATH' names a directory with tokenizer.json "
+                "(a Hugging Face model directory) or the tokenizer.json file itself."
+            )
+        self.path = file
+        self._tok = tokenizers.Tokenizer.from_file(file)
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        names = {k: _token_text(config.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
+        for k in ("bos", "eos"):
+            if names[k] is None:
+                raise DataError(
+                    f"{config_path} names no {k}_token; the pipeline starts every document with "
+                    f"bos and ends it with eos: add \"{k}_token\" to tokenizer_config.json."
+                )
+        self._ids = {}
+        for k, text in names.items():
+            i = None if text is None else self._tok.token_to_id(text)
+            if text is not None and i is None:
+                raise DataError(f"{k}_token {text!r} of {config_path} is not in {file}.")
+            self._ids[k] = i
+        if self._ids["pad"] is None:
+            self._ids["pad"] = self._ids["eos"]
+        self._specials = {self._ids["bos"], self._ids["eos"], self._ids["pad"]}
+
+    @property
+    def pad_id(self) -> int:
+        return self._ids["pad"]
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["eos"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """The file's token ids of ``text`` (no special ids added)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], stop_at_eos: bool = True) -> str:
+        """Inverse of ``encode``: pad/bos/eos dropped; with ``stop_at_eos`` everything
+        from the first eos on is dropped too.
+
+        Raises:
+          ValueError: an id outside ``[0, vocab_size)``; mask logits of a padded
+            model vocabulary to ``vocab_size`` before sampling.
+        """
+        kept = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(
+                    f"token id {i} is outside the vocabulary [0, {self.vocab_size}) of "
+                    f"{self.path}; mask logits beyond tokenizer.vocab_size before sampling."
+                )
+            if i == self.eos_id and stop_at_eos:
+                break
+            if i not in self._specials:
+                kept.append(i)
+        return self._tok.decode(kept, skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token of tokenizer_config.json: a string, or ``{"content": str, ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:
     """Non-empty lines of every text (SentencePiece trains on sentences)."""
     for text in texts:
@@ -300,11 +408,18 @@ def train_sentencepiece(
 
 
 _SENTENCEPIECE_PREFIX = "sentencepiece:"
+_HF_PREFIX = "hf:"
 _TOKENIZERS = {"byte": ByteTokenizer}
 
 
 def make_tokenizer(name: str) -> Tokenizer:
-    """Builds the tokenizer ``name``: "byte" or "sentencepiece:PATH.model"."""
+    """Builds the tokenizer ``name``: "byte", "sentencepiece:PATH.model" or "hf:PATH"."""
+    if name.startswith(_HF_PREFIX):
+        if not name[len(_HF_PREFIX) :]:
+            raise DataError(
+                "tokenizer 'hf:' needs a path: 'hf:/path/to/model_dir' (with tokenizer.json)."
+            )
+        return HFTokenizer(name[len(_HF_PREFIX) :])
     if name.startswith(_SENTENCEPIECE_PREFIX):
         path = name[len(_SENTENCEPIECE_PREFIX) :]
         if not path:
@@ -314,7 +429,7 @@ def make_tokenizer(name: str) -> Tokenizer:
         return SentencePieceTokenizer(os.path.expanduser(path))
     if name not in _TOKENIZERS:
         raise DataError(
-            f"unknown tokenizer {name!r}; valid tokenizers: {sorted(_TOKENIZERS)}"
-            " or 'sentencepiece:/path/to/x.model'."
+            f"unknown tokenizer {name!r}; valid tokenizers: {sorted(_TOKENIZERS)},"
+            " 'sentencepiece:/path/to/x.model' or 'hf:/path/to/model_dir'."
         )
     return _TOKENIZERS[name]()
