@@ -98,18 +98,8 @@ class ByteTokenizer:
           ValueError: an id outside ``[0, vocab_size)``; mask logits of a padded
             model vocabulary to ``vocab_size`` before sampling.
         """
-        out = bytearray()
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside the byte vocabulary [0, {self.vocab_size})"
-                    "; mask logits beyond tokenizer.vocab_size before sampling."
-                )
-            if i == self.eos_id and stop_at_eos:
-                break
-            if i >= NUM_SPECIAL_IDS:
-                out.append(i - NUM_SPECIAL_IDS)
+        kept = _kept_ids(ids, self, stop_at_eos, "the byte vocabulary")
+        out = bytes(i - NUM_SPECIAL_IDS for i in kept)  # the specials are ids 0, 1, 2
         return out.decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
@@ -161,7 +151,6 @@ class SentencePieceTokenizer:
             )
         pad = self._sp.pad_id()
         self._pad_id = pad if pad >= 0 else self._sp.eos_id()
-        self._specials = {self._pad_id, self.bos_id, self.eos_id}
 
     @property
     def pad_id(self) -> int:
@@ -197,19 +186,7 @@ class SentencePieceTokenizer:
           ValueError: an id outside ``[0, vocab_size)``; mask logits of a padded
             model vocabulary to ``vocab_size`` before sampling.
         """
-        kept = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside the SentencePiece vocabulary [0, "
-                    f"{self.vocab_size}) of {self.model_path}; mask logits beyond "
-                    "tokenizer.vocab_size before sampling."
-                )
-            if i == self.eos_id and stop_at_eos:
-                break
-            if i not in self._specials:
-                kept.append(i)
+        kept = _kept_ids(ids, self, stop_at_eos, f"the SentencePiece vocabulary of {self.model_path}")
         return self._sp.decode(kept)
 
     def __repr__(self) -> str:
@@ -261,7 +238,6 @@ class HFTokenizer:
             self._ids[k] = i
         if self._ids["pad"] is None:
             self._ids["pad"] = self._ids["eos"]
-        self._specials = {self._ids["bos"], self._ids["eos"], self._ids["pad"]}
 
     @property
     def pad_id(self) -> int:
@@ -291,22 +267,30 @@ class HFTokenizer:
           ValueError: an id outside ``[0, vocab_size)``; mask logits of a padded
             model vocabulary to ``vocab_size`` before sampling.
         """
-        kept = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside the vocabulary [0, {self.vocab_size}) of "
-                    f"{self.path}; mask logits beyond tokenizer.vocab_size before sampling."
-                )
-            if i == self.eos_id and stop_at_eos:
-                break
-            if i not in self._specials:
-                kept.append(i)
+        kept = _kept_ids(ids, self, stop_at_eos, f"the vocabulary of {self.path}")
         return self._tok.decode(kept, skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _kept_ids(ids: Iterable[int], tok: Tokenizer, stop_at_eos: bool, vocabulary: str) -> list[int]:
+    """The ids to decode: pad/bos/eos dropped, everything from the first eos on
+    dropped with `stop_at_eos`; an id outside ``[0, vocab_size)`` is a ValueError."""
+    specials = {tok.pad_id, tok.bos_id, tok.eos_id}
+    kept = []
+    for i in ids:
+        i = int(i)
+        if not 0 <= i < tok.vocab_size:
+            raise ValueError(
+                f"token id {i} is outside {vocabulary} [0, {tok.vocab_size}); mask logits "
+                "beyond tokenizer.vocab_size before sampling."
+            )
+        if i == tok.eos_id and stop_at_eos:
+            break
+        if i not in specials:
+            kept.append(i)
+    return kept
 
 
 def _token_text(value: Any) -> str | None:
