@@ -171,3 +171,29 @@ def test_train_checkpoints_and_stops_on_a_maintenance_event(metadata, tmp_path):
     assert "maintenance event TERMINATE_ON_HOST_MAINTENANCE: checkpointing and stopping" in out
     assert "SIGTERM: saved checkpoint at step" in out
     assert max(losses(workdir)) < 400
+
+
+def test_launcher_reports_every_failed_process_even_when_they_end_between_two_polls():
+    """Process 1 killed and process 0 aborting right after it, both seen in one poll:
+    each is reported once, and the first failure's status is the launcher's."""
+    import io
+    import types
+
+    from lm_align.launch.local import _report_failures
+
+    procs = [types.SimpleNamespace(returncode=-6), types.SimpleNamespace(returncode=-9)]
+    out, reported = io.StringIO(), set()
+    assert _report_failures(procs, reported, 0, 5, out) == -6
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "launcher: process 0 exited with status -6 (killed by SIGABRT)",
+        "launcher: process 1 exited with status -9 (killed by SIGKILL)",
+    ]
+    assert _report_failures(procs, reported, 0, 5, out) is None  # not twice
+    # One failed while another still runs: the heartbeat note says what happens next.
+    procs = [types.SimpleNamespace(returncode=None), types.SimpleNamespace(returncode=1)]
+    out = io.StringIO()
+    assert _report_failures(procs, set(), 1, 5, out) == 1
+    assert "process 1 exited with status 1; the others stop within the 5s heartbeat" in (
+        out.getvalue()
+    )

@@ -107,18 +107,15 @@ def launch(
                 p.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    status, failed_at = 0, None
+    status, failed_at, reported = 0, None, set()
     try:
-        while [p.poll() for p in procs].count(None):
-            for i, p in enumerate(procs):
-                if p.returncode not in (None, 0) and failed_at is None:
-                    status, failed_at = p.returncode, time.monotonic()
-                    print(
-                        f"launcher: process {i} exited with status {_describe(p.returncode)}; "
-                        f"the others stop within the {heartbeat_s}s heartbeat timeout",
-                        file=out,
-                        flush=True,
-                    )
+        while True:
+            running = [p.poll() for p in procs].count(None)
+            first = _report_failures(procs, reported, running, heartbeat_s, out)
+            if first is not None and failed_at is None:
+                status, failed_at = first, time.monotonic()
+            if not running:
+                break
             if failed_at is not None and time.monotonic() - failed_at > heartbeat_s + GRACE_S:
                 for i, p in enumerate(procs):
                     if p.poll() is None:
@@ -138,6 +135,21 @@ def launch(
         codes = ", ".join(f"p{i}: {_describe(p.returncode)}" for i, p in enumerate(procs))
         print(f"launcher: failed ({codes})", file=out, flush=True)
     return 1 if status < 0 else status
+
+
+def _report_failures(procs, reported: set, running: int, heartbeat_s, out) -> int | None:
+    """Prints each newly failed process once (also several that ended between two polls);
+    returns the first new failure's exit status, or None."""
+    first = None
+    for i, p in enumerate(procs):
+        if p.returncode in (None, 0) or i in reported:
+            continue
+        reported.add(i)
+        first = p.returncode if first is None else first
+        wait = f"; the others stop within the {heartbeat_s}s heartbeat timeout" if running else ""
+        print(f"launcher: process {i} exited with status {_describe(p.returncode)}{wait}",
+              file=out, flush=True)  # fmt: skip
+    return first
 
 
 def _describe(code: int) -> str:
