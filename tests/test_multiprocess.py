@@ -191,9 +191,11 @@ def test_a_dead_process_stops_the_other_and_a_restart_resumes(straight, tmp_path
     waited = time.monotonic() - killed_at
     assert proc.returncode != 0
     assert "process 1 exited with status -9 (killed by SIGKILL)" in out
-    # Process 0 stopped by itself, from the missed heartbeats, not by the launcher.
+    # Process 0 stopped by itself, not by the launcher: from the missed heartbeats, or, when
+    # the kill cut a collective in flight, aborted by the collective transport (gloo).
     assert "still alive; killing it" not in out
-    assert "another task died" in out, out[-3000:]
+    assert "another task died" in out or "[p0] terminate called" in out, out[-3000:]
+    assert re.search(r"process 0 exited with status -?[1-9]", out), out[-3000:]
     assert waited < HEARTBEAT_S + 45, waited
 
     last = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
