@@ -15,6 +15,7 @@ CORE = [
     "matplotlib",
     "rax",  # listwise ranking losses (lm_align.losses.listwise)
     "tokenizers",  # Hugging Face tokenizer.json (lm_align.data.tokenizers.HFTokenizer)
+    "safetensors>=0.4",  # Hugging Face checkpoints (lm_align.models.hf)
 ]
 SEQIO = ["seqio", "tensorflow-datasets", "sentencepiece"]
 TEST = SEQIO + ["pytest", "pytest-xdist"]

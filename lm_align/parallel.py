@@ -8,7 +8,7 @@ and NamedShardings derived from them for params, optimizer state and batches.
     param_shardings = logical_to_sharding(logical_axes, shapes, mesh)
 
 Default rules (`LOGICAL_RULES`):
-  batch -> (data, fsdp)   embed -> fsdp   heads, mlp -> tensor
+  batch -> (data, fsdp)   embed -> fsdp   heads, kv_heads, mlp -> tensor
   vocab -> (tensor, fsdp) (the embedding table [V, D] is split by rows;
            in the readout [D, V] fsdp is taken by `embed`, so vocab -> tensor)
   head_dim, layers, length -> replicated
@@ -33,6 +33,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("vocab", ("tensor", "fsdp")),  # fsdp only where the array's other dims leave it free
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),

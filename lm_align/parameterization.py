@@ -110,7 +110,7 @@ OPTIMIZER_FAMILY = {
     "sgd": "sgd",
 }
 # Logical axis names that grow with the model width.
-WIDTH_AXES = frozenset({"embed", "heads", "head_dim", "mlp"})
+WIDTH_AXES = frozenset({"embed", "heads", "kv_heads", "head_dim", "mlp"})
 # Stacking axes (scan over layers) that are not part of the layer's shape.
 STACK_AXES = frozenset({"layers"})
 

@@ -1,13 +1,19 @@
 """Decoder-only Transformer in Flax NNX.
 
 Pre-LN blocks: x + Attn(Norm(x)), then x + MLP(Norm(x)); a final norm and a
-readout to the vocabulary. Options: RoPE or learned positions, LayerNorm or
-RMSNorm, GeLU or SwiGLU MLP, qk-layernorm (Wortsman et al. 2023), tied or
-untied embeddings, scan over layers, remat.
+readout to the vocabulary. Options: RoPE (with Llama-3 or linear frequency
+scaling) or learned positions, LayerNorm or RMSNorm (scale w or 1 + w), GeLU,
+SwiGLU or GeGLU MLP, qk-norm (LayerNorm, Wortsman et al. 2023, or RMSNorm as
+in Qwen3), grouped-query attention, q/k/v biases, attention and final logit
+soft-capping, sliding-window attention on a per-layer pattern, norms after
+attention and MLP too ("sandwich", Gemma 2), embeddings scaled by sqrt(D),
+tied or untied embeddings, scan over layers, remat. These cover the Llama,
+Mistral, Qwen2/3, Gemma 1/2 and GPT-2 families (`lm_align.models.hf`).
 
 Shape-suffix legend:
-  B batch, L query length, M key length, D model dim, H heads, K head dim,
-  F MLP hidden dim, V vocab, N layers.
+  B batch, L query length, M key length, D model dim, H query heads,
+  G key/value heads (R = H / G queries share one), K head dim, F MLP hidden
+  dim, V vocab, N layers.
 
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`,
 `head_dim`, `mlp`, `layers`) in its `out_sharding` metadata; `lm_align.parallel`
@@ -31,9 +37,11 @@ from lm_align.parameterization import Parameterization, fan_in, role_of
 # Variables are created abstractly and sharded by `lm_align.parallel`, never eagerly.
 flax.config.update("flax_always_shard_variable", False)
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "geglu")  # gelu is the tanh approximation (GPT-2's gelu_new)
 POSITIONS = ("rope", "learned")
 NORMS = ("layernorm", "rmsnorm")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+ATTENTION_KINDS = ("global", "local")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -51,16 +59,32 @@ class TransformerConfig:
     d_model: int = 128  # residual width
     n_layers: int = 2
     n_heads: int = 4
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
     head_dim: int | None = None  # default d_model // n_heads
     d_ff: int = 512  # MLP hidden width
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu (tanh approximation) | swiglu | geglu
     position: str = "rope"  # rope | learned
     max_len: int = 2048  # table size for learned positions
     rope_theta: float = 10_000.0
+    rope_scaling: str = "none"  # none | linear | llama3 (frequency scaling of long-context models)
+    rope_scaling_factor: float = 1.0  # linear: positions / factor; llama3: low frequencies / factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+    rope_original_max_len: int = 8192  # llama3: the context length the model was trained at
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-6
-    qk_layernorm: bool = False  # per-head LayerNorm on q and k (scale only)
+    norm_unit_offset: bool = False  # norms scale by (1 + w), w initialised at 0 (Gemma)
+    sandwich_norm: bool = False  # also normalise the attention and MLP outputs (Gemma 2)
+    scale_embeddings: bool = False  # token embeddings x sqrt(d_model) (Gemma)
+    qk_layernorm: bool = False  # per-head norm on q and k (scale only)
+    qk_norm: str = "layernorm"  # the kind of that norm: layernorm | rmsnorm (Qwen3)
+    query_pre_attn_scalar: float | None = None  # queries x its^(-1/2); None: head_dim
+    attn_logit_softcap: float = 0.0  # attention logits -> cap * tanh(logits / cap); 0: off
+    final_logit_softcap: float = 0.0  # the same on the output logits (Gemma 2); 0: off
+    sliding_window: int = 0  # a local layer's query sees the last `sliding_window` keys (itself included)
+    attention_pattern: tuple = ("global",)  # global | local per layer, repeated over the layers
     use_bias: bool = False  # biases in dense layers and norms
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
     tie_embeddings: bool = False  # readout = embedding^T
     embed_init_std: float | None = None  # None: 1.0 untied, 1/sqrt(D) tied
     dtype: str = "float32"  # compute dtype (bfloat16 on GPU/TPU)
@@ -77,6 +101,20 @@ class TransformerConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim else self.d_model // self.n_heads
 
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def query_scale(self) -> float:
+        """The factor on queries before q . k: 1 / sqrt(query_pre_attn_scalar or head_dim)."""
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.resolved_head_dim)
+
+    def local_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it use sliding-window (local) attention?"""
+        pattern = tuple(self.attention_pattern)
+        return tuple(pattern[i % len(pattern)] == "local" for i in range(self.n_layers))
+
     def validation_errors(self) -> list[str]:
         """Every problem with this config, each with the fix."""
         errs = []
@@ -88,8 +126,36 @@ class TransformerConfig:
                 f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
                 "choose n_heads dividing d_model or set model.head_dim explicitly"
             )
+        G = self.resolved_kv_heads
+        if G <= 0 or (self.n_heads > 0 and self.n_heads % G):
+            errs.append(
+                f"model.n_kv_heads={self.n_kv_heads} must be positive and divide "
+                f"model.n_heads={self.n_heads} (each key/value head serves n_heads / n_kv_heads queries)"
+            )
+        pattern = tuple(self.attention_pattern)
+        if not pattern or any(k not in ATTENTION_KINDS for k in pattern):
+            errs.append(
+                f"model.attention_pattern={pattern!r} must be a non-empty sequence of {ATTENTION_KINDS}"
+            )
+        elif "local" in pattern and self.sliding_window <= 0:
+            errs.append(
+                f"model.attention_pattern={pattern!r} has local layers but model.sliding_window="
+                f"{self.sliding_window}; set the window size (tokens a query sees, itself included)"
+            )
+        for name in ("attn_logit_softcap", "final_logit_softcap", "sliding_window"):
+            if getattr(self, name) < 0:
+                errs.append(f"model.{name}={getattr(self, name)} must be >= 0 (0: off)")
+        if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
+            errs.append(f"model.rope_scaling_factor={self.rope_scaling_factor} must be positive")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            errs.append(
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor}"
+            )
         choices = [
             ("activation", ACTIVATIONS),
+            ("rope_scaling", ROPE_SCALINGS),
+            ("qk_norm", NORMS),
             ("position", POSITIONS),
             ("norm", NORMS),
             ("remat", tuple(REMAT_POLICIES)),
@@ -105,15 +171,19 @@ class TransformerConfig:
         """Parameter count; `matmul_only` counts weights used in matmuls (the 6N of FLOPs)."""
         D, F, V, N = self.d_model, self.d_ff, self.vocab_size, self.n_layers
         HK = self.n_heads * self.resolved_head_dim
-        mlp_in = 2 * D * F if self.activation == "swiglu" else D * F
-        per_layer = 3 * D * HK + HK * D + mlp_in + F * D
+        qkv = HK + 2 * self.resolved_kv_heads * self.resolved_head_dim  # q, k, v outputs
+        n_in = 1 if self.activation == "gelu" else 2
+        per_layer = D * qkv + HK * D + n_in * D * F + F * D
         readout = V * D
         if matmul_only:
             return N * per_layer + readout
         vec = D * (2 if self.use_bias else 1)
-        per_layer += 2 * vec + (2 * self.resolved_head_dim if self.qk_layernorm else 0)
+        per_layer += (4 if self.sandwich_norm else 2) * vec
+        per_layer += 2 * self.resolved_head_dim if self.qk_layernorm else 0
+        if self.use_bias or self.qkv_bias:
+            per_layer += qkv
         if self.use_bias:
-            per_layer += 3 * HK + D + (2 * F if self.activation == "swiglu" else F) + D
+            per_layer += D + n_in * F + D
         embed = V * D + (self.max_len * D if self.position == "learned" else 0)
         return N * per_layer + embed + (0 if self.tie_embeddings else readout) + vec
 
@@ -200,7 +270,11 @@ def _lookup(p: nnx.Param, ids, dtype):
 
 
 class Norm(nnx.Module):
-    """LayerNorm or RMSNorm over the last axis, with a learnable scale (and bias)."""
+    """LayerNorm or RMSNorm over the last axis, with a learnable scale (and bias).
+
+    The scale multiplies as w, or as (1 + w) with `cfg.norm_unit_offset` (w then
+    starts at 0).
+    """
 
     def __init__(
         self,
@@ -214,7 +288,8 @@ class Norm(nnx.Module):
     ):
         self.kind = kind or cfg.norm
         self.eps = cfg.norm_eps
-        self.scale = mk.const((size,), names, 1.0)
+        self.unit_offset = cfg.norm_unit_offset
+        self.scale = mk.const((size,), names, 0.0 if cfg.norm_unit_offset else 1.0)
         self.bias = (
             mk.const((size,), names, 0.0)
             if (cfg.use_bias if use_bias is None else use_bias)
@@ -226,15 +301,41 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        y = y * _weight(self.scale, jnp.float32)
+        scale = _weight(self.scale, jnp.float32)
+        y = y * (1.0 + scale if self.unit_offset else scale)
         if self.bias is not None:
             y = y + _weight(self.bias, jnp.float32)
         return y.astype(x.dtype)
 
 
-def rope_tables(positions_BL, head_dim: int, theta: float):
-    """(sin, cos), each [B, L, 1, K/2]: rotary angles positions * theta^(-2i/K)."""
-    inv_freq_k = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_frequencies(cfg: TransformerConfig):
+    """[K/2] float32 rotary frequencies theta^(-2i/K), rescaled by `cfg.rope_scaling`.
+
+    linear: every frequency / factor (positions interpolated). llama3 (Llama 3.1,
+    arXiv:2407.21783): wavelengths longer than original_max_len / low_freq_factor
+    are divided by factor, those shorter than original_max_len / high_freq_factor
+    kept, and the band between interpolated smoothly.
+    """
+    K = cfg.resolved_head_dim
+    inv_freq_k = cfg.rope_theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        return inv_freq_k / factor
+    if cfg.rope_scaling == "llama3":
+        lo, hi, orig = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+        wavelen_k = 2 * math.pi / inv_freq_k
+        smooth_k = (orig / wavelen_k - lo) / (hi - lo)
+        band_k = (1 - smooth_k) * inv_freq_k / factor + smooth_k * inv_freq_k
+        return jnp.where(
+            wavelen_k < orig / hi,
+            inv_freq_k,
+            jnp.where(wavelen_k > orig / lo, inv_freq_k / factor, band_k),
+        )
+    return inv_freq_k
+
+
+def rope_tables(positions_BL, inv_freq_k):
+    """(sin, cos), each [B, L, 1, K/2]: rotary angles positions * `inv_freq_k`."""
     angle_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq_k
     return jnp.sin(angle_BLk)[:, :, None, :], jnp.cos(angle_BLk)[:, :, None, :]
 
@@ -247,51 +348,83 @@ def apply_rope(x_BLHK, sin_BL1k, cos_BL1k):
 
 
 def rope(x_BLHK, positions_BL, theta: float):
-    """Rotary embedding (rotate-half convention) at integer `positions`."""
-    return apply_rope(x_BLHK, *rope_tables(positions_BL, x_BLHK.shape[-1], theta))
+    """Rotary embedding (rotate-half convention) at integer `positions`, frequencies theta^(-2i/K)."""
+    K = x_BLHK.shape[-1]
+    inv_freq_k = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    return apply_rope(x_BLHK, *rope_tables(positions_BL, inv_freq_k))
 
 
 class Attention(nnx.Module):
-    """Multi-head causal self-attention with optional qk-layernorm."""
+    """Causal self-attention: multi-head, or grouped-query with `n_kv_heads` < `n_heads`.
+
+    Projections: one fused [D, 3, H, K] q/k/v matrix when every query head has
+    its own key/value head; otherwise q [D, 1, H, K] and k/v [D, 2, G, K].
+    """
 
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, mk: _Params):
-        D, H, K = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
+        D, H, G, K = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
         self.cfg = cfg
-        # Fused q/k/v projection: one [D, 3, H, K] matmul.
-        self.qkv = mk.normal(
-            rngs, (D, 3, H, K), ("embed", None, "heads", "head_dim"), truncated=True
-        )
+        bias = cfg.use_bias or cfg.qkv_bias
+        if G == H:
+            self.qkv = mk.normal(
+                rngs, (D, 3, H, K), ("embed", None, "heads", "head_dim"), truncated=True
+            )
+            self.qkv_bias = mk.const((3, H, K), (None, "heads", "head_dim"), 0.0) if bias else None
+        else:
+            self.q = mk.normal(rngs, (D, 1, H, K), ("embed", None, "heads", "head_dim"), truncated=True)
+            self.kv = mk.normal(
+                rngs, (D, 2, G, K), ("embed", None, "kv_heads", "head_dim"), truncated=True
+            )
+            self.q_bias = mk.const((1, H, K), (None, "heads", "head_dim"), 0.0) if bias else None
+            self.kv_bias = mk.const((2, G, K), (None, "kv_heads", "head_dim"), 0.0) if bias else None
         self.out = mk.normal(rngs, (H, K, D), ("heads", "head_dim", "embed"), truncated=True)
-        self.qkv_bias = (
-            mk.const((3, H, K), (None, "heads", "head_dim"), 0.0) if cfg.use_bias else None
-        )
         self.out_bias = mk.const((D,), ("embed",), 0.0) if cfg.use_bias else None
         if cfg.qk_layernorm:
             # One scale of size K shared by all heads, no bias (Wortsman et al. 2023, arXiv:2309.14322; docs/scaling.md).
-            self.q_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
-            self.k_norm = Norm(K, cfg, mk, ("head_dim",), kind="layernorm", use_bias=False)
+            self.q_norm = Norm(K, cfg, mk, ("head_dim",), kind=cfg.qk_norm, use_bias=False)
+            self.k_norm = Norm(K, cfg, mk, ("head_dim",), kind=cfg.qk_norm, use_bias=False)
+
+    def _projections(self, x_BLD, w, b):
+        """x @ w (+ b) as [B, L, n, heads, K] for w [D, n, heads, K]."""
+        B, L, _ = x_BLD.shape
+        dt = DTYPES[self.cfg.dtype]
+        y = _dense(x_BLD, _weight(w, dt)).reshape(B, L, *w.shape[1:])
+        return y if b is None else y + _weight(b, dt)
 
     def project(self, x_BLD, rope_sincos):
-        """(q scaled by 1/sqrt(K), k, v), each [B, L, H, K]: qk-norm and RoPE applied."""
-        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-        B, L, _ = x_BLD.shape
-        _, _, H, K = self.qkv.shape
-        qkv_BL3HK = _dense(x_BLD, _weight(self.qkv, dt)).reshape(B, L, 3, H, K)
-        if self.qkv_bias is not None:
-            qkv_BL3HK = qkv_BL3HK + _weight(self.qkv_bias, dt)
-        q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
+        """(q scaled by `cfg.query_scale`, k, v): q [B, L, H, K], k and v [B, L, G, K];
+        qk-norm and RoPE applied."""
+        cfg = self.cfg
+        if cfg.resolved_kv_heads == cfg.n_heads:
+            qkv_BL3HK = self._projections(x_BLD, self.qkv, self.qkv_bias)
+            q_BLHK, k_BLGK, v_BLGK = (qkv_BL3HK[:, :, i] for i in range(3))
+        else:
+            q_BLHK = self._projections(x_BLD, self.q, self.q_bias)[:, :, 0]
+            kv_BL2GK = self._projections(x_BLD, self.kv, self.kv_bias)
+            k_BLGK, v_BLGK = kv_BL2GK[:, :, 0], kv_BL2GK[:, :, 1]
         if cfg.qk_layernorm:
-            q_BLHK, k_BLHK = self.q_norm(q_BLHK), self.k_norm(k_BLHK)
+            q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
         if rope_sincos is not None:
             q_BLHK = apply_rope(q_BLHK, *rope_sincos)
-            k_BLHK = apply_rope(k_BLHK, *rope_sincos)
-        return q_BLHK * (1.0 / math.sqrt(K)), k_BLHK, v_BLHK
+            k_BLGK = apply_rope(k_BLGK, *rope_sincos)
+        return q_BLHK * cfg.query_scale, k_BLGK, v_BLGK
 
-    def attend(self, q_BLHK, k_BMHK, v_BMHK, mask_B1LM):
-        """(output [B, L, D], max unmasked logit) of scaled queries over keys/values."""
-        dt = DTYPES[self.cfg.dtype]
+    def attend(self, q_BLHK, k_BMGK, v_BMGK, mask_B1LM):
+        """(output [B, L, D], max unmasked logit) of scaled queries over keys/values.
+
+        Query head h reads key/value head h // (H / G)."""
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         B, L, H, K = q_BLHK.shape
-        logits_BHLM = jnp.einsum("BLHK,BMHK->BHLM", q_BLHK, k_BMHK).astype(jnp.float32)
+        M, G = k_BMGK.shape[1], k_BMGK.shape[2]
+        if G == H:
+            logits_BHLM = jnp.einsum("BLHK,BMHK->BHLM", q_BLHK, k_BMGK)
+        else:
+            q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+            logits_BHLM = jnp.einsum("BLGRK,BMGK->BGRLM", q_BLGRK, k_BMGK).reshape(B, H, L, M)
+        logits_BHLM = logits_BHLM.astype(jnp.float32)
+        if cfg.attn_logit_softcap:
+            cap = cfg.attn_logit_softcap
+            logits_BHLM = cap * jnp.tanh(logits_BHLM / cap)
         logits_BHLM = jnp.where(mask_B1LM, logits_BHLM, jnp.finfo(jnp.float32).min)
         # Softmax by hand so its row max also gives the max-logit diagnostic (one
         # pass over the logits instead of two). Masked entries hold finfo.min and
@@ -300,7 +433,11 @@ class Attention(nnx.Module):
         exp_BHLM = jnp.exp(logits_BHLM - row_max_BHL1)
         probs_BHLM = (exp_BHLM / jnp.sum(exp_BHLM, axis=-1, keepdims=True)).astype(dt)
         max_logit = jnp.max(row_max_BHL1)
-        ctx_BLHK = jnp.einsum("BHLM,BMHK->BLHK", probs_BHLM, v_BMHK)
+        if G == H:
+            ctx_BLHK = jnp.einsum("BHLM,BMHK->BLHK", probs_BHLM, v_BMGK)
+        else:
+            probs_BGRLM = probs_BHLM.reshape(B, G, H // G, L, M)
+            ctx_BLHK = jnp.einsum("BGRLM,BMGK->BLGRK", probs_BGRLM, v_BMGK).reshape(B, L, H, K)
         out_BLD = _dense(ctx_BLHK.reshape(B, L, H * K), _weight(self.out, dt), contract=2)
         if self.out_bias is not None:
             out_BLD = out_BLD + _weight(self.out_bias, dt)
@@ -310,11 +447,12 @@ class Attention(nnx.Module):
         """`rope_sincos`: `rope_tables(...)` for RoPE models, else None."""
         return self.attend(*self.project(x_BLD, rope_sincos), mask_B1LM)
 
-    def cached(self, x_BSD, rope_sincos, cache, index, key_valid_BT):
+    def cached(self, x_BSD, rope_sincos, cache, index, key_valid_BT, window=None):
         """Attention of S new tokens written into cache slots [index, index + S).
 
-        `cache` = (k, v), each [B, T, H, K]. Slot j is visible to new token s if
-        j <= index + s and `key_valid_BT[:, j]` (e.g. not left padding); a token
+        `cache` = (k, v), each [B, T, G, K]. Slot j is visible to new token s if
+        j <= index + s and `key_valid_BT[:, j]` (e.g. not left padding), and,
+        with a `window` (sliding-window layer), index + s - j < window; a token
         always sees its own slot. Returns (output [B, S, D], new cache).
         """
         q, k, v = self.project(x_BSD, rope_sincos)
@@ -323,6 +461,8 @@ class Attention(nnx.Module):
         S, T = x_BSD.shape[1], k_cache.shape[1]
         slot_S1 = index + jnp.arange(S)[:, None]
         causal_ST = jnp.arange(T)[None, :] <= slot_S1
+        if window is not None:
+            causal_ST = causal_ST & (slot_S1 - jnp.arange(T)[None, :] < window)
         mask_BST = (causal_ST[None] & key_valid_BT[:, None, :]) | (
             jnp.arange(T)[None, None, :] == slot_S1[None]
         )
@@ -331,12 +471,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """GeLU MLP, or SwiGLU (silu(x W_gate) * x W_up) W_out."""
+    """GeLU MLP, or gated: SwiGLU (silu(x W_gate) * x W_up) W_out, GeGLU with gelu."""
 
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, mk: _Params):
         D, F = cfg.d_model, cfg.d_ff
         self.cfg = cfg
-        n_in = 2 if cfg.activation == "swiglu" else 1
+        n_in = 1 if cfg.activation == "gelu" else 2
         self.w_in = mk.normal(rngs, (D, n_in, F), ("embed", None, "mlp"), truncated=True)
         self.w_out = mk.normal(rngs, (F, D), ("mlp", "embed"), truncated=True)
         self.b_in = mk.const((n_in, F), (None, "mlp"), 0.0) if cfg.use_bias else None
@@ -351,6 +491,8 @@ class MLP(nnx.Module):
             h_BLnF = h_BLnF + _weight(self.b_in, dt)
         if self.cfg.activation == "swiglu":
             h_BLF = jax.nn.silu(h_BLnF[:, :, 0]) * h_BLnF[:, :, 1]
+        elif self.cfg.activation == "geglu":
+            h_BLF = jax.nn.gelu(h_BLnF[:, :, 0]) * h_BLnF[:, :, 1]
         else:
             h_BLF = jax.nn.gelu(h_BLnF[:, :, 0])
         out_BLD = _dense(h_BLF, _weight(self.w_out, dt))
@@ -360,31 +502,49 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LN Transformer block."""
+    """Pre-LN Transformer block; with `sandwich_norm` the branch outputs are normed too."""
 
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, mk: _Params):
         self.attn_norm = Norm(cfg.d_model, cfg, mk)
         self.attn = Attention(cfg, rngs, mk)
         self.mlp_norm = Norm(cfg.d_model, cfg, mk)
         self.mlp = MLP(cfg, rngs, mk)
+        if cfg.sandwich_norm:
+            self.attn_out_norm = Norm(cfg.d_model, cfg, mk)
+            self.mlp_out_norm = Norm(cfg.d_model, cfg, mk)
+        self.sandwich = cfg.sandwich_norm
 
-    def __call__(self, x_BLD, rope_sincos, mask_B1LM, *, return_activations=False):
-        """(x, max attention logit[, {"attn": attn out, "mlp": MLP out}])."""
+    def _mlp(self, x_BLD):
+        out_BLD = self.mlp(self.mlp_norm(x_BLD))
+        return self.mlp_out_norm(out_BLD) if self.sandwich else out_BLD
+
+    def __call__(self, x_BLD, rope_sincos, mask_B1LM, window=None, *, return_activations=False):
+        """(x, max attention logit[, {"attn": attn out, "mlp": MLP out}]).
+
+        `window`: a sliding-window layer's window (keys i - j < window), else None."""
+        if window is not None:
+            L = x_BLD.shape[1]
+            band_LM = jnp.arange(L)[:, None] - jnp.arange(L)[None, :] < window
+            mask_B1LM = mask_B1LM & band_LM
         attn_BLD, max_logit = self.attn(self.attn_norm(x_BLD), rope_sincos, mask_B1LM)
+        if self.sandwich:
+            attn_BLD = self.attn_out_norm(attn_BLD)
         x_BLD = x_BLD + attn_BLD
-        mlp_BLD = self.mlp(self.mlp_norm(x_BLD))
+        mlp_BLD = self._mlp(x_BLD)
         x_BLD = x_BLD + mlp_BLD
         if return_activations:
             return x_BLD, max_logit, {"attn": attn_BLD, "mlp": mlp_BLD}
         return x_BLD, max_logit
 
-    def cached(self, x_BSD, rope_sincos, cache, index, key_valid_BT):
+    def cached(self, x_BSD, rope_sincos, cache, index, key_valid_BT, window=None):
         """The block on S new tokens with a KV cache (see `Attention.cached`)."""
         attn_BSD, cache = self.attn.cached(
-            self.attn_norm(x_BSD), rope_sincos, cache, index, key_valid_BT
+            self.attn_norm(x_BSD), rope_sincos, cache, index, key_valid_BT, window
         )
+        if self.sandwich:
+            attn_BSD = self.attn_out_norm(attn_BSD)
         x_BSD = x_BSD + attn_BSD
-        return x_BSD + self.mlp(self.mlp_norm(x_BSD)), cache
+        return x_BSD + self._mlp(x_BSD), cache
 
 
 def attention_mask(segment_ids_BL):
@@ -438,11 +598,11 @@ class Transformer(nnx.Module):
         The RoPE tables are computed once and shared by every layer."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         rope_sincos = (
-            rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
-            if cfg.position == "rope"
-            else None
+            rope_tables(positions_BL, rope_frequencies(cfg)) if cfg.position == "rope" else None
         )
         x_BLD = _lookup(self.embed, tokens_BL, dt)
+        if cfg.scale_embeddings:
+            x_BLD = x_BLD * jnp.asarray(math.sqrt(cfg.d_model), dt)
         if cfg.position == "learned":
             x_BLD = x_BLD + _lookup(self.pos_embed, positions_BL, dt)
         return x_BLD, rope_sincos
@@ -459,31 +619,49 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         x_BSD, rope_sincos = self.embed_inputs(tokens_BS, positions_BS)
 
-        def layer(x_BSD, block_state_and_cache):
-            graph_state, k, v = block_state_and_cache
+        def layer(x_BSD, block_state_cache_window):
+            graph_state, k, v, window = block_state_cache_window
             block = nnx.merge(graph, graph_state)
-            x_BSD, (k, v) = block.cached(x_BSD, rope_sincos, (k, v), index, key_valid_BT)
+            x_BSD, (k, v) = block.cached(x_BSD, rope_sincos, (k, v), index, key_valid_BT, window)
             return x_BSD, (k, v)
 
+        windows = self.layer_windows()
         if cfg.scan_layers:
             graph, stacked = nnx.split(self.blocks)
-            x_BSD, (k_N, v_N) = jax.lax.scan(layer, x_BSD, (stacked, cache[0], cache[1]))
+            xs = (stacked, cache[0], cache[1], windows)
+            x_BSD, (k_N, v_N) = jax.lax.scan(layer, x_BSD, xs)
         else:
             ks, vs = [], []
             for i, block in enumerate(self.blocks):
                 graph, state = nnx.split(block)
-                x_BSD, (k, v) = layer(x_BSD, (state, cache[0][i], cache[1][i]))
+                x_BSD, (k, v) = layer(x_BSD, (state, cache[0][i], cache[1][i], windows[i]))
                 ks.append(k)
                 vs.append(v)
             k_N, v_N = jnp.stack(ks), jnp.stack(vs)
-        x_BSD = self.final_norm(x_BSD)
-        logits_BSV = _dense(x_BSD, self.readout_matrix()).astype(jnp.float32)
-        return logits_BSV, (k_N, v_N)
+        return self.logits(self.final_norm(x_BSD)), (k_N, v_N)
+
+    def layer_windows(self):
+        """Each layer's sliding window (None: global attention). Under scan, an
+        [N] int32 array (global layers: 2^30) or None when no layer is local."""
+        cfg = self.cfg
+        local_N = cfg.local_layers()
+        if not cfg.scan_layers:
+            return [cfg.sliding_window if local else None for local in local_N]
+        if not any(local_N):
+            return None
+        return jnp.asarray([cfg.sliding_window if local else 2**30 for local in local_N], jnp.int32)
 
     def readout_matrix(self):
-        """[D, V] in the compute dtype: logits = final hidden states @ this."""
+        """[D, V] in the compute dtype: logits = final hidden states @ this
+        (then soft-capped when `cfg.final_logit_softcap`)."""
         dt = DTYPES[self.cfg.dtype]
         return _weight(self.embed, dt).T if self.cfg.tie_embeddings else _weight(self.readout, dt)
+
+    def logits(self, hidden_BLD):
+        """Logits [B, L, V] (float32) of final-normed hidden states."""
+        logits_BLV = _dense(hidden_BLD, self.readout_matrix()).astype(jnp.float32)
+        cap = self.cfg.final_logit_softcap
+        return cap * jnp.tanh(logits_BLV / cap) if cap else logits_BLV
 
     def __call__(
         self,
@@ -518,10 +696,10 @@ class Transformer(nnx.Module):
 
         embedding_BLD = x_BLD
 
-        def block_fn(block_graph, block_state, x_BLD):
+        def block_fn(block_graph, block_state, x_BLD, window):
             block = nnx.merge(block_graph, block_state)
             x_BLD, *rest = block(
-                x_BLD, rope_sincos, mask_B1LM, return_activations=return_activations
+                x_BLD, rope_sincos, mask_B1LM, window, return_activations=return_activations
             )
             return constrain_BLD(x_BLD), tuple(rest)
 
@@ -529,14 +707,17 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             block_fn = jax.checkpoint(block_fn, policy=policy, static_argnums=(0,))
 
+        windows = self.layer_windows()
         if cfg.scan_layers:
             graph, stacked = nnx.split(self.blocks)
-            x_BLD, per_layer = jax.lax.scan(lambda x, s: block_fn(graph, s, x), x_BLD, stacked)
+            x_BLD, per_layer = jax.lax.scan(
+                lambda x, sw: block_fn(graph, sw[0], x, sw[1]), x_BLD, (stacked, windows)
+            )
         else:
             outs = []
-            for block in self.blocks:
+            for block, window in zip(self.blocks, windows):
                 graph, state = nnx.split(block)
-                x_BLD, rest = block_fn(graph, state, x_BLD)
+                x_BLD, rest = block_fn(graph, state, x_BLD, window)
                 outs.append(rest)
             per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
@@ -544,7 +725,7 @@ class Transformer(nnx.Module):
         if return_hidden and not return_activations:
             out = x_BLD
         else:
-            logits_BLV = _dense(x_BLD, self.readout_matrix()).astype(jnp.float32)
+            logits_BLV = self.logits(x_BLD)
             out = x_BLD if return_hidden else logits_BLV
         if return_activations:
             diag = {"max_attn_logit": per_layer[0], "embedding": embedding_BLD, **per_layer[1]}
@@ -555,8 +736,8 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None):
-    """Empty KV cache: (k, v), each [n_layers, batch, length, n_heads, head_dim]."""
-    shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.resolved_head_dim)
+    """Empty KV cache: (k, v), each [n_layers, batch, length, n_kv_heads, head_dim]."""
+    shape = (cfg.n_layers, batch, length, cfg.resolved_kv_heads, cfg.resolved_head_dim)
     dtype = dtype or DTYPES[cfg.dtype]
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
