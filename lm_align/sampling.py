@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_align import parallel
+from lm_align.data.tokenizers import doc_start
 
 if TYPE_CHECKING:
     from lm_align.data.tokenizers import Tokenizer
@@ -288,8 +289,9 @@ def decode_response(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """How `sample_texts` and `rescore` feed a prompt: `[bos] + tokenizer.encode(prompt)`."""
-    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+    """How `sample_texts` and `rescore` feed a prompt: `[bos] + tokenizer.encode(prompt)`
+    (no bos for a tokenizer without one)."""
+    return doc_start(tokenizer) + tokenizer.encode(prompt)
 
 
 def sample_texts(

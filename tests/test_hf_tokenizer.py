@@ -45,13 +45,13 @@ def _copy_with_config(tmp_path, config):
     return f"hf:{tmp_path}"
 
 
-def test_special_tokens_as_dicts_no_pad_and_missing_bos(tmp_path):
+def test_special_tokens_as_dicts_no_pad_and_missing_eos(tmp_path):
     # transformers also writes special tokens as {"content": ...}; no pad token: pad = eos.
     spec = _copy_with_config(tmp_path, {"bos_token": {"content": "<bos>"}, "eos_token": "<eos>"})
     tok = data.make_tokenizer(spec)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 1)
-    _copy_with_config(tmp_path, {"eos_token": "<eos>"})
-    with pytest.raises(data.DataError, match='names no bos_token.*add "bos_token"'):
+    _copy_with_config(tmp_path, {"bos_token": "<bos>"})
+    with pytest.raises(data.DataError, match='names no eos_token.*add "eos_token"'):
         data.make_tokenizer(spec)
     _copy_with_config(tmp_path, {"bos_token": "<s>", "eos_token": "<eos>"})
     with pytest.raises(data.DataError, match="bos_token '<s>'.*is not in"):
@@ -73,3 +73,20 @@ def test_pipeline_rows_are_bos_text_eos_in_the_files_ids():
     want = [tok.bos_id, *tok.encode(record["prompt"] + record["completion"]), tok.eos_id]
     assert batch["inputs"][0, : len(want) - 1].tolist() == want[:-1]
     assert batch["targets"][0, : len(want) - 1].tolist() == want[1:]
+
+
+def test_a_tokenizer_without_bos_starts_documents_and_prompts_without_one(tmp_path):
+    """Qwen-style tokenizer_config.json (no bos_token): nothing is prepended, eos still ends."""
+    from lm_align.data.pipeline import tokenize_record
+    from lm_align.sampling import prompt_ids
+
+    shutil.copy(os.path.join(FIXTURES, "qwen3", "tokenizer.json"), tmp_path)
+    config = json.load(open(os.path.join(FIXTURES, "qwen3", "tokenizer_config.json")))
+    json.dump({**config, "bos_token": None}, open(tmp_path / "tokenizer_config.json", "w"))
+    tok = data.make_tokenizer(f"hf:{tmp_path}")
+    assert tok.bos_id is None and tok.eos_id == 1
+    hi = tok.encode("hi")
+    assert prompt_ids(tok, "hi") == hi
+    assert prompt_ids(data.make_tokenizer(f"hf:{FIXTURES}/qwen3"), "hi") == [2, *hi]
+    doc, n_prompt = tokenize_record({"prompt": "hi", "completion": "hi"}, tok)
+    assert doc == [*hi, *hi, tok.eos_id] and n_prompt == len(hi)

@@ -70,7 +70,7 @@ from lm_align.data import config
 from lm_align.data.config import DEFAULTS
 from lm_align.data.errors import DataError
 from lm_align.data.sources import RandomAccessSource, make_source, record_origin
-from lm_align.data.tokenizers import Tokenizer, make_tokenizer
+from lm_align.data.tokenizers import Tokenizer, doc_start, make_tokenizer
 
 __all__ = [
     "DEFAULTS",
@@ -118,7 +118,7 @@ def tokenize_record(record: dict[str, str], tokenizer: Tokenizer) -> tuple[list[
             f"record with keys {sorted(record)} has neither 'text' nor "
             "'prompt'+'completion'; fix the source."
         )
-    doc = [tokenizer.bos_id] + prompt_ids + rest_ids + [tokenizer.eos_id]
+    doc = doc_start(tokenizer) + prompt_ids + rest_ids + [tokenizer.eos_id]
     return doc, len(prompt_ids)
 
 

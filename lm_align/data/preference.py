@@ -66,7 +66,7 @@ from lm_align.data.jsonl import (
     string_field,
 )
 from lm_align.data.pipeline import pad_features, token_features
-from lm_align.data.tokenizers import Tokenizer, make_tokenizer
+from lm_align.data.tokenizers import Tokenizer, doc_start, make_tokenizer
 from lm_align.utils import write_jsonl
 
 TIE_MODES = ("error", "skip")
@@ -345,7 +345,7 @@ def response_row(
     and is cut at the end of the response with "truncate" (``truncated``
     True). Reward models score the same rows.
     """
-    doc = [tokenizer.bos_id] + prompt_ids + tokenizer.encode(response)
+    doc = doc_start(tokenizer) + prompt_ids + tokenizer.encode(response)
     doc.append(tokenizer.eos_id)
     truncated = len(doc) - 1 > max_len
     if truncated and (overlong == "error" or len(prompt_ids) >= max_len):

@@ -224,12 +224,11 @@ class HFTokenizer:
             with open(config_path) as f:
                 config = json.load(f)
         names = {k: _token_text(config.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
-        for k in ("bos", "eos"):
-            if names[k] is None:
-                raise DataError(
-                    f"{config_path} names no {k}_token; the pipeline starts every document with "
-                    f"bos and ends it with eos: add \"{k}_token\" to tokenizer_config.json."
-                )
+        if names["eos"] is None:
+            raise DataError(
+                f"{config_path} names no eos_token; the pipeline ends every document with "
+                'eos: add "eos_token" to tokenizer_config.json.'
+            )
         self._ids = {}
         for k, text in names.items():
             i = None if text is None else self._tok.token_to_id(text)
@@ -244,7 +243,8 @@ class HFTokenizer:
         return self._ids["pad"]
 
     @property
-    def bos_id(self) -> int:
+    def bos_id(self) -> int | None:
+        """None for models without one (Qwen): documents then start without it."""
         return self._ids["bos"]
 
     @property
@@ -394,6 +394,12 @@ def train_sentencepiece(
 _SENTENCEPIECE_PREFIX = "sentencepiece:"
 _HF_PREFIX = "hf:"
 _TOKENIZERS = {"byte": ByteTokenizer}
+
+
+def doc_start(tokenizer: Tokenizer) -> list[int]:
+    """What every document and prompt starts with: ``[bos]``, or nothing for a
+    tokenizer without bos (``bos_id`` None, e.g. Qwen's)."""
+    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
 
 
 def make_tokenizer(name: str) -> Tokenizer:
