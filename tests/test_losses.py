@@ -132,8 +132,10 @@ def test_z_loss_value_and_its_response_to_a_logit_shift():
     assert abs(float(shifted.z_loss) - float(out.z_loss)) > 1e-3  # the shift is visible
 
 
-def test_fused_readout_loss_matches_materialised_logits():
-    """Chunked readout + loss: same values, same gradients as lm_loss on full logits."""
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_fused_readout_loss_matches_materialised_logits(softcap):
+    """Chunked readout + loss: same values, same gradients as lm_loss on full logits
+    (soft-capped as cap * tanh(logits / cap) when softcap > 0)."""
     from lm_align.losses.lm import fused_readout_lm_loss
 
     B, L, D, V = 3, 8, 16, 37
@@ -143,12 +145,17 @@ def test_fused_readout_loss_matches_materialised_logits():
     mask = (jax.random.uniform(jax.random.key(3), (B, L)) > 0.3).astype(jnp.float32)
 
     def full(h, w):
-        return lm_loss(jnp.einsum("bld,dv->blv", h, w), targets, mask, z_loss_coef=1e-2)
+        logits = jnp.einsum("bld,dv->blv", h, w)
+        if softcap:
+            logits = softcap * jnp.tanh(logits / softcap)
+        return lm_loss(logits, targets, mask, z_loss_coef=1e-2)
 
     for chunks in (1, 2, 8):
 
         def fused(h, w):
-            return fused_readout_lm_loss(h, w, targets, mask, z_loss_coef=1e-2, num_chunks=chunks)
+            return fused_readout_lm_loss(
+                h, w, targets, mask, z_loss_coef=1e-2, num_chunks=chunks, softcap=softcap
+            )
 
         ref, out = full(hidden, readout), jax.jit(fused)(hidden, readout)
         for field in ref._fields:

@@ -66,8 +66,12 @@ def fused_readout_lm_loss(
     *,
     z_loss_coef: float = 0.0,
     num_chunks: int = 8,
+    softcap: float = 0.0,
 ) -> LMLoss:
     """`lm_loss(hidden @ readout, ...)` without materialising [B, L, V] logits.
+
+    With `softcap` > 0 the logits are `softcap * tanh(hidden @ readout / softcap)`
+    (Gemma 2's final soft-capping).
 
     The sequence is split into `num_chunks` chunks (batch sharding untouched);
     for each chunk the logits [B*L/num_chunks, V] are formed, reduced to the
@@ -85,7 +89,9 @@ def fused_readout_lm_loss(
     if mask_BL is None:
         mask_BL = jnp.ones(targets_BL.shape, jnp.float32)
     mask_BL = mask_BL.astype(jnp.float32)
-    loss, stats = _fused_loss(hidden_BLD, readout_DV, targets_BL, mask_BL, z_loss_coef, num_chunks)
+    loss, stats = _fused_loss(
+        hidden_BLD, readout_DV, targets_BL, mask_BL, z_loss_coef, num_chunks, float(softcap)
+    )
     ce_sum, z_sum, correct, logit_sum, log_z_sum, num_tokens = stats
     denom = jnp.maximum(num_tokens, 1.0)
     return LMLoss(
@@ -106,7 +112,7 @@ def _chunked(x_BL, num_chunks):
     return jnp.moveaxis(x, 1, 0)
 
 
-def _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunks):
+def _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunks, softcap):
     B, L, D = hidden_BLD.shape
     denom = jnp.maximum(jnp.sum(mask_BL), 1.0)
     w_DV = readout_DV.astype(hidden_BLD.dtype)
@@ -115,6 +121,9 @@ def _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunk
         h_BCD, y_BC, m_BC = inputs
         h_ND = h_BCD.reshape(-1, D)
         logits_NV = (h_ND @ w_DV).astype(jnp.float32)
+        if softcap:
+            tanh_NV = jnp.tanh(logits_NV / softcap)
+            logits_NV = softcap * tanh_NV
         max_N1 = jnp.max(logits_NV, axis=-1, keepdims=True)
         exp_NV = jnp.exp(logits_NV - max_N1)
         sum_N1 = jnp.sum(exp_NV, axis=-1, keepdims=True)
@@ -140,6 +149,8 @@ def _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunk
         d_logits_NV = exp_NV * (w_N1 * (1.0 + 2.0 * coef * log_z_N1) / sum_N1) - jnp.where(
             is_target_NV, w_N1, 0.0
         )
+        if softcap:  # d(cap tanh(x / cap)) / dx = 1 - tanh^2
+            d_logits_NV = d_logits_NV * (1.0 - jnp.square(tanh_NV))
         d_logits_NV = d_logits_NV.astype(h_ND.dtype)
         d_hidden_BCD = (d_logits_NV @ w_DV.T).reshape(h_BCD.shape)
         d_readout_DV = d_readout_DV + (h_ND.T @ d_logits_NV).astype(jnp.float32)
@@ -161,12 +172,12 @@ def _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunk
     return (loss, stats), (d_hidden_BLD, d_readout_DV.astype(readout_DV.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_loss(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunks):
-    return _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_loss(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunks, softcap):
+    return _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunks, softcap)[0]
 
 
-def _fused_loss_bwd(coef, num_chunks, grads, cotangents):
+def _fused_loss_bwd(coef, num_chunks, softcap, grads, cotangents):
     d_hidden_BLD, d_readout_DV = grads
     g_loss = cotangents[0]  # the statistics carry no gradient
     return (g_loss * d_hidden_BLD).astype(d_hidden_BLD.dtype), g_loss * d_readout_DV, None, None

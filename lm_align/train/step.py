@@ -161,6 +161,7 @@ def lm_loss_fn(
                 batch["loss_mask"],
                 z_loss_coef=z_loss_coef,
                 num_chunks=loss_chunks,
+                softcap=model.cfg.final_logit_softcap,
             )
         else:
             out = lm_loss(out_BLX, batch["targets"], batch["loss_mask"], z_loss_coef=z_loss_coef)
