@@ -12,6 +12,9 @@
     lm-align rest-em --config experiments/rest_em_arithmetic.py[:quick] [--workdir DIR]
     lm-align bon --config experiments/bon_arithmetic.py[:quick] [--workdir DIR]
     lm-align eval --policy RUN [--reference RUN] [--num-samples N] [--ks 1,4,8] [--json]
+    lm-align sample --policy RUN --prompt TEXT [--prompt TEXT ...] [--prompts-file F] [--num-samples N] [--temperature T] [--top-k K] [--top-p P] [--greedy] [--max-new-tokens N] [--seed S] [--json]
+    lm-align hf import HF_MODEL_DIR --workdir RUN [--dtype float32] [--scan-layers] [--force]
+    lm-align hf export RUN --out DIR [--step N] [--max-shard-bytes B] [--force]
     lm-align launch local --num-processes N [--devices-per-process K] -- <command> ...
     lm-align launch tpu [--dry-run] --name NAME --accelerator TYPE --zone ZONE [--num-slices N] -- <command> ...
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY] [--metric eval_loss] [--out DIR]
@@ -20,6 +23,11 @@
 given --coordinator/--num-processes/--process-id, the LM_ALIGN_* environment
 variables `launch local` sets, or on a multi-host Cloud TPU VM
 (`lm_align.distributed`).
+
+`sample` prints completions of any run's policy (trained here or imported);
+`hf import` writes a Hugging Face checkpoint directory as a run that every
+command taking a run accepts, and `hf export` writes a run's parameters back
+as a Hugging Face checkpoint (docs/checkpoints.md).
 
 Without --config, `train` runs experiments/default.py's config (a small model
 on the built-in arithmetic task).
@@ -37,6 +45,7 @@ from lm_align.coordcheck import add_parser as add_coordcheck_parser
 from lm_align.distributed import add_process_flags
 from lm_align.launch.commands import add_parsers as add_launch_parsers
 from lm_align.sweeps.commands import add_parsers as add_sweep_parsers
+from lm_align.train.commands import add_parsers as add_train_parsers
 
 DEFAULT_EXPERIMENT = "default"
 
@@ -241,6 +250,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_cmd_tokenizer_train)
     add_sweep_parsers(sub)
     add_coordcheck_parser(sub)
+    add_train_parsers(sub)
     add_align_parsers(sub)
     add_launch_parsers(sub)
     args = parser.parse_args(rest)

@@ -26,6 +26,7 @@ from lm_align.align.logprobs import sequence_logprobs
 from lm_align.config import ConfigError
 from lm_align.models.pure import PureModel
 from lm_align.train import checkpoint
+from lm_align.train.load import load_run
 from lm_align.train.setup import make_optimizer
 from lm_align.train.step import TrainState, state_shardings, with_shardings
 from lm_align.train.validate import check_config, make_parameterization
@@ -175,32 +176,18 @@ def initial_state(s: AlignSetup, params, seed: int) -> TrainState:
 
 
 def load_model(path: str, devices=None):
-    """(model, params, cfg) of a policy or reward-model checkpoint, unsharded use.
+    """(model, params, cfg) of a policy or reward-model checkpoint, unsharded use
+    (`lm_align.train.load.load_run`).
 
     For a reward model (`align.loss = bradley_terry`) the model is a
     `RewardModel`; otherwise a `PureModel`.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    ref = checkpoint.resolve(path)
-    cfg = checkpoint.saved_config(ref)
-    d = cfg.to_dict()
-    d["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1}
-    cfg = config_lib.from_dict(d)
-    model_cfg = check_config(
-        cfg,
-        num_devices=len(devices),
-        process_count=jax.process_count(),
-        extra_groups_allowed=("align",),
-    )
-    param = make_parameterization(cfg, model_cfg)
-    model: Any = PureModel(model_cfg, param)
-    if cfg.get("align", {}).get("loss") in REWARD_LOSSES:
-        from lm_align.align.reward import RewardModel
 
-        model = RewardModel(model_cfg, param)
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    abstract = with_shardings(
-        model.abstract_params,
-        parallel.logical_to_sharding(model.logical_axes, model.abstract_params, mesh),
-    )
-    return model, checkpoint.load_params(ref, abstract), cfg
+    def make_model(model_cfg, param, cfg):
+        if cfg.get("align", {}).get("loss") in REWARD_LOSSES:
+            from lm_align.align.reward import RewardModel
+
+            return RewardModel(model_cfg, param)
+        return PureModel(model_cfg, param)
+
+    return load_run(path, devices, make_model=make_model)

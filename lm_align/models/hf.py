@@ -1,9 +1,10 @@
 """Hugging Face checkpoints: load them as a `PureModel`, save params as one.
 
-    >>> from lm_align.models import hf
-    >>> model, params = hf.load("path/to/llama")   # config.json + *.safetensors
-    >>> logits_BLV = model.apply(params, ids_BL)
-    >>> hf.save(model, params, "out/")            # transformers loads it back
+    from lm_align.models import hf
+
+    model, params = hf.load("path/to/llama")  # config.json + *.safetensors
+    logits_BLV = model.apply(params, ids_BL)
+    hf.save(model, params, "out/")  # transformers loads it back
 
 Families: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and GPT-2 (the
 `*ForCausalLM` / `GPT2LMHeadModel` of `transformers` 4.x and 5.x). Each maps

@@ -338,6 +338,19 @@ def _param_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def _stored_tree(state_dir: str) -> dict:
+    """The metadata tree (names, shapes, dtypes; no values) of a saved state."""
+    stored = ocp.PyTreeCheckpointer().metadata(state_dir)
+    stored = getattr(stored, "item_metadata", stored)
+    return getattr(stored, "tree", stored)
+
+
+def holds_params_only(step_dir: str) -> bool:
+    """True when the step saved parameters alone, no optimizer state (`lm-align hf
+    import` writes such a step 0): loadable as a model, not resumable as a run."""
+    return set(_stored_tree(os.path.join(step_dir, "state"))) == {"params"}
+
+
 def load_params(ref: CheckpointRef, abstract_params):
     """The checkpoint's ``params``, restored onto ``abstract_params``' shapes and shardings.
 
@@ -347,9 +360,7 @@ def load_params(ref: CheckpointRef, abstract_params):
     """
     checkpointer = ocp.PyTreeCheckpointer()
     state_dir = os.path.join(ref.path, "state")
-    stored = checkpointer.metadata(state_dir)
-    stored = getattr(stored, "item_metadata", stored)
-    stored = getattr(stored, "tree", stored)
+    stored = _stored_tree(state_dir)
     if "params" not in stored:
         raise ValueError(f"{state_dir} holds no `params` (keys: {sorted(stored)})")
     flat = jax.tree_util.tree_flatten_with_path

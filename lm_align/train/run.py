@@ -36,7 +36,7 @@ import jax
 
 from lm_align import config as config_lib
 from lm_align import distributed
-from lm_align.train.checkpoint import Checkpointer
+from lm_align.train.checkpoint import Checkpointer, holds_params_only
 from lm_align.train.metrics import MetricWriter, Progress
 from lm_align.utils import log, write_atomic, write_json
 
@@ -150,7 +150,7 @@ class Run:
         if start is None:
             start, state = 0, init_state()
         else:
-            state, data_state, saved_config = self.ckpt.restore(start, abstract_state)
+            state, data_state, saved_config = self._restore(start, abstract_state)
             set_data_state(data_state)
             log(f"resumed from {self.ckpt.directory}/{start} (step {start} of {self.t.steps})")
             for line in config_changes(saved_config, self.config_dict):
@@ -162,6 +162,21 @@ class Run:
                     return start, state, json.load(f)
         self.writer = MetricWriter(self.workdir, tensorboard=self.t.tensorboard, resume_step=start)
         return start, state, None
+
+    def _restore(self, step: int, abstract_state):
+        """`Checkpointer.restore`; a step of parameters alone (`lm-align hf import`) is a
+        ConfigError saying how to start from it."""
+        try:
+            return self.ckpt.restore(step, abstract_state)
+        except ValueError:
+            if not holds_params_only(self.ckpt.step_dir(step)):
+                raise
+        raise config_lib.ConfigError(
+            f"{self.workdir} holds a model's parameters only (`lm-align hf import`), not a run "
+            "to resume; start a run in a new workdir from it with "
+            f"--config.train.init_from={self.workdir} (lm-align train) or "
+            f"--config.align.policy_checkpoint={self.workdir} (lm-align align)"
+        )
 
     def _newest_intact_step(self) -> int | None:
         """The newest step that verifies; broken newer ones are moved aside and reported."""
