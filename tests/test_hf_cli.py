@@ -300,3 +300,25 @@ def test_import_align_on_eight_devices_export_round_trip(tmp_path):
     assert sorted(losses) == [1, 2, 3]
     assert losses[1] == pytest.approx(np.log(2), abs=1e-5)  # the policy starts as its reference
     assert losses[3] < losses[1]
+
+
+def test_hf_finetune_experiment_reads_the_run_it_starts_from(tmp_path):
+    """experiments/hf_finetune.py: SFT and DPO configs take the model group and tokenizer from
+    the run (an import, or an SFT run of it), never restated."""
+    from lm_align.config import load_config
+
+    run = str(tmp_path / "base")
+    assert main(["hf", "import", os.path.join(FIXTURES, "qwen3"), "--workdir", run]) == 0
+    experiment = os.path.join(REPO, "experiments", "hf_finetune.py")
+    saved = checkpoint.saved_config(checkpoint.resolve(run))
+    sft = load_config(f"{experiment}:sft,run={run},data=sft.jsonl,steps=40")
+    assert sft.model.to_dict() == saved.model.to_dict() and sft.model.qk_norm == "rmsnorm"
+    assert (sft.train.init_from, sft.data.source, sft.data.tokenizer) == (
+        run, "jsonl:sft.jsonl", f"hf:{run}/tokenizer",
+    )  # fmt: skip
+    assert sft.data.completion_only_loss and sft.train.steps == 40
+    dpo = load_config(f"{experiment}:dpo,run={run},data=p.jsonl,eval_data=e.jsonl")
+    assert (dpo.align.loss, dpo.align.policy_checkpoint, dpo.align.train_file) == ("dpo", run, "p.jsonl")
+    assert dpo.data.tokenizer == f"hf:{run}/tokenizer" and dpo.align.eval_file == "e.jsonl"
+    with pytest.raises(ConfigError, match="needs run=RUN"):
+        load_config(f"{experiment}:sft")

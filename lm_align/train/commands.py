@@ -179,8 +179,12 @@ def cmd_sample(args, overrides) -> int:
 
 
 def cmd_hf_import(args, overrides) -> int:
+    import resource
+    import time
+
     from lm_align.train.hf_runs import import_checkpoint
 
+    start = time.perf_counter()
     try:
         r = import_checkpoint(
             args.path, args.workdir, dtype=args.dtype, scan_layers=args.scan_layers,
@@ -193,7 +197,9 @@ def cmd_hf_import(args, overrides) -> int:
     print(
         f"imported {args.path} -> {r.workdir}: {r.num_params:,} params, {m['n_layers']} layers, "
         f"d_model {m['d_model']}, vocab {m['vocab_size']}, {m['param_dtype']}\n"
-        f"checkpoint {r.checkpoint}\ndata.tokenizer {r.tokenizer}",
+        f"checkpoint {r.checkpoint}\ndata.tokenizer {r.tokenizer}\n"
+        f"took {time.perf_counter() - start:.1f} s; peak host memory (RSS, memory-mapped "
+        f"checkpoint pages included) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
         flush=True,
     )
     if r.tokenizer_files:
