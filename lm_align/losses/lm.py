@@ -120,7 +120,7 @@ def _fused_loss_fwd(hidden_BLD, readout_DV, targets_BL, mask_BL, coef, num_chunk
     def chunk(d_readout_DV, inputs):
         h_BCD, y_BC, m_BC = inputs
         h_ND = h_BCD.reshape(-1, D)
-        logits_NV = (h_ND @ w_DV).astype(jnp.float32)
+        logits_NV = jnp.matmul(h_ND, w_DV, preferred_element_type=jnp.float32)
         if softcap:
             tanh_NV = jnp.tanh(logits_NV / softcap)
             logits_NV = softcap * tanh_NV

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm_align.models import attention as kernels
 from lm_align.parameterization import Parameterization, fan_in, role_of
 
 # Variables are created abstractly and sharded by `lm_align.parallel`, never eagerly.
@@ -42,6 +43,7 @@ POSITIONS = ("rope", "learned")
 NORMS = ("layernorm", "rmsnorm")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_KINDS = ("global", "local")
+ATTENTION_IMPLEMENTATIONS = ("reference", "dot_product", "splash")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -81,6 +83,7 @@ class TransformerConfig:
     query_pre_attn_scalar: float | None = None  # queries x its^(-1/2); None: head_dim
     attn_logit_softcap: float = 0.0  # attention logits -> cap * tanh(logits / cap); 0: off
     final_logit_softcap: float = 0.0  # the same on the output logits (Gemma 2); 0: off
+    attention: str = "reference"  # reference | dot_product (cuDNN on GPU) | splash (Pallas, TPU)
     sliding_window: int = 0  # a local layer's query sees the last `sliding_window` keys (itself included)
     attention_pattern: tuple = ("global",)  # global | local per layer, repeated over the layers
     use_bias: bool = False  # biases in dense layers and norms
@@ -142,6 +145,11 @@ class TransformerConfig:
                 f"model.attention_pattern={pattern!r} has local layers but model.sliding_window="
                 f"{self.sliding_window}; set the window size (tokens a query sees, itself included)"
             )
+        if self.attention == "dot_product" and self.attn_logit_softcap:
+            errs.append(
+                f"model.attention='dot_product' cannot soft-cap attention logits "
+                f"(model.attn_logit_softcap={self.attn_logit_softcap}); use 'splash' or 'reference'"
+            )
         for name in ("attn_logit_softcap", "final_logit_softcap", "sliding_window"):
             if getattr(self, name) < 0:
                 errs.append(f"model.{name}={getattr(self, name)} must be >= 0 (0: off)")
@@ -154,6 +162,7 @@ class TransformerConfig:
             )
         choices = [
             ("activation", ACTIVATIONS),
+            ("attention", ATTENTION_IMPLEMENTATIONS),
             ("rope_scaling", ROPE_SCALINGS),
             ("qk_norm", NORMS),
             ("position", POSITIONS),
@@ -198,16 +207,18 @@ class TransformerConfig:
         return 6.0 * self.num_params(matmul_only=True) + 12.0 * self.n_layers * HK * seq_len
 
 
-def _dense(x_BLI, w, contract: int = 1):
+def _dense(x_BLI, w, contract: int = 1, out_dtype=None):
     """[B, L, I] x w -> [B, L, O]: the first `contract` axes of w (product I) are
-    contracted, the rest (product O) are outputs; one 2-D matmul over B*L tokens.
+    contracted, the rest (product O) are outputs; one 2-D matmul over B*L tokens,
+    its result in `out_dtype` (default: the inputs').
 
     (XLA:CPU emits much faster dots, with no transposes in the backward pass,
     for [tokens, I] x [I, O] than for the equivalent 3-D einsum.)
     """
     B, L, _ = x_BLI.shape
     w_IO = w.reshape(math.prod(w.shape[:contract]), -1)
-    return (x_BLI.reshape(B * L, -1) @ w_IO).reshape(B, L, w_IO.shape[1])
+    y = jnp.matmul(x_BLI.reshape(B * L, -1), w_IO, preferred_element_type=out_dtype)
+    return y.reshape(B, L, w_IO.shape[1])
 
 
 class _Params:
@@ -416,12 +427,14 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         B, L, H, K = q_BLHK.shape
         M, G = k_BMGK.shape[1], k_BMGK.shape[2]
+        f32 = jnp.float32  # scores accumulate and come out in float32
         if G == H:
-            logits_BHLM = jnp.einsum("BLHK,BMHK->BHLM", q_BLHK, k_BMGK)
+            logits_BHLM = jnp.einsum("BLHK,BMHK->BHLM", q_BLHK, k_BMGK, preferred_element_type=f32)
         else:
             q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
-            logits_BHLM = jnp.einsum("BLGRK,BMGK->BGRLM", q_BLGRK, k_BMGK).reshape(B, H, L, M)
-        logits_BHLM = logits_BHLM.astype(jnp.float32)
+            logits_BHLM = jnp.einsum(
+                "BLGRK,BMGK->BGRLM", q_BLGRK, k_BMGK, preferred_element_type=f32
+            ).reshape(B, H, L, M)
         if cfg.attn_logit_softcap:
             cap = cfg.attn_logit_softcap
             logits_BHLM = cap * jnp.tanh(logits_BHLM / cap)
@@ -438,14 +451,44 @@ class Attention(nnx.Module):
         else:
             probs_BGRLM = probs_BHLM.reshape(B, G, H // G, L, M)
             ctx_BLHK = jnp.einsum("BGRLM,BMGK->BLGRK", probs_BGRLM, v_BMGK).reshape(B, L, H, K)
+        return self.output(ctx_BLHK), max_logit
+
+    def output(self, ctx_BLHK):
+        """The output projection [B, L, H, K] -> [B, L, D]."""
+        dt = DTYPES[self.cfg.dtype]
+        B, L, H, K = ctx_BLHK.shape
         out_BLD = _dense(ctx_BLHK.reshape(B, L, H * K), _weight(self.out, dt), contract=2)
         if self.out_bias is not None:
             out_BLD = out_BLD + _weight(self.out_bias, dt)
-        return out_BLD, max_logit
+        return out_BLD
 
-    def __call__(self, x_BLD, rope_sincos, mask_B1LM):
-        """`rope_sincos`: `rope_tables(...)` for RoPE models, else None."""
-        return self.attend(*self.project(x_BLD, rope_sincos), mask_B1LM)
+    def __call__(self, x_BLD, rope_sincos, mask_B1LM, segment_ids_BL=None, window=None):
+        """(output [B, L, D], max attention logit, or its bound for the fused kernels).
+
+        `rope_sincos`: `rope_tables(...)` for RoPE models, else None. `mask_B1LM`
+        (causal, same segment, within `window`) drives the reference and
+        dot_product paths; splash builds its mask from `segment_ids_BL` and
+        `window` (a local layer's window, else None).
+        """
+        cfg = self.cfg
+        q_BLHK, k_BLGK, v_BLGK = self.project(x_BLD, rope_sincos)
+        if cfg.attention == "reference":
+            return self.attend(q_BLHK, k_BLGK, v_BLGK, mask_B1LM)
+        bound = kernels.max_logit_bound(q_BLHK, k_BLGK, cfg.attn_logit_softcap)
+        if cfg.attention == "dot_product":
+            return self.output(kernels.dot_product(q_BLHK, k_BLGK, v_BLGK, mask_B1LM)), bound
+
+        def splash(w):
+            return kernels.splash(
+                q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, w, cfg.attn_logit_softcap
+            )
+
+        if window is None or isinstance(window, int):
+            ctx_BLHK = splash(window)
+        else:  # traced (scan over a mixed local/global pattern, or remat)
+            is_local = window < 2**30
+            ctx_BLHK = jax.lax.cond(is_local, lambda: splash(cfg.sliding_window), lambda: splash(None))
+        return self.output(ctx_BLHK), bound
 
     def cached(self, x_BSD, rope_sincos, cache, index, key_valid_BT, window=None):
         """Attention of S new tokens written into cache slots [index, index + S).
@@ -518,15 +561,21 @@ class Block(nnx.Module):
         out_BLD = self.mlp(self.mlp_norm(x_BLD))
         return self.mlp_out_norm(out_BLD) if self.sandwich else out_BLD
 
-    def __call__(self, x_BLD, rope_sincos, mask_B1LM, window=None, *, return_activations=False):
+    def __call__(
+        self, x_BLD, rope_sincos, mask_B1LM, window=None, segment_ids_BL=None,
+        *, return_activations=False,
+    ):  # fmt: skip
         """(x, max attention logit[, {"attn": attn out, "mlp": MLP out}]).
 
-        `window`: a sliding-window layer's window (keys i - j < window), else None."""
+        `window`: a sliding-window layer's window (keys i - j < window), else None;
+        `segment_ids_BL`: the packing segments (for attention='splash')."""
         if window is not None:
             L = x_BLD.shape[1]
             band_LM = jnp.arange(L)[:, None] - jnp.arange(L)[None, :] < window
             mask_B1LM = mask_B1LM & band_LM
-        attn_BLD, max_logit = self.attn(self.attn_norm(x_BLD), rope_sincos, mask_B1LM)
+        attn_BLD, max_logit = self.attn(
+            self.attn_norm(x_BLD), rope_sincos, mask_B1LM, segment_ids_BL, window
+        )
         if self.sandwich:
             attn_BLD = self.attn_out_norm(attn_BLD)
         x_BLD = x_BLD + attn_BLD
@@ -658,8 +707,8 @@ class Transformer(nnx.Module):
         return _weight(self.embed, dt).T if self.cfg.tie_embeddings else _weight(self.readout, dt)
 
     def logits(self, hidden_BLD):
-        """Logits [B, L, V] (float32) of final-normed hidden states."""
-        logits_BLV = _dense(hidden_BLD, self.readout_matrix()).astype(jnp.float32)
+        """Logits [B, L, V] (float32, accumulated in float32) of final-normed hidden states."""
+        logits_BLV = _dense(hidden_BLD, self.readout_matrix(), out_dtype=jnp.float32)
         cap = self.cfg.final_logit_softcap
         return cap * jnp.tanh(logits_BLV / cap) if cap else logits_BLV
 
@@ -699,8 +748,9 @@ class Transformer(nnx.Module):
         def block_fn(block_graph, block_state, x_BLD, window):
             block = nnx.merge(block_graph, block_state)
             x_BLD, *rest = block(
-                x_BLD, rope_sincos, mask_B1LM, window, return_activations=return_activations
-            )
+                x_BLD, rope_sincos, mask_B1LM, window, segment_ids_BL,
+                return_activations=return_activations,
+            )  # fmt: skip
             return constrain_BLD(x_BLD), tuple(rest)
 
         policy = REMAT_POLICIES[cfg.remat]
