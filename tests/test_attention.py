@@ -23,21 +23,21 @@ BASE = TransformerConfig(
 )  # fmt: skip
 
 
-def batch():
-    """Two rows: three packed documents (positions restart), and one document."""
+def batch(copies=1):
+    """Two rows (times `copies`): three packed documents (positions restart), and one document."""
     tokens = jax.random.randint(jax.random.key(1), (2, L), 0, 64)
     segments = np.ones((2, L), np.int32)
     segments[0, 50:90], segments[0, 90:] = 2, 3
     positions = np.concatenate(
         [np.r_[np.arange(50), np.arange(40), np.arange(38)][None], np.arange(L)[None]]
     ).astype(np.int32)
-    return tokens, jnp.asarray(positions), jnp.asarray(segments)
+    return tuple(jnp.tile(jnp.asarray(x), (copies, 1)) for x in (tokens, positions, segments))
 
 
-def outputs(cfg, params):
+def outputs(cfg, params, copies=1):
     """Logits and the gradient of a scalar function of them with respect to every parameter."""
     model = PureModel(cfg)
-    tokens, positions, segments = batch()
+    tokens, positions, segments = batch(copies)
 
     def f(p):
         logits = model.apply(p, tokens, positions_BL=positions, segment_ids_BL=segments)
@@ -108,3 +108,45 @@ def test_misuse_is_named():
     k = jnp.zeros((1, 64, 2, 8))
     with pytest.raises(ValueError, match="multiple of 128 \\(got 64\\)"):
         kernels.splash(q, k, k, jnp.ones((1, 64), jnp.int32), None)
+
+
+SHARDED = """
+import dataclasses, jax, jax.numpy as jnp, numpy as np
+from lm_align import parallel
+from lm_align.models.pure import PureModel
+from tests.test_attention import WINDOWS, batch, outputs
+
+mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+model = PureModel(dataclasses.replace(WINDOWS, attention="splash"))
+params = PureModel(WINDOWS).init(0)
+ref_logits, ref_grads = outputs(WINDOWS, params, copies=2)  # reference path, one device
+sharded = jax.device_put(params, parallel.logical_to_sharding(model.logical_axes, params, mesh))
+tokens, positions, segments = (jax.device_put(x, parallel.batch_sharding(mesh)) for x in batch(2))
+
+def f(p):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the train steps trace
+        logits = model.apply(p, tokens, positions_BL=positions, segment_ids_BL=segments)
+    return jnp.sum(jnp.sin(logits)), logits
+
+text = jax.jit(jax.value_and_grad(f, has_aux=True)).lower(sharded).as_text()
+assert "manual" in text, "no shard_map around the kernel"
+(_, logits), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(sharded)
+np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert float(jnp.max(jnp.abs(g - r))) <= 1e-5 * max(float(jnp.max(jnp.abs(r))), 1.0)
+print("ok")
+"""
+
+
+def test_splash_on_eight_devices_matches_one():
+    """data 2 x fsdp 2 x tensor 2: the kernel runs per device on its rows and heads."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, env_with_devices
+
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env_with_devices(8), cwd=REPO,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]

@@ -18,6 +18,8 @@ bound on every q . k (capped at the soft-cap).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -82,17 +84,41 @@ def splash(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, window: int | None, softcap: 
     q_BGRLK = q_BLHK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
     k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
 
-    def run(interpret):
-        kernel = _splash_kernel(L, H // G, window, float(softcap), interpret)
+    def per_shard(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL):
+        def run(interpret):
+            kernel = _splash_kernel(L, H // G, window, float(softcap), interpret)
 
-        def one(q_RLK, k_LK, v_LK, seg_L):
-            return kernel(q_RLK, k_LK, v_LK, segment_ids=SegmentIds(q=seg_L, kv=seg_L))
+            def one(q_RLK, k_LK, v_LK, seg_L):
+                return kernel(q_RLK, k_LK, v_LK, segment_ids=SegmentIds(q=seg_L, kv=seg_L))
 
-        per_group = jax.vmap(one, in_axes=(0, 0, 0, None))
-        return jax.vmap(per_group)(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL)
+            per_group = jax.vmap(one, in_axes=(0, 0, 0, None))
+            return jax.vmap(per_group)(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL)
 
-    # The Mosaic kernel where the program is lowered for TPU; the interpreter elsewhere.
-    out_BGRLK = jax.lax.platform_dependent(
-        tpu=lambda: run(False), default=lambda: run(True)
-    )
+        # The Mosaic kernel where the program is lowered for TPU; the interpreter elsewhere.
+        return jax.lax.platform_dependent(tpu=lambda: run(False), default=lambda: run(True))
+
+    out_BGRLK = _over_mesh(per_shard, B, G)(q_BGRLK, k_BGLK, v_BGLK, segment_ids_BL)
     return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+
+
+def _over_mesh(fn, batch: int, kv_heads: int):
+    """`fn` on each device's rows and key/value heads (`shard_map`) under a mesh context.
+
+    A Pallas kernel is one custom call that XLA cannot partition. Inside
+    `jax.sharding.use_abstract_mesh(mesh)` (the train steps set it) the rows go
+    over every mesh axis but `tensor` (the batch axes) and the key/value heads
+    over `tensor` where they divide; without a multi-device mesh, `fn` itself.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn
+    rows = tuple(a for a in mesh.axis_names if a != "tensor" and mesh.shape[a] > 1)
+    if batch % math.prod(mesh.shape[a] for a in rows):
+        rows = ()
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and kv_heads % tensor == 0 else None
+    rows = rows or None
+    q, kv, seg = P(rows, heads, None, None, None), P(rows, heads, None, None), P(rows, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q, kv, kv, seg), out_specs=q, check_vma=False)
