@@ -17,6 +17,7 @@ from lm_align.sweeps.analysis import (
     transfer_table,
 )
 from lm_align.sweeps.executor import Executor, LocalExecutor, RunEvent, RunSpec
+from lm_align.sweeps.fit import PowerLawFit, power_law
 from lm_align.sweeps.runner import SweepResult, load_sweep, plan_sweep, run_sweep
 from lm_align.sweeps.summary import load_summary
 
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_LR_GRID",
     "Executor",
     "LocalExecutor",
+    "PowerLawFit",
     "RunEvent",
     "RunSpec",
     "SweepResult",
@@ -33,6 +35,7 @@ __all__ = [
     "lr_shift_in_grid_steps",
     "optimal_lr",
     "plan_sweep",
+    "power_law",
     "run_sweep",
     "sensitivity_table",
     "transfer_table",

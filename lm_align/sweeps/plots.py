@@ -16,7 +16,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from lm_align.sweeps import analysis
+from lm_align.sweeps.fit import power_law
 from lm_align.sweeps.summary import write_csv
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -128,8 +131,17 @@ def plot_loss_vs_lr(
     fig.savefig(path, dpi=120)
 
 
+def _power_law_or_none(xs, ys):
+    """`sweeps.fit.power_law` of positive points (at least 3), else None."""
+    pts = [(x, y) for x, y in zip(xs, ys) if x > 0 and y is not None and np.isfinite(y) and y > 0]
+    if len(pts) < 3 or len({x for x, _ in pts}) < 2:
+        return None
+    return power_law(*zip(*pts))
+
+
 def _plot_sensitivity_panel(ax, sensitivity, group, compare, styles) -> None:
-    """LR sensitivity vs group value, one line per compare value."""
+    """LR sensitivity vs group value, one line per compare value; with a numeric
+    group and 3+ positive points, the fitted power law (exponent, 95% CI) too."""
     values = sorted({r["group"] for r in sensitivity}, key=analysis.sort_key)
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
@@ -138,14 +150,16 @@ def _plot_sensitivity_panel(ax, sensitivity, group, compare, styles) -> None:
         by_compare.setdefault(r["compare"], []).append(r)
     for cmp_value, rs in by_compare.items():
         rs = sorted(rs, key=lambda r: analysis.sort_key(r["group"]))
-        ax.plot(
-            [position[r["group"]] for r in rs],
-            [r["lr_sensitivity"] for r in rs],
-            linestyle=styles[cmp_value],
-            color="k",
-            marker="o",
-            label=_label(compare, cmp_value) if compare else "LR sensitivity",
-        )
+        label = _label(compare, cmp_value) if compare else "LR sensitivity"
+        xs = [position[r["group"]] for r in rs]
+        ys = [r["lr_sensitivity"] for r in rs]
+        fit = _power_law_or_none(xs, ys) if numeric else None
+        if fit is not None:
+            lo, hi = fit.exponent_ci
+            label += f" ~ {short(group)}^{fit.exponent:.2f} [{lo:.2f}, {hi:.2f}]"
+            grid = np.geomspace(min(xs), max(xs), 50)
+            ax.plot(grid, fit(grid), color="0.5", linewidth=1, linestyle=styles[cmp_value])
+        ax.plot(xs, ys, linestyle="none" if fit else styles[cmp_value], color="k", marker="o", label=label)
     if numeric and all(v > 0 for v in values) and len(values) > 1:
         ax.set_xscale("log")
         ax.minorticks_off()
