@@ -450,3 +450,37 @@ def test_import_is_pure_jax_optax_numpy():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_wsd_schedule_worked_numbers_and_shared_prefix():
+    """warmup 10, stable to step 70, cooldown 30 to end 0.1 (peak 1): hand-computed values."""
+    lin = lo.warmup_then_decay(1.0, 100, warmup_steps=10, decay="wsd", end_lr=0.1, cooldown_steps=30)
+    sqrt = lo.warmup_then_decay(
+        1.0, 100, warmup_steps=10, decay="wsd", end_lr=0.1, cooldown_steps=30, cooldown="1-sqrt"
+    )
+    # step 5: warmup 0.5; step 40: stable 1.0; step 70 + 15: halfway through the cooldown.
+    np.testing.assert_allclose([float(lin(t)) for t in (5, 40, 70, 85, 100, 150)],
+                               [0.5, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(float(sqrt(85)), 0.1 + 0.9 * (1 - np.sqrt(0.5)), rtol=1e-6)
+    # A longer run (cooldown 20% of 400 - 10 = 78 steps) is the same until its cooldown
+    # starts: the shorter run branches off it.
+    short = lo.warmup_then_decay(1.0, 100, warmup_steps=10, decay="wsd", cooldown_steps=18)
+    long = lo.warmup_then_decay(1.0, 400, warmup_steps=10, decay="wsd", cooldown_steps=78)
+    steps = np.arange(0, 82)
+    np.testing.assert_array_equal([float(short(t)) for t in steps], [float(long(t)) for t in steps])
+    assert float(short(90)) < float(long(90))
+    with pytest.raises(ValueError, match="cooldown_steps=0 must be in \\[1, 90\\]"):
+        lo.warmup_then_decay(1.0, 100, warmup_steps=10, decay="wsd")
+    with pytest.raises(ValueError, match="Unknown cooldown 'cosine'"):
+        lo.warmup_then_decay(1.0, 100, decay="wsd", cooldown_steps=5, cooldown="cosine")
+
+
+def test_make_optimizer_wsd_uses_the_cooldown_fraction():
+    opt = lo.make_optimizer(
+        {"schedule": "wsd", "lr": 1.0, "warmup_steps": 10, "end_lr": 0.0, "cooldown_fraction": 0.5},
+        total_steps=110,
+    )
+    # Stable until 10 + 50 = 60, then linear to 0 at 110.
+    np.testing.assert_allclose([float(opt.schedule(t)) for t in (59, 60, 85, 110)], [1, 1, 0.5, 0])
+    with pytest.raises(ValueError, match="cooldown_fraction=0 must be in"):
+        lo.make_optimizer({"schedule": "wsd", "cooldown_fraction": 0}, total_steps=10)

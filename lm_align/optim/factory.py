@@ -46,10 +46,12 @@ DEFAULTS = {
     "momentum": 0.9,  # sgd momentum; 0 or None = plain SGD
     "nesterov": False,  # sgd Nesterov momentum
     "clip_norm": 1.0,  # global-norm gradient clipping; 0 or None = off
-    "schedule": "cosine",  # cosine | linear | rsqrt | constant (after warmup)
+    "schedule": "cosine",  # cosine | linear | rsqrt | constant | wsd (after warmup)
     "warmup_steps": 0,  # linear warmup from 0 to lr, in optimizer steps
     "end_lr": 1e-5,  # absolute LR floor after warmup (cosine/linear target)
-    "decay_steps": None,  # absolute step where cosine/linear reach end_lr; None = total_steps
+    "decay_steps": None,  # absolute step where cosine/linear/wsd reach end_lr; None = total_steps
+    "cooldown_fraction": 0.2,  # wsd: the final cooldown, as a fraction of the steps after warmup
+    "cooldown": "linear",  # wsd cooldown shape: linear | 1-sqrt
     "atan2_a": 4 / math.pi,  # adam_atan2 output scale (update bound a*pi/2)
     "atan2_b": 1.0,  # adam_atan2 denominator scale
     "adafactor_factored": True,  # adafactor: factor the second moment of matrices
@@ -112,6 +114,16 @@ def _direction(c: dict[str, Any], eps: Any = None) -> optax.GradientTransformati
     raise ValueError(f"Unknown optimizer name {name!r}; use one of {NAMES}.")
 
 
+def _cooldown_steps(c: dict[str, Any], total_steps: int) -> int:
+    """wsd: round(cooldown_fraction x the steps after warmup), at least 1."""
+    if c["schedule"] != "wsd":
+        return 0
+    if not 0 < c["cooldown_fraction"] <= 1:
+        raise ValueError(f"cooldown_fraction={c['cooldown_fraction']} must be in (0, 1].")
+    decay_steps = total_steps if c["decay_steps"] is None else c["decay_steps"]
+    return max(1, round(c["cooldown_fraction"] * (decay_steps - c["warmup_steps"])))
+
+
 def make_optimizer(
     config: Any, *, total_steps: int, lr_scales: Any = None, eps: Any = None
 ) -> Optimizer:
@@ -142,6 +154,8 @@ def make_optimizer(
         decay=c["schedule"],
         end_lr=c["end_lr"],
         decay_steps=c["decay_steps"],
+        cooldown_steps=_cooldown_steps(c, total_steps),
+        cooldown=c["cooldown"],
     )
     parts = []
     if c["clip_norm"] is not None and c["clip_norm"] < 0:

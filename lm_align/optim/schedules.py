@@ -1,4 +1,4 @@
-"""Learning-rate schedules: linear warmup, then cosine | linear | rsqrt | constant.
+"""Learning-rate schedules: linear warmup, then cosine | linear | rsqrt | constant | wsd.
 
 One function, :func:`warmup_then_decay`, built from optax schedule primitives
 (``optax.linear_schedule``, ``optax.cosine_decay_schedule``,
@@ -11,12 +11,15 @@ from typing import Optional
 import jax.numpy as jnp
 import optax
 
-DECAYS = ("cosine", "linear", "rsqrt", "constant")
+DECAYS = ("cosine", "linear", "rsqrt", "constant", "wsd")
+COOLDOWNS = ("linear", "1-sqrt")  # wsd cooldown shapes
 
 
-def _check_args(peak_lr, total_steps, warmup_steps, decay, end_lr, decay_steps):
+def _check_args(peak_lr, total_steps, warmup_steps, decay, end_lr, decay_steps, cooldown):
     if decay not in DECAYS:
         raise ValueError(f"Unknown decay {decay!r}; use one of {', '.join(DECAYS)}.")
+    if cooldown not in COOLDOWNS:
+        raise ValueError(f"Unknown cooldown {cooldown!r}; use one of {', '.join(COOLDOWNS)}.")
     if not peak_lr > 0:
         raise ValueError(f"peak_lr must be > 0, got {peak_lr}.")
     if total_steps < 1:
@@ -51,6 +54,8 @@ def warmup_then_decay(
     decay: str = "cosine",
     end_lr: float = 0.0,
     decay_steps: Optional[int] = None,
+    cooldown_steps: int = 0,
+    cooldown: str = "linear",
 ) -> optax.Schedule:
     r"""Linear warmup from 0 to ``peak_lr``, then a decay floored at ``end_lr``.
 
@@ -71,6 +76,15 @@ def warmup_then_decay(
 
       \text{constant:}\ \eta
 
+      \text{wsd:}\ \eta \text{ until } S = D - C, \text{ then }
+          \eta_{end} + (\eta - \eta_{end})\,(1 - f(\tfrac{\min(t, D) - S}{C}))
+
+    with :math:`C` = ``cooldown_steps`` and :math:`f(u) = u` (``cooldown="linear"``)
+    or :math:`\sqrt{u}` (``"1-sqrt"``: :math:`1 - \sqrt{u}` of the way left).
+    WSD (warmup-stable-decay) runs of different lengths share every step
+    before their cooldown, so one long constant-LR run with cooldowns branched
+    off it gives the runs of every length.
+
     so rsqrt is :math:`\eta\sqrt{W/t}` after a warmup and :math:`\eta/\sqrt{t+1}`
     without one. After warmup the LR is never below ``end_lr``; cosine and linear
     reach it at step ``D`` and stay there. If ``D == W`` the decay phase is empty
@@ -85,8 +99,10 @@ def warmup_then_decay(
         Default ``"cosine"``.
       end_lr: absolute floor after warmup, ``0 <= end_lr <= peak_lr``.
         Default 0.0.
-      decay_steps: absolute step at which cosine/linear reach ``end_lr``; None
+      decay_steps: absolute step at which cosine/linear/wsd reach ``end_lr``; None
         means ``total_steps``. Unused by rsqrt and constant. Default None.
+      cooldown_steps: wsd: length of the final cooldown (1 <= C <= D - W).
+      cooldown: wsd: ``"linear"`` or ``"1-sqrt"`` (Hägele et al. 2024).
 
     Returns:
       An optax schedule ``step -> lr`` (a jnp float32 scalar), jit-friendly.
@@ -97,11 +113,18 @@ def warmup_then_decay(
 
     References:
       Loshchilov & Hutter, 2017, "SGDR", https://arxiv.org/abs/1608.03983 (cosine);
-      Vaswani et al., 2017, https://arxiv.org/abs/1706.03762 (rsqrt).
+      Vaswani et al., 2017, https://arxiv.org/abs/1706.03762 (rsqrt);
+      Hu et al., 2024, "MiniCPM", https://arxiv.org/abs/2404.06395 (WSD);
+      Hägele et al., 2024, https://arxiv.org/abs/2405.18392 (1-sqrt cooldown).
     """
     decay_steps = total_steps if decay_steps is None else decay_steps
-    _check_args(peak_lr, total_steps, warmup_steps, decay, end_lr, decay_steps)
+    _check_args(peak_lr, total_steps, warmup_steps, decay, end_lr, decay_steps, cooldown)
     decay_len = decay_steps - warmup_steps  # steps after warmup until end_lr
+    if decay == "wsd" and not 1 <= cooldown_steps <= decay_len:
+        raise ValueError(
+            f"cooldown_steps={cooldown_steps} must be in [1, {decay_len}] (the steps between "
+            f"warmup and decay_steps) for the wsd schedule"
+        )
 
     if decay in ("cosine", "linear") and decay_len == 0:
         after_warmup = optax.constant_schedule(end_lr)
@@ -118,6 +141,14 @@ def warmup_then_decay(
         after_warmup = lambda s: (
             peak_lr * jnp.sqrt(shift / (jnp.maximum(jnp.asarray(s, jnp.float32), 0.0) + shift))
         )
+    elif decay == "wsd":
+        stable = decay_len - cooldown_steps
+
+        def after_warmup(s):
+            u = jnp.clip((jnp.asarray(s, jnp.float32) - stable) / cooldown_steps, 0.0, 1.0)
+            done = u if cooldown == "linear" else jnp.sqrt(u)
+            return end_lr + (peak_lr - end_lr) * (1.0 - done)
+
     else:  # constant
         after_warmup = optax.constant_schedule(peak_lr)
 
