@@ -154,8 +154,8 @@ C = {
     ("adafactor", "full", "mfp"):       _roles(0, 1/2, 0),
     ("adafactor", "none", "standard"):  _roles(0, 0, 0),
     ("adafactor", "none", "ntk"):       _roles(0, 0, 0),
-    ("adafactor", "none", "mup"):       _roles(0, 0, -1/2),  # readout [check]
-    ("adafactor", "none", "mfp"):       _roles(0, 0, -1/2),  # readout [check]
+    ("adafactor", "none", "mup"):       _roles(0, 0, 0),
+    ("adafactor", "none", "mfp"):       _roles(0, 0, 0),
 }
 
 # g: width exponent of the layer's gradient at init (Adam epsilon).   [whole table check]
@@ -169,8 +169,6 @@ G = {
 # Cells flagged [check] (not yet confirmed against the paper): (table, row key, role).
 CHECK = frozenset({
     ("AB", "mfp", "embedding"),
-    ("C", ("adafactor", "none", "mup"), "readout"),
-    ("C", ("adafactor", "none", "mfp"), "readout"),
 })
 # Tables flagged [check] as a whole, with the reason.
 CHECK_TABLES = {
