@@ -108,6 +108,7 @@ OPTIMIZER_FAMILY = {
     "adam_atan2": "adam",
     "adafactor": "adafactor",
     "sgd": "sgd",
+    "muon": "adam",  # its Adam-updated parameters; Muon's matrices: see `muon_dims`
 }
 # Logical axis names that grow with the model width.
 WIDTH_AXES = frozenset({"embed", "heads", "kv_heads", "head_dim", "mlp"})
@@ -333,6 +334,30 @@ def role_of(path: Any, logical_axes: tuple) -> str:
     if axes[-1] not in WIDTH_AXES:
         return "readout"
     return "hidden"
+
+
+def muon_dims(params: Any, logical_axes: Any) -> Any:
+    """Tree of (reduction axes, output axes) for the hidden matrices, None elsewhere.
+
+    The layout is lm_align's [inputs..., outputs...] (see `fan_in`): a matrix
+    writing into the residual stream ([H, K, D], [F, D]) contracts every axis
+    but the last; any other hidden matrix contracts its first axis and outputs
+    its width axes ([D, 3, H, K] -> heads, head_dim). Axes in neither (a scan's
+    `layers` axis, an unnamed q/k/v or gate/up axis) are batch axes, so Muon
+    orthogonalises each layer, and each of q, k, v, on its own. Embedding-type
+    parameters and the readout get None (Adam).
+    """
+
+    def one(path, shape, axes):
+        if role_of(path, axes) != "hidden":
+            return None
+        axes = tuple(axes)
+        dims = [i for i, a in enumerate(axes) if a not in STACK_AXES and a is not None]
+        if axes[dims[-1]] == "embed":
+            return tuple(dims[:-1]), (dims[-1],)
+        return (dims[0],), tuple(dims[1:])
+
+    return _map_with_axes(one, params, logical_axes)
 
 
 def fan_in(path: Any, shape: tuple, logical_axes: tuple) -> int:

@@ -11,7 +11,9 @@ an ``ml_collections.ConfigDict``); missing fields take their value from
     clip_by_global_norm -> direction -> coupled decay -> per-layer LR scales -> -lr_t
         -> independent decay
 
-where the direction is Adam, Adam-atan2, Adafactor or SGD momentum. Weight
+where the direction is Adam, Adam-atan2, Adafactor, SGD momentum or Muon
+(Newton-Schulz-orthogonalised momentum on the matrices given by
+``muon_dims``, Adam on every other parameter). Weight
 decay is the same orthogonal knob for every optimizer (``weight_decay=0`` turns
 it off), so ``adam`` and ``adamw`` build the same chain.
 
@@ -24,6 +26,7 @@ result: ``optax.MultiSteps(make_optimizer(cfg, total_steps=n).tx, k)`` (then
 import math
 from typing import Any, NamedTuple
 
+import jax
 import optax
 
 from lm_align.optim.adam_atan2 import scale_by_adam_atan2
@@ -31,7 +34,7 @@ from lm_align.optim.per_layer import scale_by_adam_per_param_eps
 from lm_align.optim.schedules import warmup_then_decay
 from lm_align.optim.weight_decay import decay_and_scale_by_learning_rate
 
-NAMES = ("adamw", "adam", "adam_atan2", "adafactor", "sgd")
+NAMES = ("adamw", "adam", "adam_atan2", "adafactor", "sgd", "muon")
 
 # Defaults follow the small-scale-proxy setup of Wortsman et al. 2023
 # (AdamW, b2 0.95, clip 1, independent decay 1e-4, cosine to 1e-5).
@@ -43,7 +46,7 @@ DEFAULTS = {
     "eps": 1e-8,  # Adam epsilon added to sqrt(v_hat) (adam, adamw)
     "weight_decay": 1e-4,  # lambda; 0 = off; only ndim >= 2 arrays decay
     "independent_weight_decay": True,  # True: decay lambda*lr_t/lr per step; False: lr_t*lambda
-    "momentum": 0.9,  # sgd momentum; 0 or None = plain SGD
+    "momentum": 0.9,  # sgd momentum (0 or None = plain SGD); muon momentum
     "nesterov": False,  # sgd Nesterov momentum
     "clip_norm": 1.0,  # global-norm gradient clipping; 0 or None = off
     "schedule": "cosine",  # cosine | linear | rsqrt | constant | wsd (after warmup)
@@ -83,7 +86,48 @@ def _resolve(config: Any) -> dict[str, Any]:
     return c
 
 
-def _direction(c: dict[str, Any], eps: Any = None) -> optax.GradientTransformation:
+def _muon(c: dict[str, Any], muon_dims: Any) -> optax.GradientTransformation:
+    """Muon on the parameters whose `muon_dims` entry is (reduction axes, output
+    axes) and Adam(b1, b2, eps) on those whose entry is None.
+
+    Axes in neither group (a scan's layer axis, the q/k/v axis of a fused
+    projection) are batch axes: each slice is orthogonalised on its own.
+    Without `muon_dims`, 2-D parameters are [in, out] matrices. The
+    orthogonalised update is scaled by sqrt(max(1, fan_out / fan_in)) (optax's
+    width-transfer scaling), so its RMS does not change with width.
+    """
+    from optax.contrib import MuonDimensionNumbers, scale_by_muon
+    from optax.contrib._muon import scale_by_shape
+
+    is_dims = lambda x: x is None or (isinstance(x, tuple) and len(x) == 2)
+
+    def dims_of(params):  # default: 2-D arrays are [in, out] matrices
+        if muon_dims is not None:
+            return muon_dims
+        return jax.tree.map(lambda p: ((0,), (1,)) if p.ndim == 2 else None, params)
+
+    def labels(params):
+        return jax.tree.map(lambda d: "adam" if d is None else "muon", dims_of(params), is_leaf=is_dims)
+
+    def masked_dims(updates):  # muon's state and updates hold its own leaves only
+        return jax.tree.map(
+            lambda d: optax.MaskedNode() if d is None else MuonDimensionNumbers(*d),
+            dims_of(updates), is_leaf=is_dims,
+        )  # fmt: skip
+
+    return optax.partition(
+        {
+            "muon": optax.chain(
+                scale_by_muon(beta=c["momentum"], nesterov=True, weight_dimension_numbers=masked_dims),
+                scale_by_shape(weight_dimension_numbers=masked_dims),
+            ),
+            "adam": optax.scale_by_adam(b1=c["b1"], b2=c["b2"], eps=c["eps"]),
+        },
+        labels,
+    )
+
+
+def _direction(c: dict[str, Any], eps: Any = None, muon_dims: Any = None) -> optax.GradientTransformation:
     """The update direction (before decay and learning rate) for ``c['name']``."""
     name = c["name"]
     if eps is not None and name not in ("adamw", "adam"):
@@ -91,6 +135,8 @@ def _direction(c: dict[str, Any], eps: Any = None) -> optax.GradientTransformati
             f"a per-parameter epsilon applies to adam/adamw only, not {name!r} "
             "(set param.per_layer_eps=false)."
         )
+    if name == "muon":
+        return _muon(c, muon_dims)
     if name in ("adamw", "adam"):
         if eps is not None:
             return scale_by_adam_per_param_eps(b1=c["b1"], b2=c["b2"], eps=eps)
@@ -125,7 +171,8 @@ def _cooldown_steps(c: dict[str, Any], total_steps: int) -> int:
 
 
 def make_optimizer(
-    config: Any, *, total_steps: int, lr_scales: Any = None, eps: Any = None
+    config: Any, *, total_steps: int, lr_scales: Any = None, eps: Any = None,
+    muon_dims: Any = None,
 ) -> Optimizer:
     """Build ``Optimizer(tx, schedule)`` from a flat config (see :data:`DEFAULTS`).
 
@@ -138,6 +185,9 @@ def make_optimizer(
         decay follows it, independent decay does not.
       eps: optional pytree of per-parameter Adam epsilons replacing
         ``config['eps']`` (adam/adamw only).
+      muon_dims: for ``name='muon'``, a pytree with the params' structure of
+        (reduction axes, output axes) tuples for the matrices Muon updates and
+        None for the parameters Adam updates.
 
     Returns:
       ``Optimizer(tx, schedule)``.
@@ -162,7 +212,7 @@ def make_optimizer(
         raise ValueError(f"clip_norm must be >= 0 (0 or None = off), got {c['clip_norm']}.")
     if c["clip_norm"]:
         parts.append(optax.clip_by_global_norm(c["clip_norm"]))
-    parts.append(_direction(c, eps))
+    parts.append(_direction(c, eps, muon_dims))
     parts.append(
         decay_and_scale_by_learning_rate(
             schedule,
