@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -69,14 +70,37 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[i
     return tuple(sizes)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """TPU slices the devices span (multislice: joined by the data-center network, DCN)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices, all processes)."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices, all processes).
+
+    Over several TPU slices the data axis is split across them (DCN: each slice
+    holds data / slices replicas), fsdp and tensor stay inside a slice (ICI).
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    # Auto axes: shardings propagate through the jitted step (GSPMD).
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)  # shardings propagate through jit (GSPMD)
+    slices = num_slices(devices)
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    data, fsdp, tensor = shape
+    if data % slices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} over {slices} slices: only the data axis spans "
+            f"slices, so mesh.data={data} must be a multiple of {slices}; move devices from "
+            "fsdp/tensor to data (or set mesh.data=-1)"
+        )
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp, tensor),
+        (slices, 1, 1),
+        devices,
+        allow_split_physical_axes=True,
     )
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(
@@ -137,6 +161,8 @@ def opt_state_shardings(
     import optax  # local: keeps this module importable for mesh-only use
 
     def per_param(state_leaf, sharding, param):
+        if isinstance(state_leaf, optax.MaskedNode):  # a partitioned optimizer's other part
+            return state_leaf
         same = getattr(state_leaf, "shape", None) == getattr(param, "shape", None)
         return sharding if same else replicated(mesh)
 
@@ -147,7 +173,7 @@ def opt_state_shardings(
         param_shardings,
         abstract_params,
         transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)),
     )
     # Leaves not reached (e.g. in wrappers optax cannot see through) are replicated.
     return jax.tree.map(
