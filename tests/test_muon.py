@@ -69,7 +69,9 @@ def test_the_engine_trains_with_muon():
     from tests.helpers import TINY
     from tests.test_mixed_precision import batch
 
-    cfg = config_lib.apply_overrides(base_config(), TINY + ["optimizer.name=muon", "model.scan_layers=true"])
+    cfg = config_lib.apply_overrides(
+        base_config(), TINY + ["optimizer.name=muon", "optimizer.warmup_steps=0", "model.scan_layers=true"]
+    )
     exp = build_experiment(cfg, jax.devices()[:1])
     state = exp.steps.init_state()
     before = np.asarray(state.params["blocks"]["mlp"]["w_out"])
