@@ -12,7 +12,8 @@ positions that are completion tokens (and the final eos), so
     out.lengths    # float32 [B]: completion tokens counted (eos included)
 
 Rows may have any leading shape ([B, L], listwise [B, K, L]); the outputs have
-that shape without L. For a frozen reference, call it once with the reference
+that shape without L. The readout runs over `chunks` pieces of the sequence
+(rematerialised in the backward pass), so no [rows, L, V] logits are held. For a frozen reference, call it once with the reference
 params (under ``jax.lax.stop_gradient`` or outside the differentiated
 function) and store the result next to the data.
 """
@@ -23,6 +24,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from lm_align.models.pure import PureModel
+from lm_align.models.transformer import readout_logits
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -40,8 +44,12 @@ def token_logprobs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
     return picked - log_z
 
 
-def sequence_logprobs(model: Any, params: Any, rows: dict) -> SequenceLogprobs:
+def sequence_logprobs(model: Any, params: Any, rows: dict, *, chunks: int = 8) -> SequenceLogprobs:
     """Summed log-probs and lengths of the masked targets of each row.
+
+    With a `PureModel` and `chunks` > 1 dividing L, the readout and log-softmax
+    run chunk by chunk under `jax.checkpoint`: peak memory [rows, L / chunks, V]
+    instead of [rows, L, V], for one more readout matmul in the backward pass.
 
     Args:
       model: a :class:`lm_align.models.pure.PureModel` (anything with
@@ -56,12 +64,33 @@ def sequence_logprobs(model: Any, params: Any, rows: dict) -> SequenceLogprobs:
     lead = rows["inputs"].shape[:-1]
     L = rows["inputs"].shape[-1]
     flat = {k: jnp.asarray(rows[k]).reshape(-1, L) for k in ROW_KEYS}
-    logits = model.apply(
-        params,
-        flat["inputs"],
-        positions_BL=flat["positions"],
-        segment_ids_BL=flat["segment_ids"],
-    )
+    kw = dict(positions_BL=flat["positions"], segment_ids_BL=flat["segment_ids"])
     mask = flat["loss_mask"].astype(jnp.float32)
-    logps = jnp.sum(token_logprobs(logits, flat["targets"]) * mask, axis=-1)
+    if chunks > 1 and L % chunks == 0 and isinstance(model, PureModel):
+        module = model.bind(params)
+        hidden = module(flat["inputs"], return_hidden=True, **kw)
+        logps = _chunked_logps(
+            hidden, module.readout_matrix(), flat["targets"], mask, chunks,
+            model.cfg.final_logit_softcap,
+        )  # fmt: skip
+    else:
+        logits = model.apply(params, flat["inputs"], **kw)
+        logps = jnp.sum(token_logprobs(logits, flat["targets"]) * mask, axis=-1)
     return SequenceLogprobs(logps.reshape(lead), jnp.sum(mask, axis=-1).reshape(lead))
+
+
+def _chunked_logps(hidden_BLD, readout_DV, targets_BL, mask_BL, chunks: int, softcap: float):
+    """sum_t mask * log softmax(readout(hidden))[target], `chunks` positions at a time."""
+    B, L, D = hidden_BLD.shape
+    split = lambda x: jnp.moveaxis(x.reshape(B, chunks, L // chunks, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk(h_BCD, t_BC, m_BC, w_DV):
+        return jnp.sum(token_logprobs(readout_logits(h_BCD, w_DV, softcap), t_BC) * m_BC, -1)
+
+    def body(total_B, xs):
+        return total_B + chunk(*xs, readout_DV), None
+
+    xs = (split(hidden_BLD), split(targets_BL), split(mask_BL))
+    total_B, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32), xs)
+    return total_B

@@ -596,6 +596,12 @@ class Block(nnx.Module):
         return x_BSD + self._mlp(x_BSD), cache
 
 
+def readout_logits(hidden_BLD, readout_DV, softcap: float = 0.0):
+    """Logits [B, L, V] in float32: hidden @ readout, then cap * tanh(. / cap) if `softcap`."""
+    logits_BLV = _dense(hidden_BLD, readout_DV, out_dtype=jnp.float32)
+    return softcap * jnp.tanh(logits_BLV / softcap) if softcap else logits_BLV
+
+
 def attention_mask(segment_ids_BL):
     """[B, 1, L, M] bool: causal, and only within the same segment (packed documents)."""
     L = segment_ids_BL.shape[1]
@@ -708,9 +714,7 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden_BLD):
         """Logits [B, L, V] (float32, accumulated in float32) of final-normed hidden states."""
-        logits_BLV = _dense(hidden_BLD, self.readout_matrix(), out_dtype=jnp.float32)
-        cap = self.cfg.final_logit_softcap
-        return cap * jnp.tanh(logits_BLV / cap) if cap else logits_BLV
+        return readout_logits(hidden_BLD, self.readout_matrix(), self.cfg.final_logit_softcap)
 
     def __call__(
         self,
