@@ -18,8 +18,11 @@ CORE = [
     "safetensors>=0.4",  # Hugging Face checkpoints (lm_align.models.hf)
 ]
 SEQIO = ["seqio", "tensorflow-datasets", "sentencepiece"]
-TEST = SEQIO + ["pytest", "pytest-xdist"]
-TPU = ["jax[tpu]"]  # Cloud TPU VMs (launch/tpu_worker_setup.sh installs `.[tpu]`)
+# libtpu, the TPU runtime and compiler, at the version jax's own `tpu` extra pins for the
+# installed jax: Cloud TPU VMs run on it (launch/tpu_worker_setup.sh installs `.[tpu]`), and on
+# any other host `lm-align compile` compiles for TPU topologies with it.
+TPU = ["jax[tpu]"]
+TEST = SEQIO + TPU + ["pytest", "pytest-xdist"]  # tests/test_aot.py compiles for TPUs
 DOCS = ["mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"]  # ruff formats API signatures
 
 setuptools.setup(

@@ -21,9 +21,12 @@ alone instead: the experiment's train split through `make_batch_iterator`
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,97 +124,145 @@ def _time_steps(
     }
 
 
-def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
-    """Compiles and times the experiment's train step; returns the report dict."""
-    devices = jax.devices()
+@dataclasses.dataclass
+class StepProgram:
+    """One jitted step and what it runs on: what `bench` times and `lm-align compile`
+    compiles for a TPU topology (the same construction for both)."""
+
+    description: str  # e.g. "train step", "dpo step, stored reference"
+    jitted: Any  # jax.jit(step) with its in/out shardings; donates the state
+    abstract_args: tuple  # (state, batch[, ref_params]) as ShapeDtypeStructs with shardings
+    concrete_args: Callable[[], tuple]  # the same, materialised on the mesh (fresh state)
+    mesh: jax.sharding.Mesh
+    model: Any  # PureModel (or RewardModel): params and logical axes
+    tx: Any  # the optimizer (its state is part of the train state)
+    seed: int
+    model_cfg: Any  # TransformerConfig of the policy
+    tokens_per_step: int
+    flops_per_token: float
+    info: dict  # the batch's shape, for reports
+
+
+def train_program(cfg, devices=None) -> StepProgram:
+    """The language-model train step of `cfg` on `devices` (`build_experiment`'s), with a
+    batch of `train.batch_size` rows of `data.seq_len` tokens."""
+    devices = list(jax.devices() if devices is None else devices)
     exp = build_experiment(cfg, devices)
-    model_cfg, model, built = exp.model_cfg, exp.model, exp.steps
-    seq_len, batch_size = cfg.data.seq_len, cfg.train.batch_size
-    state = built.init_state()
-    host_batch = synthetic_batch(batch_size // jax.process_count(), seq_len, model_cfg.vocab_size)
-    batch = parallel.global_batch(host_batch, built.batch_sharding)
+    steps, vocab = exp.steps, exp.model_cfg.vocab_size
+    B, L = cfg.train.batch_size, cfg.data.seq_len
+    dtypes = {k: v.dtype for k, v in synthetic_batch(1, 1, vocab).items()}
+    batch = {k: jax.ShapeDtypeStruct((B, L), d, sharding=steps.batch_sharding) for k, d in dtypes.items()}
 
-    t0 = time.perf_counter()
-    compiled = built.train_step.lower(state, batch).compile()
-    compile_time = time.perf_counter() - t0
-    timing = _time_steps(
-        compiled, state, (batch,), steps=steps, warmup=warmup, devices=devices,
-        tokens_per_step=batch_size * seq_len, flops_per_token=model_cfg.flops_per_token(seq_len),
+    def concrete_args():
+        host = synthetic_batch(B // jax.process_count(), L, vocab)
+        return steps.init_state(), parallel.global_batch(host, steps.batch_sharding)
+
+    return StepProgram(
+        "train step", steps.train_step, (steps.abstract_state, batch), concrete_args, exp.mesh,
+        exp.model, exp.optimizer.tx, cfg.train.seed, exp.model_cfg, B * L,
+        exp.model_cfg.flops_per_token(L), {"batch_size": B, "seq_len": L},
     )  # fmt: skip
-    return {
-        "device": f"{len(devices)}x {devices[0].device_kind}",
-        "params": model.num_params(),
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "compile_time_s": compile_time,
-        **timing,
-    }
 
 
-def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
-    """Times one preference step (an experiment with an `align` group) on synthetic rows.
+def align_program(cfg, devices=None) -> StepProgram:
+    """The preference step of `cfg` (an experiment with an `align` group) on `devices`
+    (`lm_align.align.trainer.jit_step`), with `train.batch_size` records of K responses
+    of `align.max_len` tokens (pairs: K = 2; listwise losses: K = align.num_responses).
 
-    `train.batch_size` records of K responses (pairs: K = 2) of `align.max_len`
-    tokens. With `align.precompute_reference = false` each step also runs the
-    frozen reference's forward pass, counted as 1/3 of a training step's FLOPs
-    per token: flops_per_token = (4/3) * (6 N_matmul + attention) then.
-    tokens_per_s counts policy tokens (records * K * max_len per step).
+    With `align.precompute_reference = false` each step also runs the frozen
+    reference's forward pass, counted as 1/3 of a training step's FLOPs per token:
+    flops_per_token = (4/3) * (6 N_matmul + attention) then. Tokens per step count
+    policy tokens (records * K * max_len).
     """
     from lm_align import config as config_lib
     from lm_align.align.config import LISTWISE_LOSSES
     from lm_align.align.setup import initial_state, setup
-    from lm_align.align.trainer import make_align_step
+    from lm_align.align.trainer import jit_step, reference_in_step
 
-    if not cfg.align.train_file:  # the bench reads no file
+    if not cfg.align.train_file:  # no file is read
         cfg = config_lib.apply_overrides(cfg, ["align.train_file=<synthetic>"])
-    devices = jax.devices()
+    devices = list(jax.devices() if devices is None else devices)
     s = setup(cfg, devices)
     a, B, L = s.cfg.align, s.cfg.train.batch_size, s.cfg.align.max_len
     K = max(a.num_responses, 2) if a.loss in LISTWISE_LOSSES else 2
-    online = not a.precompute_reference and a.loss not in ("bradley_terry",)
-    rows = synthetic_batch(B * K, L, s.policy_model.cfg.vocab_size)
-    rows["loss_mask"][:, : L // 4] = 0.0  # a prompt quarter, not scored
+    online = reference_in_step(a)
+    host = _preference_batch(B, K, L, s.policy_model.cfg.vocab_size, with_ref_logps=not online)
+    batch = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding), host
+    )
+    abstract = (s.abstract_state, batch) + ((s.abstract_state.params,) if online else ())
+
+    def concrete_args():
+        state = initial_state(s, s.init_params(), s.cfg.train.seed)
+        on_mesh = jax.tree.map(
+            lambda v: jax.make_array_from_process_local_data(s.batch_sharding, v), host
+        )
+        return (state, on_mesh) + ((s.reference_params(),) if online else ())
+
+    description = a.loss + (" step, reference forward every step" if online else " step, stored reference")
+    return StepProgram(
+        description, jit_step(s, online), abstract, concrete_args, s.mesh, s.model, s.tx,
+        s.cfg.train.seed, s.policy_model.cfg, B * K * L,
+        s.policy_model.cfg.flops_per_token(L) * (4.0 / 3.0 if online else 1.0),
+        {"records": B, "responses_per_record": K, "seq_len": L},
+    )  # fmt: skip
+
+
+def step_program(cfg, devices=None) -> StepProgram:
+    """The step an experiment trains with: the preference step for configs with an `align`
+    group, else the language-model train step."""
+    return align_program(cfg, devices) if "align" in cfg else train_program(cfg, devices)
+
+
+def _preference_batch(B: int, K: int, L: int, vocab_size: int, *, with_ref_logps: bool) -> dict:
+    """A host batch of B records of K random responses of L tokens; the first quarter of
+    each row is an unscored prompt."""
+    rows = synthetic_batch(B * K, L, vocab_size)
+    rows["loss_mask"][:, : L // 4] = 0.0
     rows = {k: v.reshape(B, K, L) for k, v in rows.items()}
-    labels = np.tile(np.linspace(1.0, 0.0, K, dtype=np.float32), (B, 1))
     host = {
         "rows": rows,
-        "labels": labels,
+        "labels": np.tile(np.linspace(1.0, 0.0, K, dtype=np.float32), (B, 1)),
         "mask": np.ones((B, K), bool),
         "soft_label": np.ones(B, np.float32),
         "lengths": rows["loss_mask"].sum(-1),
         "weight": np.ones(B, np.float32),
     }
-    if not online:
+    if with_ref_logps:
         host["ref_logps"] = np.full((B, K), -float(L), np.float32)
-    batch = jax.tree.map(
-        lambda v: jax.make_array_from_process_local_data(s.batch_sharding, v), host
-    )
-    step = make_align_step(a, s.score_rows, s.tx, s.schedule, online_reference=online)
-    rep = parallel.replicated(s.mesh)
-    state = initial_state(s, s.init_params(), s.cfg.train.seed)
-    ref = s.reference_params() if online else None
-    in_sh = (s.state_shardings, s.batch_sharding) + ((s.state_shardings.params,) if online else ())
-    args = (state, batch) + ((ref,) if online else ())
-    jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(s.state_shardings, rep),
-                     donate_argnums=(0,))  # fmt: skip
+    return host
+
+
+def _run(program: StepProgram, *, steps: int, warmup: int) -> dict:
+    """Compiles the program's step and times it on its mesh's devices."""
+    devices = list(program.mesh.devices.flat)
+    args = program.concrete_args()
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    compiled = program.jitted.lower(*program.abstract_args).compile()
     compile_time = time.perf_counter() - t0
-    flops_per_token = s.policy_model.cfg.flops_per_token(L) * (4.0 / 3.0 if online else 1.0)
     timing = _time_steps(
-        compiled, state, args[1:], steps=steps, warmup=warmup, devices=devices,
-        tokens_per_step=B * K * L, flops_per_token=flops_per_token,
+        compiled, args[0], args[1:], steps=steps, warmup=warmup, devices=devices,
+        tokens_per_step=program.tokens_per_step, flops_per_token=program.flops_per_token,
     )  # fmt: skip
-    return {
-        "device": f"{len(devices)}x {devices[0].device_kind}",
-        "step": a.loss + (", reference forward every step" if online else ", stored reference"),
-        "params": s.model.num_params(),
-        "records": B,
-        "responses_per_record": K,
-        "seq_len": L,
-        "compile_time_s": compile_time,
-        **timing,
-    }
+    return {"device": f"{len(devices)}x {devices[0].device_kind}", "compile_time_s": compile_time,
+            **timing}  # fmt: skip
+
+
+def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
+    """Compiles and times the experiment's train step; returns the report dict."""
+    program = train_program(cfg)
+    report = _run(program, steps=steps, warmup=warmup)
+    return {"device": report.pop("device"), "params": program.model.num_params(), **program.info,
+            **report}  # fmt: skip
+
+
+def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
+    """Times one preference step (an experiment with an `align` group) on synthetic rows
+    (`align_program`); tokens_per_s counts policy tokens."""
+    program = align_program(cfg)
+    report = _run(program, steps=steps, warmup=warmup)
+    return {"device": report.pop("device"), "step": program.description.replace(" step", "", 1),
+            "params": program.model.num_params(), **program.info, **report}  # fmt: skip
 
 
 def run_data_bench(cfg, *, batches: int = 50) -> dict:

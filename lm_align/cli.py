@@ -16,13 +16,19 @@
     lm-align hf import HF_MODEL_DIR --workdir RUN [--dtype float32] [--scan-layers] [--force]
     lm-align hf export RUN --out DIR [--step N] [--max-shard-bytes B] [--force]
     lm-align launch local --num-processes N [--devices-per-process K] -- <command> ...
-    lm-align launch tpu [--dry-run] --name NAME --accelerator TYPE --zone ZONE [--num-slices N] -- <command> ...
+    lm-align launch tpu [--dry-run] [--skip-fit-check] --name NAME --accelerator TYPE --zone ZONE [--num-slices N] -- <command> ...
+    lm-align compile --topology v5e:4x4 [--num-slices N] --config experiments/x.py[:arg] [--mfu 0.4] [--json] [--config.group.field=value ...]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY] [--metric eval_loss] [--out DIR]
 
 `train` and `align` run as one of several processes (one per host) when
 given --coordinator/--num-processes/--process-id, the LM_ALIGN_* environment
 variables `launch local` sets, or on a multi-host Cloud TPU VM
 (`lm_align.distributed`).
+
+`compile` compiles an experiment's step for a TPU topology on this host
+(libtpu, the `tpu` extra): per-chip memory and whether it fits, FLOPs, a
+roofline bound and the collectives (docs/tpu_compile.md). `launch tpu` and
+`sweep --executor tpu` run the same compile before creating any TPU.
 
 `sample` prints completions of any run's policy (trained here or imported);
 `hf import` writes a Hugging Face checkpoint directory as a run that every
@@ -41,6 +47,8 @@ import os
 import sys
 
 from lm_align.align.commands import add_parsers as add_align_parsers
+from lm_align.aot.commands import add_parser as add_compile_parser
+from lm_align.aot.commands import fit_check
 from lm_align.coordcheck import add_parser as add_coordcheck_parser
 from lm_align.distributed import add_process_flags
 from lm_align.launch.commands import add_parsers as add_launch_parsers
@@ -248,14 +256,15 @@ def main(argv=None) -> int:
         help="encode unseen characters as UTF-8 byte pieces instead of unk",
     )
     p.set_defaults(fn=_cmd_tokenizer_train)
-    add_sweep_parsers(sub)
+    add_sweep_parsers(sub, fit_check=fit_check)
     add_coordcheck_parser(sub)
     add_train_parsers(sub)
     add_align_parsers(sub)
-    add_launch_parsers(sub)
+    add_compile_parser(sub)
+    add_launch_parsers(sub, fit_check=fit_check)
     args = parser.parse_args(rest)
     try:
-        if args.command != "launch":
+        if args.command not in ("launch", "compile"):
             start_processes(args)
         return args.fn(args, overrides)
     except (config_lib.ConfigError, DistributedError) as e:

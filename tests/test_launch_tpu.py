@@ -212,8 +212,8 @@ def test_shell_line_quotes_values_and_keeps_flags_outside():
 
 def test_cli_wires_launch_tpu(capsys):
     status = cli.main(
-        ["launch", "tpu", "--dry-run", "--name", "t", "--accelerator", "v4-8", "--zone", "z",
-         "--", "train"]
+        ["launch", "tpu", "--dry-run", "--skip-fit-check", "--name", "t", "--accelerator", "v4-8",
+         "--zone", "z", "--", "train"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0

@@ -23,10 +23,12 @@ LAYERS = [
     ("lm_align.train", "lm_align.launch"),
     ("lm_align.align", "lm_align.sweeps"),
     ("lm_align.presets", "lm_align.bench", "lm_align.coordcheck"),
+    ("lm_align.aot",),
     ("lm_align.cli", "lm_align"),
 ]
 ORCHESTRATION = ("lm_align/align", "lm_align/train", "lm_align/sweeps", "lm_align/launch",
-                 "lm_align/cli.py", "lm_align/bench.py", "lm_align/coordcheck.py")  # fmt: skip
+                 "lm_align/cli.py", "lm_align/bench.py", "lm_align/coordcheck.py",
+                 "lm_align/aot")  # fmt: skip
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = {"lm_align/align/trainer.py": 400, "lm_align/launch/tpu.py": 400,
                     "lm_align/align/datagen.py": 400}  # fmt: skip

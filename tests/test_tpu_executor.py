@@ -482,13 +482,14 @@ def test_sweep_tpu_flag_errors(extra, message, capsys):
 
 
 def test_docs_show_the_current_sweep_dry_run(tmp_path, monkeypatch, capsys):
-    """docs/launching_tpu.md pastes this dry run (from "--executor tpu:" on)."""
+    """docs/launching_tpu.md pastes this dry run (from "--executor tpu:" on; the fit check
+    lines printed before it are tested in test_aot.py)."""
     monkeypatch.chdir(tmp_path)  # the sweep directory runs/lr_width, relative to here
     status = cli.main(
         ["sweep", "--config", os.path.join(REPO, "experiments", "lr_width.py"), "--workdir",
          "runs/lr_width", "--executor", "tpu", "--tpu-name", "lr-sweep", "--accelerator",
          "v5e-8", "--zone", "us-west4-a", "--project", "my-project", "--num-slices", "2",
-         "--bucket", "my-bucket", "--dry-run"]
+         "--bucket", "my-bucket", "--dry-run", "--skip-fit-check"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0

@@ -44,12 +44,17 @@ def token_logprobs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
     return picked - log_z
 
 
-def sequence_logprobs(model: Any, params: Any, rows: dict, *, chunks: int = 8) -> SequenceLogprobs:
+def sequence_logprobs(
+    model: Any, params: Any, rows: dict, *, chunks: int = 8, constrain_BLD: Any = None
+) -> SequenceLogprobs:
     """Summed log-probs and lengths of the masked targets of each row.
 
     With a `PureModel` and `chunks` > 1 dividing L, the readout and log-softmax
     run chunk by chunk under `jax.checkpoint`: peak memory [rows, L / chunks, V]
     instead of [rows, L, V], for one more readout matmul in the backward pass.
+    `constrain_BLD` is applied to the residual stream (a PureModel's; see
+    `Transformer`): the sharded steps keep it batch-sharded with it, as the
+    language-model step does.
 
     Args:
       model: a :class:`lm_align.models.pure.PureModel` (anything with
@@ -65,6 +70,8 @@ def sequence_logprobs(model: Any, params: Any, rows: dict, *, chunks: int = 8) -
     L = rows["inputs"].shape[-1]
     flat = {k: jnp.asarray(rows[k]).reshape(-1, L) for k in ROW_KEYS}
     kw = dict(positions_BL=flat["positions"], segment_ids_BL=flat["segment_ids"])
+    if constrain_BLD is not None:
+        kw["constrain_BLD"] = constrain_BLD
     mask = flat["loss_mask"].astype(jnp.float32)
     if chunks > 1 and L % chunks == 0 and isinstance(model, PureModel):
         module = model.bind(params)

@@ -163,12 +163,18 @@ class RewardModel:
         r_B = r_B + head["b"].astype(jnp.float32)
         return jnp.where(jnp.any(real_BL, axis=-1), r_B, 0.0)
 
-    def rewards(self, params: Any, rows: Mapping[str, Any]) -> jax.Array:
+    def rewards(
+        self,
+        params: Any,
+        rows: Mapping[str, Any],
+        constrain_BLD: Callable[[jax.Array], jax.Array] | None = None,
+    ) -> jax.Array:
         """Rewards of rows of any leading shape [..., L] -> float32 [...].
 
         ``rows`` is a dict with int ``inputs``, ``segment_ids`` and ``positions``
         (e.g. ``to_batch(...)["chosen"]`` [B, L] or listwise
-        ``["responses"]`` [B, K, L]; other keys are ignored).
+        ``["responses"]`` [B, K, L]; other keys are ignored). `constrain_BLD` is
+        applied to the residual stream of the [rows, L] batch (see `apply`).
         """
         if not isinstance(rows, Mapping):
             raise ValueError(
@@ -189,6 +195,7 @@ class RewardModel:
             flat["inputs"],
             positions_BL=flat["positions"],
             segment_ids_BL=flat["segment_ids"],
+            constrain_BLD=constrain_BLD,
         )
         return r.reshape(lead)
 

@@ -108,16 +108,22 @@ def setup(cfg, devices=None) -> AlignSetup:
     param = make_parameterization(cfg, model_cfg)
     policy = PureModel(model_cfg, param)
     is_reward = a.loss in REWARD_LOSSES
+    # Keep the residual stream batch-sharded, as the language-model step does: otherwise it
+    # inherits the embedding table's sharding and XLA replicates the activations.
+    batch_sh = parallel.batch_sharding(mesh)
+    constrain_BLD = lambda x: jax.lax.with_sharding_constraint(x, batch_sh)
     if is_reward:
         from lm_align.align.reward import RewardModel
 
         model = RewardModel(model_cfg, param)
-        score_rows = model.rewards
+
+        def score_rows(params, rows):
+            return model.rewards(params, rows, constrain_BLD=constrain_BLD)
     else:
         model = policy
 
         def score_rows(params, rows):
-            return sequence_logprobs(policy, params, rows).logps
+            return sequence_logprobs(policy, params, rows, constrain_BLD=constrain_BLD).logps
 
     opt = make_optimizer(cfg, param, model)
     abstract, state_sh = state_shardings(model, opt.tx, mesh, t.seed)

@@ -98,26 +98,36 @@ def make_align_step(
     return step
 
 
-def _compile_step(s: AlignSetup, ref_params, online: bool) -> Callable:
-    """The jitted `(state, batch) -> (state, metrics)`; donates the state."""
-    t = s.cfg.train
+def reference_in_step(a) -> bool:
+    """Does each step score the frozen reference itself (`align.precompute_reference =
+    false`)? Reward models have no reference."""
+    return a.loss not in REWARD_LOSSES and not a.precompute_reference
+
+
+def jit_step(s: AlignSetup, online: bool):
+    """The jitted preference step, sharded on `s.mesh`, donating the state:
+    `(state, batch) -> (state, metrics)`, or with `online`
+    `(state, batch, ref_params) -> (state, metrics)`."""
     step_fn = make_align_step(
-        s.cfg.align, s.score_rows, s.tx, s.schedule, nonfinite=t.nonfinite,
+        s.cfg.align, s.score_rows, s.tx, s.schedule, nonfinite=s.cfg.train.nonfinite,
         online_reference=online,
     )  # fmt: skip
-    rep = parallel.replicated(s.mesh)
     in_shardings = (s.state_shardings, s.batch_sharding)
-    if not online:
-        return jax.jit(
-            step_fn, in_shardings=in_shardings, out_shardings=(s.state_shardings, rep),
-            donate_argnums=(0,),
-        )  # fmt: skip
-    jitted = jax.jit(
+    if online:
+        in_shardings += (s.state_shardings.params,)
+    return jax.jit(
         step_fn,
-        in_shardings=(*in_shardings, s.state_shardings.params),
-        out_shardings=(s.state_shardings, rep),
+        in_shardings=in_shardings,
+        out_shardings=(s.state_shardings, parallel.replicated(s.mesh)),
         donate_argnums=(0,),
     )
+
+
+def _compile_step(s: AlignSetup, ref_params, online: bool) -> Callable:
+    """The jitted `(state, batch) -> (state, metrics)`; donates the state."""
+    jitted = jit_step(s, online)
+    if not online:
+        return jitted
     return lambda state, batch: jitted(state, batch, ref_params)
 
 
@@ -210,7 +220,7 @@ def align(cfg, workdir: str, *, devices=None) -> TrainResult:
         len(train_data), t.batch_size, t.seed, jax.process_index(), jax.process_count()
     )
     ref_params = s.reference_params()
-    online = a.loss not in REWARD_LOSSES and not a.precompute_reference
+    online = reference_in_step(a)
     if a.loss not in REWARD_LOSSES and a.precompute_reference:
         sets = {"train": train_data, **({"eval": eval_data} if eval_data else {})}
         key = reference_key(s, train_data.labels.shape[1])

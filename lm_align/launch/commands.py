@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub, fit_check=None) -> None:
+    """`lm-align launch local|tpu`; `fit_check` (see `lm_align.launch.tpu.cmd_tpu`) is what
+    `launch tpu` runs before creating anything (None: no check)."""
     from lm_align.launch import local
 
     p = sub.add_parser(
@@ -13,10 +16,10 @@ def add_parsers(sub) -> None:
     )
     launch_sub = p.add_subparsers(dest="launch_target", required=True)
     local.add_parser(launch_sub)
-    add_tpu_parser(launch_sub)
+    add_tpu_parser(launch_sub, fit_check)
 
 
-def add_tpu_parser(launch_sub) -> None:
+def add_tpu_parser(launch_sub, fit_check=None) -> None:
     """`lm-align launch tpu` (`lm_align.launch.tpu`)."""
     from lm_align.launch import tpu
 
@@ -27,6 +30,11 @@ def add_tpu_parser(launch_sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dry-run", action="store_true", help="print every command; run nothing")
+    p.add_argument(
+        "--skip-fit-check",
+        action="store_true",
+        help="launch without first compiling the job for the accelerator (lm-align compile)",
+    )
     p.add_argument("--name", required=True, help="TPU VM / queued resource / workload name")
     p.add_argument(
         "--accelerator", required=True, help="slice type, e.g. v5litepod-16 (alias v5e-16), v4-8"
@@ -53,4 +61,4 @@ def add_tpu_parser(launch_sub) -> None:
         metavar="-- COMMAND",
         help="the lm-align command every worker runs, e.g. -- train --config ...",
     )
-    p.set_defaults(fn=tpu.cmd_tpu)
+    p.set_defaults(fn=functools.partial(tpu.cmd_tpu, fit_check=fit_check))

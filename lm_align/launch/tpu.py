@@ -2,7 +2,14 @@
 
     lm-align launch tpu [--dry-run] --name NAME --accelerator TYPE --zone ZONE [--project P]
         [--num-slices N] [--runtime-version V] [--spot] [--reuse] [--teardown] [--bucket BUCKET]
-        [--gke-cluster CLUSTER --docker-image IMG] -- <lm-align command and its arguments>
+        [--gke-cluster CLUSTER --docker-image IMG] [--skip-fit-check]
+        -- <lm-align command and its arguments>
+
+First, here, the job's step (a `train` or `align` command's) is compiled for the
+accelerator and its number of slices (`lm-align compile`, docs/tpu_compile.md):
+a job that does not fit the chips' HBM stops with exit status 1, naming the
+memory it needs and what would make it fit, before any TPU is created or any
+gcloud command is printed. --skip-fit-check launches without this check.
 
 One slice (`--num-slices 1`, the default) is a TPU VM (`gcloud compute tpus
 tpu-vm create NAME`). Several slices are one queued resource NAME whose N
@@ -51,7 +58,7 @@ from collections.abc import Sequence
 
 from lm_align.launch import gcloud as g
 from lm_align.launch import workdir as wd
-from lm_align.launch.accelerators import Accelerator, hosts_text, parse_accelerator
+from lm_align.launch.accelerators import Accelerator, DoesNotFit, hosts_text, parse_accelerator
 from lm_align.launch.gcloud import LaunchError
 from lm_align.launch.steps import (
     POLL_S,
@@ -345,13 +352,24 @@ def _xpk_steps(job: Job) -> list[Step]:
     return steps
 
 
-def cmd_tpu(args, overrides, runner: Runner | None = None) -> int:
-    """Checks the request, then prints (--dry-run) or runs its steps through `runner`."""
+def cmd_tpu(args, overrides, runner: Runner | None = None, fit_check=None) -> int:
+    """Checks the request, then prints (--dry-run) or runs its steps through `runner`.
+
+    `fit_check(commands, accelerator, num_slices, write)` (`lm-align compile`'s, given by
+    the command line) compiles the job for the accelerator first, unless
+    --skip-fit-check: a job that does not fit stops here, before any gcloud command.
+    """
     try:
         job = job_from_args(args, overrides)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if fit_check is not None and not args.skip_fit_check:
+        try:
+            fit_check([job.command], job.accelerator, job.num_slices, write=print)
+        except LaunchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1 if isinstance(e, DoesNotFit) else 2
     steps = launch_steps(job)
     problem = shared_dir_problem(job)
     if problem and not args.dry_run:

@@ -3,7 +3,8 @@
     lm-align sweep --config experiments/x.py[:arg] --workdir DIR [--parallel N] [--max-runs N]
                    [--dry-run] [--config.group.field=value ...]
                    [--executor tpu --tpu-name NAME --accelerator TYPE --zone ZONE
-                    [--num-slices N] [--project P] [--max-retries K] [--spot] [--bucket B]]
+                    [--num-slices N] [--project P] [--max-retries K] [--spot] [--bucket B]
+                    [--skip-fit-check]]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY]
                   [--metric eval_loss] [--out DIR]
 
@@ -13,11 +14,15 @@ error (nothing started), and 128 + the signal number when stopped by
 SIGTERM/SIGINT/SIGHUP (rerun the same command to resume).
 
 `--executor tpu` runs the runs on Cloud TPU VMs instead of this machine
-(`lm_align.sweeps.tpu_executor`, docs/launching_tpu.md).
+(`lm_align.sweeps.tpu_executor`, docs/launching_tpu.md). Before any TPU VM is
+created (and before a dry run prints its commands) each distinct run is
+compiled for the accelerator (`lm-align compile`, docs/tpu_compile.md); a run
+that does not fit stops the sweep with exit status 1. --skip-fit-check skips it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -35,11 +40,13 @@ TPU_FLAGS = (
     ("--runtime-version", "runtime_version"),
     ("--spot", "spot"),
     ("--bucket", "bucket"),
+    ("--skip-fit-check", "skip_fit_check"),
 )
 
 
-def add_parsers(subparsers) -> None:
-    """Registers the `sweep` and `plot` subcommands on an argparse subparsers object."""
+def add_parsers(subparsers, fit_check=None) -> None:
+    """Registers the `sweep` and `plot` subcommands on an argparse subparsers object;
+    `fit_check` (see `cmd_sweep`) runs before a sweep on TPU VMs (None: no check)."""
     p = subparsers.add_parser(
         "sweep", help="run the experiment's get_sweep() runs, one train process each (resumable)"
     )
@@ -68,7 +75,13 @@ def add_parsers(subparsers) -> None:
         help="Cloud Storage bucket every worker mounts (gcsfuse); the runs' directories go "
         "there (resume after any preemption; needed for slices of several hosts)",
     )
-    p.set_defaults(fn=cmd_sweep)
+    g.add_argument(
+        "--skip-fit-check",
+        action="store_true",
+        default=None,
+        help="start without first compiling each run for the accelerator (lm-align compile)",
+    )
+    p.set_defaults(fn=functools.partial(cmd_sweep, fit_check=fit_check))
 
     p = subparsers.add_parser("plot", help="loss vs LR, optimal LR per width, LR sensitivity")
     p.add_argument("--sweep", required=True, help="a sweep's --workdir (reads summary.jsonl)")
@@ -85,7 +98,11 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(fn=cmd_plot)
 
 
-def cmd_sweep(args, overrides) -> int:
+def cmd_sweep(args, overrides, fit_check=None) -> int:
+    """Runs (or with --dry-run lists) the sweep. With --executor tpu, `fit_check(commands,
+    accelerator, num_slices, write)` first compiles each run's step for one slice of the
+    accelerator, unless --skip-fit-check."""
+    from lm_align.launch.accelerators import DoesNotFit
     from lm_align.launch.gcloud import LaunchError
     from lm_align.sweeps import runner
 
@@ -94,9 +111,13 @@ def cmd_sweep(args, overrides) -> int:
         return 2
     try:
         executor = _executor(args)
+        if executor is not None and fit_check is not None and not args.skip_fit_check:
+            runs = runner.plan_sweep(args.config, args.workdir, overrides)
+            commands = [r.argv[r.argv.index("lm_align.cli") + 1 :] for r in runs]
+            fit_check(commands, executor.accelerator, 1, write=print)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, DoesNotFit) else 2
     if args.dry_run:
         runs = runner.plan_sweep(args.config, args.workdir, overrides)
         runner.check_workdir(args.workdir, runs)

@@ -81,7 +81,9 @@ def rms_by_param(tree, stacked: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     }
     total = sum(jnp.sum(v) for v in sums.values())
     count = sum(sizes[k] * (v.size if v.ndim else 1) for k, v in sums.items())
-    return jnp.sqrt(total / count), {k: jnp.sqrt(v / sizes[k]) for k, v in sums.items()}
+    # Python floats: a count over 2**31 (a model of 2.2B+ parameters) overflows as an int32.
+    per_param = {k: jnp.sqrt(v / float(sizes[k])) for k, v in sums.items()}
+    return jnp.sqrt(total / float(count)), per_param
 
 
 def apply_update(
