@@ -5,6 +5,12 @@
     lm-align align --config experiments/hf_finetune.py:dpo,run=runs/sft,data=pairs.jsonl --workdir runs/dpo
     lm-align hf export runs/dpo --out exported/dpo
 
+With LoRA (docs/lora.md) the same commands take `lora=RANK` (and
+`targets=`, `alpha=`): the run trains adapters of the frozen starting run and
+saves them alone; `lm-align hf export RUN --peft` writes them for PEFT.
+
+    lm-align train --config experiments/hf_finetune.py:sft,run=runs/base,data=sft.jsonl,lora=8 --workdir runs/sft_lora
+
 Variant options (`lm_align.config.parse_arg`):
 - `stage`: `sft` (an `lm-align train` config: prompt/completion records,
   loss on the completion) or a preference loss (`dpo`, `ipo`, `slic`, ...:
@@ -18,6 +24,10 @@ Variant options (`lm_align.config.parse_arg`):
   (docs/alignment.md); `eval_data`: held-out pairs ('' = none).
 - `steps`, `batch_size`, `lr`, `seq_len`: the usual knobs, with small-model
   defaults; every field can still be overridden with `--config.group.field=`.
+- `lora`: the adapter rank (0: train every parameter); `targets` (a tuple of
+  `lora.targets` names, default every attention and MLP projection) and
+  `alpha` (default 2 * rank) set the rest of the `lora` group. A preference
+  stage with LoRA uses its starting run as the reference (adapters off).
 """
 
 from lm_align.align.config import LISTWISE_LOSSES, PAIRWISE_LOSSES, align_base_config
@@ -36,6 +46,9 @@ def _options(arg):
         batch_size=16,
         lr=1e-4,
         seq_len=64,
+        lora=0,
+        targets=("attn", "mlp"),
+        alpha=0.0,
     )
 
 
@@ -59,6 +72,9 @@ def get_config(arg=None):
     cfg.optimizer.lr = o.lr
     cfg.optimizer.warmup_steps = max(1, o.steps // 10)
     cfg.optimizer.end_lr = o.lr / 10
+    cfg.lora.rank = o.lora
+    cfg.lora.targets = tuple(o.targets)
+    cfg.lora.alpha = o.alpha or 2.0 * max(o.lora, 1)
     if o.stage == "sft":
         cfg.train.init_from = o.run
         cfg.data.source = f"jsonl:{o.data}"

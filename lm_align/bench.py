@@ -34,6 +34,7 @@ import numpy as np
 
 from lm_align import parallel
 from lm_align.train.setup import build_experiment
+from lm_align.train.step import with_shardings
 
 
 def _timed(fn, *args, repeats: int) -> list[float]:
@@ -141,6 +142,7 @@ class StepProgram:
     tokens_per_step: int
     flops_per_token: float
     info: dict  # the batch's shape, for reports
+    lora: Any = None  # the LoRA adapters the state trains (None: the model's parameters)
 
 
 def train_program(cfg, devices=None) -> StepProgram:
@@ -152,15 +154,16 @@ def train_program(cfg, devices=None) -> StepProgram:
     B, L = cfg.train.batch_size, cfg.data.seq_len
     dtypes = {k: v.dtype for k, v in synthetic_batch(1, 1, vocab).items()}
     batch = {k: jax.ShapeDtypeStruct((B, L), d, sharding=steps.batch_sharding) for k, d in dtypes.items()}
+    frozen = () if exp.lora is None else (steps.frozen_abstract,)  # the LoRA base
 
     def concrete_args():
         host = synthetic_batch(B // jax.process_count(), L, vocab)
-        return steps.init_state(), parallel.global_batch(host, steps.batch_sharding)
+        return steps.init_state(), parallel.global_batch(host, steps.batch_sharding), *steps.frozen
 
     return StepProgram(
-        "train step", steps.train_step, (steps.abstract_state, batch), concrete_args, exp.mesh,
-        exp.model, exp.optimizer.tx, cfg.train.seed, exp.model_cfg, B * L,
-        exp.model_cfg.flops_per_token(L), {"batch_size": B, "seq_len": L},
+        "train step", steps.train_step, (steps.abstract_state, batch, *frozen), concrete_args,
+        exp.mesh, exp.model, exp.optimizer.tx, cfg.train.seed, exp.model_cfg, B * L,
+        step_flops_per_token(exp.model_cfg, L, exp.lora), {"batch_size": B, "seq_len": L}, exp.lora,
     )  # fmt: skip
 
 
@@ -177,7 +180,7 @@ def align_program(cfg, devices=None) -> StepProgram:
     from lm_align import config as config_lib
     from lm_align.align.config import LISTWISE_LOSSES
     from lm_align.align.setup import initial_state, setup
-    from lm_align.align.trainer import jit_step, reference_in_step
+    from lm_align.align.trainer import jit_step, reference_in_step, takes_reference
 
     if not cfg.align.train_file:  # no file is read
         cfg = config_lib.apply_overrides(cfg, ["align.train_file=<synthetic>"])
@@ -190,22 +193,46 @@ def align_program(cfg, devices=None) -> StepProgram:
     batch = jax.tree.map(
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding), host
     )
-    abstract = (s.abstract_state, batch) + ((s.abstract_state.params,) if online else ())
+    with_ref = takes_reference(s, online)  # online, or the LoRA base
+    ref_abstract = with_shardings(s.policy_model.abstract_params, s.policy_shardings)
+    abstract = (s.abstract_state, batch) + ((ref_abstract,) if with_ref else ())
 
     def concrete_args():
         state = initial_state(s, s.init_params(), s.cfg.train.seed)
         on_mesh = jax.tree.map(
             lambda v: jax.make_array_from_process_local_data(s.batch_sharding, v), host
         )
-        return (state, on_mesh) + ((s.reference_params(),) if online else ())
+        return (state, on_mesh) + ((s.reference_params(),) if with_ref else ())
 
     description = a.loss + (" step, reference forward every step" if online else " step, stored reference")
+    flops = step_flops_per_token(s.policy_model.cfg, L, s.lora)
+    if online:
+        flops += s.policy_model.cfg.flops_per_token(L) / 3.0
     return StepProgram(
         description, jit_step(s, online), abstract, concrete_args, s.mesh, s.model, s.tx,
-        s.cfg.train.seed, s.policy_model.cfg, B * K * L,
-        s.policy_model.cfg.flops_per_token(L) * (4.0 / 3.0 if online else 1.0),
-        {"records": B, "responses_per_record": K, "seq_len": L},
+        s.cfg.train.seed, s.policy_model.cfg, B * K * L, flops,
+        {"records": B, "responses_per_record": K, "seq_len": L}, s.lora,
     )  # fmt: skip
+
+
+def step_flops_per_token(model_cfg, seq_len: int, lora=None) -> float:
+    """Training FLOPs per token (`TransformerConfig.flops_per_token`); with LoRA the
+    weight gradients of the untargeted weights are not computed:
+    6 N + attention - 2 (N - N_targeted), N_targeted the adapted weights' entries."""
+    flops = model_cfg.flops_per_token(seq_len)
+    if lora is None:
+        return flops
+    return flops - 2.0 * (model_cfg.num_params(matmul_only=True) - lora.num_adapted())
+
+
+def _sizes(program: StepProgram) -> dict:
+    """Parameters trained and the optimizer state's bytes (the state's `opt_state`)."""
+    opt_state = program.abstract_args[0].opt_state
+    trained = program.model if program.lora is None else program.lora
+    return {
+        "params_trained": trained.num_params(),
+        "optimizer_state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state)),
+    }
 
 
 def step_program(cfg, devices=None) -> StepProgram:
@@ -252,8 +279,8 @@ def run_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     """Compiles and times the experiment's train step; returns the report dict."""
     program = train_program(cfg)
     report = _run(program, steps=steps, warmup=warmup)
-    return {"device": report.pop("device"), "params": program.model.num_params(), **program.info,
-            **report}  # fmt: skip
+    return {"device": report.pop("device"), "params": program.model.num_params(),
+            **_sizes(program), **program.info, **report}  # fmt: skip
 
 
 def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
@@ -261,8 +288,11 @@ def run_align_bench(cfg, *, steps: int = 10, warmup: int = 2) -> dict:
     (`align_program`); tokens_per_s counts policy tokens."""
     program = align_program(cfg)
     report = _run(program, steps=steps, warmup=warmup)
-    return {"device": report.pop("device"), "step": program.description.replace(" step", "", 1),
-            "params": program.model.num_params(), **program.info, **report}  # fmt: skip
+    step = program.description.replace(" step", "", 1)
+    if program.lora is not None:
+        step += ", LoRA (the reference is the base: adapters off)"
+    return {"device": report.pop("device"), "step": step, "params": program.model.num_params(),
+            **_sizes(program), **program.info, **report}  # fmt: skip
 
 
 def run_data_bench(cfg, *, batches: int = 50) -> dict:

@@ -13,8 +13,8 @@
     lm-align bon --config experiments/bon_arithmetic.py[:quick] [--workdir DIR]
     lm-align eval --policy RUN [--reference RUN] [--num-samples N] [--ks 1,4,8] [--json]
     lm-align sample --policy RUN --prompt TEXT [--prompt TEXT ...] [--prompts-file F] [--num-samples N] [--temperature T] [--top-k K] [--top-p P] [--greedy] [--max-new-tokens N] [--seed S] [--json]
-    lm-align hf import HF_MODEL_DIR --workdir RUN [--dtype float32] [--scan-layers] [--force]
-    lm-align hf export RUN --out DIR [--step N] [--max-shard-bytes B] [--force]
+    lm-align hf import HF_MODEL_DIR --workdir RUN [--dtype float32] [--scan-layers] [--adapter PEFT_DIR] [--force]
+    lm-align hf export RUN --out DIR [--step N] [--max-shard-bytes B] [--peft] [--force]
     lm-align launch local --num-processes N [--devices-per-process K] -- <command> ...
     lm-align launch tpu [--dry-run] [--skip-fit-check] --name NAME --accelerator TYPE --zone ZONE [--num-slices N] -- <command> ...
     lm-align compile --topology v5e:4x4 [--num-slices N] --config experiments/x.py[:arg] [--mfu 0.4] [--json] [--config.group.field=value ...]

@@ -66,6 +66,7 @@ def _group_defaults():
     from lm_align import data, optim, parameterization
     from lm_align.align.config import ALIGN_DEFAULTS
     from lm_align.models import TransformerConfig
+    from lm_align.models.lora import LORA_DEFAULTS
     from lm_align.train.config import MESH_DEFAULTS, TRAIN_DEFAULTS
 
     return {
@@ -76,6 +77,7 @@ def _group_defaults():
         "param": dict(parameterization.DEFAULTS),
         "data": dict(data.DEFAULTS),
         "align": dict(ALIGN_DEFAULTS),
+        "lora": dict(LORA_DEFAULTS),
     }
 
 
@@ -95,7 +97,9 @@ def _cell_value(cell):
     return eval(cell.strip("`"), {"math": math})  # noqa: S307 - our own docs
 
 
-@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "param", "data", "align"])
+@pytest.mark.parametrize(
+    "group", ["train", "mesh", "model", "optimizer", "param", "data", "lora", "align"]
+)
 def test_configs_md_lists_every_field_with_its_default(group):
     defaults = _group_defaults()[group]
     table = _group_table(group)
@@ -110,7 +114,7 @@ def test_configs_md_lists_every_field_with_its_default(group):
         )
 
 
-@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "param", "data"])
+@pytest.mark.parametrize("group", ["train", "mesh", "model", "optimizer", "param", "data", "lora"])
 def test_configs_md_default_py_column_matches_the_experiment(group):
     from lm_align import config as config_lib
 

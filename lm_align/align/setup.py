@@ -1,8 +1,9 @@
 """Building a preference experiment: config resolution, model, optimizer, shardings.
 
 `setup(cfg)` validates the `align` group, takes the `model` and `param` groups
-from the policy checkpoint, and builds the policy (or reward model), its
-optimizer (`lm_align.train.setup.make_optimizer`, the same construction as
+from the policy checkpoint, and builds the policy (or reward model; with
+``lora.rank > 0`` LoRA adapters of the policy, whose base is the frozen
+reference), its optimizer (`lm_align.train.setup.make_optimizer`, the same construction as
 `lm-align train`: per-layer learning rates and epsilons from the
 parameterization), the shardings and the row-scoring function. `load_model`
 loads a trained policy or reward model for evaluation and sampling.
@@ -24,12 +25,13 @@ from lm_align import parallel
 from lm_align.align.config import REWARD_LOSSES, check_align
 from lm_align.align.logprobs import sequence_logprobs
 from lm_align.config import ConfigError
+from lm_align.models.lora import Lora
 from lm_align.models.pure import PureModel
 from lm_align.train import checkpoint
-from lm_align.train.load import load_run
+from lm_align.train.load import load_run, run_params, with_absolute_base
 from lm_align.train.setup import make_optimizer
 from lm_align.train.step import TrainState, state_shardings, with_shardings
-from lm_align.train.validate import check_config, make_parameterization
+from lm_align.train.validate import check_config, make_lora_config, make_parameterization
 
 
 def _resolve_config(cfg, devices) -> tuple[Any, Any]:
@@ -69,9 +71,32 @@ def _resolve_config(cfg, devices) -> tuple[Any, Any]:
             d = cfg.to_dict()
             d["model"], d["param"] = saved.model.to_dict(), saved.param.to_dict()
             cfg = config_lib.from_dict(d)
+    errors += _check_lora(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
-    return cfg, ref
+    return with_absolute_base(cfg), ref
+
+
+def _check_lora(cfg) -> list[str]:
+    """LoRA trains a policy whose reference is its base: no reward model, no other reference."""
+    try:
+        if not make_lora_config(cfg).enabled:
+            return []
+    except (TypeError, ValueError):
+        return []  # check_config reports it
+    errors = []
+    if cfg.align.loss in REWARD_LOSSES:
+        errors.append(
+            f"lora.rank={cfg.lora.rank} with align.loss={cfg.align.loss!r}: LoRA trains "
+            "policies; a reward model trains its head and body, set lora.rank=0"
+        )
+    if cfg.align.reference_checkpoint:
+        errors.append(
+            f"align.reference_checkpoint={cfg.align.reference_checkpoint!r} with LoRA: the "
+            "reference is the base model (align.policy_checkpoint) with the adapters off; unset "
+            "align.reference_checkpoint, or set lora.rank=0 to train against another reference"
+        )
+    return errors
 
 
 @dataclasses.dataclass
@@ -88,9 +113,20 @@ class AlignSetup:
     abstract_state: Any
     batch_sharding: Any
     score_rows: Callable
-    init_params: Callable[[], Any]  # () -> starting params (sharded)
+    init_params: Callable[[], Any]  # () -> starting params (sharded): the policy's, or adapters
     reference_params: Callable[[], Any]  # () -> frozen reference params (sharded) or None
+    lora: Lora | None = None  # LoRA: the state trains these adapters; the reference is their base
+    policy_shardings: Any = None  # the policy's (and reference's) parameter shardings
     jitted: dict = dataclasses.field(default_factory=dict)  # compiled helpers by name
+
+    def model_params(self, params, ref_params):
+        """The policy's parameters for the trained `params` (LoRA: the adapters merged
+        into `ref_params`, their base; otherwise `params`)."""
+        if self.lora is None:
+            return params
+        if "merge" not in self.jitted:
+            self.jitted["merge"] = jax.jit(self.lora.merge, out_shardings=self.policy_shardings)
+        return self.jitted["merge"](ref_params, params)
 
 
 def setup(cfg, devices=None) -> AlignSetup:
@@ -125,45 +161,43 @@ def setup(cfg, devices=None) -> AlignSetup:
         def score_rows(params, rows):
             return sequence_logprobs(policy, params, rows, constrain_BLD=constrain_BLD).logps
 
-    opt = make_optimizer(cfg, param, model)
-    abstract, state_sh = state_shardings(model, opt.tx, mesh, t.seed)
-    policy_abstract = with_shardings(
-        policy.abstract_params,
-        parallel.logical_to_sharding(policy.logical_axes, policy.abstract_params, mesh),
-    )
+    lora_cfg = make_lora_config(cfg)
+    lora = Lora(policy, lora_cfg) if lora_cfg.enabled else None
+    trained = model if lora is None else lora
+    opt = make_optimizer(cfg, param, trained)
+    abstract, state_sh = state_shardings(trained, opt.tx, mesh, t.seed)
+    policy_sh = parallel.logical_to_sharding(policy.logical_axes, policy.abstract_params, mesh)
+    policy_abstract = with_shardings(policy.abstract_params, policy_sh)
 
     def load_policy(path_ref):
-        return checkpoint.load_params(path_ref, policy_abstract)
+        return run_params(path_ref, policy_abstract)
+
+    def starting_policy():
+        if policy_ref is None:
+            return jax.jit(policy.init, static_argnums=0, out_shardings=policy_sh)(t.seed)
+        return load_policy(policy_ref)
 
     def init_params():
-        if policy_ref is None:
+        if lora is not None:
+            return jax.jit(lora.init, static_argnums=0, out_shardings=state_sh.params)(t.seed)
+        if is_reward and policy_ref is None:
             return jax.jit(model.init, static_argnums=0, out_shardings=state_sh.params)(t.seed)
-        params = load_policy(policy_ref)
         if is_reward:
-            return jax.jit(model.from_policy, out_shardings=state_sh.params)(params)
-        return params
+            return jax.jit(model.from_policy, out_shardings=state_sh.params)(starting_policy())
+        return starting_policy()
 
     def reference_params():
         if is_reward:
             return None
         if a.reference_checkpoint:
             return load_policy(checkpoint.resolve(a.reference_checkpoint))
-        return init_params()
+        return starting_policy()
 
     return AlignSetup(
-        cfg,
-        model,
-        policy,
-        mesh,
-        opt.tx,
-        opt.schedule,
-        state_sh,
-        with_shardings(abstract, state_sh),
-        parallel.batch_sharding(mesh),
-        score_rows,
-        init_params,
-        reference_params,
-    )
+        cfg, model, policy, mesh, opt.tx, opt.schedule, state_sh,
+        with_shardings(abstract, state_sh), parallel.batch_sharding(mesh), score_rows,
+        init_params, reference_params, lora, policy_sh,
+    )  # fmt: skip
 
 
 def initial_state(s: AlignSetup, params, seed: int) -> TrainState:

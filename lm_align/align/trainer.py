@@ -15,7 +15,10 @@ Every batch is a list batch (`lm_align.align.batches`): rows [B, K, L]
 pairwise losses, listwise losses on lists and listwise losses on pairs share
 one step. Reference log-probs are computed once for the whole data set
 (`align.precompute_reference`, cached in WORKDIR/reference_logps.npz) or in
-every step.
+every step. With LoRA (``lora.rank > 0``) the state trains adapters
+(`lm_align.models.lora`) and the reference is their base, adapters off: the
+base parameters are the step's reference argument, merged with the adapters
+inside the step, so the reference is no second copy of the model.
 
 Metrics (docs/metrics.md): loss, reward_accuracy (fraction of label-ordered
 response pairs whose implicit reward beta * (log pi - log ref) is ordered the
@@ -43,6 +46,7 @@ from lm_align.align.config import LISTWISE_LOSSES, REWARD_LOSSES, resolved_forma
 from lm_align.align.objectives import objective
 from lm_align.align.setup import AlignSetup, initial_state, setup
 from lm_align.data.jsonl import match_files
+from lm_align.models.lora import describe as describe_lora
 from lm_align.train import checkpoint
 from lm_align.train.run import Loop, Run, TrainResult
 from lm_align.train.step import TrainState, apply_update
@@ -67,17 +71,22 @@ def make_align_step(
     *,
     nonfinite: str = "halt",
     online_reference: bool = False,
+    merge: Callable | None = None,
 ) -> Callable:
     """`(state, batch[, ref_params]) -> (state, metrics)`: one preference update.
 
     `score_rows(params, rows [B, K, L]) -> [B, K]` (sequence log-probs, or
     rewards). Without `online_reference` the batch carries `ref_logps` [B, K];
-    with it, they are computed from `ref_params` (no gradient). The update is
-    `apply_update`'s, the same as language-model training.
+    with it, they are computed from `ref_params` (no gradient). With `merge`
+    (LoRA) the state holds adapters and the policy is `merge(ref_params,
+    state.params)`: the reference is the base with the adapters off, scored
+    by the same forward code. The update is `apply_update`'s, the same as
+    language-model training.
     """
 
     def loss_fn(params, batch, ref_params):
-        scores = score_rows(params, batch["rows"])
+        policy = params if merge is None else merge(ref_params, params)
+        scores = score_rows(policy, batch["rows"])
         if online_reference:
             ref = jax.lax.stop_gradient(score_rows(ref_params, batch["rows"]))
         else:
@@ -104,17 +113,23 @@ def reference_in_step(a) -> bool:
     return a.loss not in REWARD_LOSSES and not a.precompute_reference
 
 
+def takes_reference(s: AlignSetup, online: bool) -> bool:
+    """Does the step take the reference parameters: when it scores the reference
+    (`online`) and, with LoRA, always (they are the base the adapters merge into)."""
+    return online or s.lora is not None
+
+
 def jit_step(s: AlignSetup, online: bool):
     """The jitted preference step, sharded on `s.mesh`, donating the state:
-    `(state, batch) -> (state, metrics)`, or with `online`
+    `(state, batch) -> (state, metrics)`, or when it `takes_reference`
     `(state, batch, ref_params) -> (state, metrics)`."""
     step_fn = make_align_step(
         s.cfg.align, s.score_rows, s.tx, s.schedule, nonfinite=s.cfg.train.nonfinite,
-        online_reference=online,
+        online_reference=online, merge=None if s.lora is None else s.lora.merge,
     )  # fmt: skip
     in_shardings = (s.state_shardings, s.batch_sharding)
-    if online:
-        in_shardings += (s.state_shardings.params,)
+    if takes_reference(s, online):
+        in_shardings += (s.policy_shardings,)
     return jax.jit(
         step_fn,
         in_shardings=in_shardings,
@@ -126,7 +141,7 @@ def jit_step(s: AlignSetup, online: bool):
 def _compile_step(s: AlignSetup, ref_params, online: bool) -> Callable:
     """The jitted `(state, batch) -> (state, metrics)`; donates the state."""
     jitted = jit_step(s, online)
-    if not online:
+    if not takes_reference(s, online):
         return jitted
     return lambda state, batch: jitted(state, batch, ref_params)
 
@@ -206,7 +221,9 @@ def _describe_start(s: AlignSetup, train_data, eval_data, devices) -> str:
         + (f", {len(eval_data)} held out" if eval_data else "")
         + f"; mesh {dict(s.mesh.shape)} on {len(devices)} {devices[0].platform} device(s)"
         + (f"; starting from {a.policy_checkpoint}" if a.policy_checkpoint else "; fresh init")
-    )
+        + ("" if s.lora is None else "\n" + describe_lora(s.lora, s.policy_model, a.policy_checkpoint)
+           + "; the reference is the base (adapters off)")
+    )  # fmt: skip
 
 
 def align(cfg, workdir: str, *, devices=None) -> TrainResult:
@@ -234,7 +251,8 @@ def align(cfg, workdir: str, *, devices=None) -> TrainResult:
     log(_describe_start(s, train_data, eval_data, devices))
 
     def run_eval(params):
-        return held_out.evaluate_policy(s, params, ref_params, eval_data, seed=t.seed)
+        policy = s.model_params(params, ref_params)
+        return held_out.evaluate_policy(s, policy, ref_params, eval_data, seed=t.seed)
 
     if start == 0 and a.eval_at_start:  # every process: the eval runs collectives
         run.writer.write(0, row := run_eval(state.params))

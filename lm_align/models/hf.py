@@ -6,6 +6,10 @@
     logits_BLV = model.apply(params, ids_BL)
     hf.save(model, params, "out/")  # transformers loads it back
 
+    model, params = hf.load("path/to/llama", adapter="path/to/peft_adapter")  # LoRA merged
+    lora, adapters = hf.load_adapter("path/to/peft_adapter", model)  # the adapters alone
+    hf.save_adapter(model, lora, adapters, "out_adapter/")  # PEFT loads it back
+
 Families: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and GPT-2 (the
 `*ForCausalLM` / `GPT2LMHeadModel` of `transformers` 4.x and 5.x). Each maps
 onto `TransformerConfig` fields; an architecture or option the model does not
@@ -29,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lm_align.models import lora as lora_lib
 from lm_align.models.pure import PureModel
 from lm_align.models.transformer import DTYPES, TransformerConfig
 
@@ -541,6 +546,7 @@ def load(
     param_dtype: str | None = None,
     shardings: Callable[[PureModel], Any] | None = None,
     scan_layers: bool = False,
+    adapter: str | None = None,
 ) -> tuple[PureModel, dict]:
     """(model, params) of the Hugging Face checkpoint in directory `path`.
 
@@ -548,6 +554,9 @@ def load(
     parameter dtype. `shardings(model)` gives the tree of shardings to place
     the parameters on, e.g. ``lambda m: parallel.logical_to_sharding(
     m.logical_axes, m.abstract_params, mesh)``; None: the default device.
+    `adapter`: a PEFT LoRA adapter directory (`load_adapter`) for this
+    checkpoint, merged into the parameters (W + s A B), so that
+    ``model.apply(params, ids)`` gives the adapted model's logits.
     """
     hf = read_config(path)
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
@@ -575,7 +584,11 @@ def load(
             )
         )
     _check_unused(files, rename, top, layer, cfg)
-    return model, jax.tree.unflatten(jax.tree.structure(model.abstract_params), arrays)
+    params = jax.tree.unflatten(jax.tree.structure(model.abstract_params), arrays)
+    if adapter is not None:
+        lora, adapters = load_adapter(adapter, model, base_files=files)
+        params = merge_adapter(lora, params, adapters, placement)
+    return model, params
 
 
 class _Reader:
@@ -635,7 +648,7 @@ def _check_unused(files: _Files, rename, top, layer, cfg: TransformerConfig) -> 
 
 
 def _host(x) -> np.ndarray:
-    if not x.is_fully_addressable:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         x = multihost_utils.process_allgather(x, tiled=True)
@@ -728,3 +741,260 @@ class _ShardWriter:
             index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
             json.dump(index, f, indent=2)
         return [*names, INDEX_FILE]
+
+
+# --------------------------------------------------------------------------- LoRA adapters (PEFT)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# PEFT options that change what an adapter computes and have no lm_align equivalent: value
+# allowed (None: unset or empty).
+_PEFT_UNSUPPORTED = {
+    "use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
+    "rank_pattern": None, "alpha_pattern": None, "layers_to_transform": None,
+    "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
+    "use_qalora": False, "use_bdlora": None, "alora_invocation_tokens": None,
+}  # fmt: skip
+
+
+def _lora_modules(model: PureModel, targets) -> dict[str, str]:
+    """Target name -> the Hugging Face module it adapts ('{i}' for the layer), e.g.
+    'q' -> 'model.layers.{i}.self_attn.q_proj'. Raises HFCheckpointError for a
+    target that is not one module there (q alone of GPT-2's fused c_attn; the
+    fused qkv target of a model with separate q/k/v projections)."""
+    top, layer = tensor_map(model.cfg)
+    lead = 1 if model.cfg.scan_layers else 0
+    out = {}
+    for t in targets:
+        names = (layer if t.per_layer else top)["/".join(t.path)].hf_names
+        if t.slot is None and len(names) > 1:
+            raise HFCheckpointError(
+                f"lora target {t.name!r} adapts {', '.join(names)} together, which Hugging "
+                "Face keeps as separate modules: target them one by one (q, k, v)"
+            )
+        if t.slot is not None and len(names) == 1:
+            w_path = ("blocks", *([] if lead else [0]), *t.path)
+            stacked = _get_path(model.abstract_params, w_path).shape[lead + t.contract]
+            if stacked != 1:
+                raise HFCheckpointError(
+                    f"lora target {t.name!r} is one slice of {names[0]}, which holds "
+                    f"{stacked} projections in one module: a PEFT adapter adapts it whole; "
+                    "target 'qkv' instead"
+                )
+        out[t.name] = names[t.slot or 0].removesuffix(".weight")
+    return out
+
+
+def _peft_modules(model: PureModel) -> dict[str, str]:
+    """`_lora_modules` of every target that is one Hugging Face module in this model."""
+    out = {}
+    for name in lora_lib.TARGETS:
+        try:
+            out.update(_lora_modules(model, lora_lib.resolve_targets(model.cfg, [name])))
+        except ValueError:  # not in this model, or not one module (HFCheckpointError)
+            pass
+    return out
+
+
+def _get_path(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _peft_key(module: str, i: int | None, which: str) -> str:
+    return f"{_PEFT_PREFIX}{module.format(i=i)}.lora_{which}.weight"
+
+
+def _multiplier_of(model: PureModel, lora: lora_lib.Lora) -> Callable:
+    """(target, layer) -> the forward multiplier of the weight it adapts (1 unless muP etc.)."""
+    if model.param is None:
+        return lambda t, i: 1.0
+    mult = model.param.multipliers(model.abstract_params, model.logical_axes)
+    scanned = model.cfg.scan_layers
+    return lambda t, i: float(_get_path(mult, lora.weight_path(t, None if scanned else i)))
+
+
+def _read_adapter_config(path: str) -> dict:
+    file = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(file):
+        raise HFCheckpointError(
+            f"{file} not found: a PEFT LoRA adapter directory holds {ADAPTER_CONFIG} and "
+            f"{ADAPTER_WEIGHTS} (PEFT's save_pretrained writes them)"
+        )
+    with open(file) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise HFCheckpointError(f"{file}: peft_type={config.get('peft_type')!r}; only LORA is supported")
+    for name, allowed in _PEFT_UNSUPPORTED.items():
+        value = config.get(name)
+        if value not in (allowed, None, {}, []) and not (allowed is None and not value):
+            raise HFCheckpointError(
+                f"{file}: {name}={value!r} is not supported (a plain LoRA adapter has "
+                f"{name}={allowed!r}); lm_align would compute something else"
+            )
+    if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+        raise HFCheckpointError(
+            f"no {ADAPTER_WEIGHTS} in {path}; save the adapter with safe_serialization=True"
+        )
+    return config
+
+
+def load_adapter(path: str, model: PureModel, *, base_files=None):
+    """(Lora, adapters) of the PEFT LoRA adapter in directory `path`, for `model`.
+
+    Reads ``adapter_config.json`` (r, lora_alpha, use_rslora) and
+    ``adapter_model.safetensors``: ``lora_A.weight`` [r, in] and ``lora_B.weight``
+    [out, r] per adapted module become A [inputs..., r] = lora_A^T and B
+    [r, outputs...] = lora_B^T (docs/lora.md has the module names). The
+    targets are the modules the file adapts; every layer must have them.
+    `base_files` (the base checkpoint's tensors) lets a copy of a base weight
+    stored in the adapter (``base_layer.weight``) be checked against it.
+    Options that change what the adapter computes (DoRA, biases, per-module
+    ranks, ...) are refused by name. Lora dropout is ignored (inference).
+    """
+    from safetensors import safe_open
+
+    config = _read_adapter_config(path)
+    weights = safe_open(os.path.join(path, ADAPTER_WEIGHTS), framework="numpy")
+    keys = set(weights.keys())
+    modules = _peft_modules(model)
+    found, used = _adapter_targets(model, modules, keys)
+    _check_base_copies(keys - used, weights, base_files, path)
+    lora = lora_lib.Lora(model, lora_lib.LoraConfig(
+        rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+        rslora=bool(config.get("use_rslora", False)), targets=tuple(found),
+    ))  # fmt: skip
+    r, multiplier = lora.cfg.rank, _multiplier_of(model, lora)
+
+    def pair(t, i, shape, axes):
+        _, ins, outs = lora.split(t, shape)
+        stacked = model.cfg.scan_layers and t.per_layer
+        a_list, b_list = [], []
+        for j in range(model.cfg.n_layers) if stacked else [i]:
+            a = _adapter_tensor(weights, _peft_key(modules[t.name], j, "A"), (r, math.prod(ins)))
+            b = _adapter_tensor(weights, _peft_key(modules[t.name], j, "B"), (math.prod(outs), r))
+            a_list.append(a.T.reshape(*ins, r).astype(np.float32))
+            b_list.append((b.T.reshape(r, *outs) / multiplier(t, j)).astype(np.float32))
+        if not stacked:
+            return {"A": a_list[0], "B": b_list[0]}
+        return {"A": np.stack(a_list), "B": np.stack(b_list)}
+
+    return lora, lora.tree(pair)
+
+
+def _adapter_targets(model: PureModel, modules: dict, keys: set) -> tuple[list[str], set]:
+    """(targets the adapter file holds, in canonical order; the keys they account for)."""
+    n = model.cfg.n_layers
+    where = {}
+    for name, module in modules.items():
+        per_layer = "{i}" in module
+        for i in range(n) if per_layer else [None]:
+            for which in "AB":
+                where[_peft_key(module, i, which)] = name
+    lora_keys = {k for k in keys if ".lora_" in k}
+    unknown = sorted(k for k in lora_keys if k not in where)
+    if unknown:
+        raise HFCheckpointError(
+            f"the adapter adapts modules lm_align cannot map onto this {family_of(model.cfg)} "
+            f"model: {unknown[:4]}{' ...' if len(unknown) > 4 else ''} (supported modules: "
+            f"{sorted({m.format(i='N') for m in modules.values()})})"
+        )
+    found = [name for name in modules if any(where[k] == name for k in lora_keys)]
+    if not found:
+        raise HFCheckpointError("the adapter holds no lora_A/lora_B tensors")
+    missing = sorted(k for k, name in where.items() if name in found and k not in keys)
+    if missing:
+        raise HFCheckpointError(
+            f"the adapter lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}: lm_align "
+            "adapts every layer of each target module"
+        )
+    return found, lora_keys
+
+
+def _adapter_tensor(weights, key: str, shape: tuple) -> np.ndarray:
+    x = weights.get_tensor(key)
+    if tuple(x.shape) != tuple(shape):
+        raise HFCheckpointError(
+            f"{key} has shape {tuple(x.shape)}, but r and the model imply {tuple(shape)}; "
+            "is this the adapter of another model?"
+        )
+    return x
+
+
+def _check_base_copies(extra: set, weights, base_files, path: str) -> None:
+    """PEFT stores a copy of an adapted lm_head / embedding (`...base_layer.weight`);
+    it must equal the base model's tensor. Any other tensor is refused."""
+    unknown = sorted(k for k in extra if not k.endswith(".base_layer.weight"))
+    if unknown:
+        raise HFCheckpointError(f"{path}: tensors lm_align does not know: {unknown[:4]}")
+    for key in sorted(extra - set(unknown)):
+        name = key.removeprefix(_PEFT_PREFIX).replace(".base_layer.weight", ".weight")
+        if base_files is None or name not in base_files.file_of:
+            continue
+        if not np.array_equal(weights.get_tensor(key), base_files.get(name)):
+            raise HFCheckpointError(
+                f"{path}: the adapter stores its own {name}, which differs from the base "
+                "checkpoint's; load the adapter onto the model it was trained on"
+            )
+
+
+def merge_adapter(lora: lora_lib.Lora, params, adapters, placement: Sequence) -> dict:
+    """`lora.merge(params, adapters)` on the devices of `placement` (params' shardings, in
+    leaf order); the merged parameters replace `params` (donated)."""
+    first = placement[0]
+    mesh = getattr(first, "mesh", None)
+    rep = (
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        if mesh is not None
+        else jax.sharding.SingleDeviceSharding(next(iter(first.device_set)))
+    )
+    adapters = jax.device_put(adapters, rep)
+    out_sh = jax.tree.unflatten(jax.tree.structure(params), list(placement))
+    return jax.jit(lora.merge, out_shardings=out_sh, donate_argnums=(0,))(params, adapters)
+
+
+def save_adapter(
+    model: PureModel, lora: lora_lib.Lora, adapters, out_dir: str, *, base_model: str = ""
+) -> list[str]:
+    """Write `adapters` as a PEFT LoRA adapter in `out_dir`; returns the file names.
+
+    ``adapter_config.json`` (r, lora_alpha, use_rslora, target_modules as module
+    names, `base_model` as base_model_name_or_path) and
+    ``adapter_model.safetensors`` (lora_A = A^T [r, in], lora_B = B^T [out, r]).
+    A forward multiplier of the base weight (muP etc.) is folded into lora_B,
+    as `save` folds it into the weight. Every process must call it; process 0
+    writes. `peft.PeftModel.from_pretrained(base, out_dir)` loads it onto the
+    base checkpoint `save` writes for `model`.
+    """
+    modules = _lora_modules(model, lora.targets)
+    r, scanned, multiplier = lora.cfg.rank, model.cfg.scan_layers, _multiplier_of(model, lora)
+    tensors = {}
+    for t, i in lora.places():
+        pair = _get_path(adapters, lora.adapter_path(t, i))
+        a, b = _host(pair["A"]), _host(pair["B"])
+        layers = list(enumerate(zip(a, b))) if (scanned and t.per_layer) else [(i, (a, b))]
+        for j, (aj, bj) in layers:
+            m = np.float32(multiplier(t, j))
+            tensors[_peft_key(modules[t.name], j, "A")] = np.ascontiguousarray(aj.reshape(-1, r).T)
+            tensors[_peft_key(modules[t.name], j, "B")] = np.ascontiguousarray((bj.reshape(r, -1) * m).T)
+    if jax.process_index() != 0:
+        return []
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    suffix = lambda m: m.split(".{i}.", 1)[-1]  # 'self_attn.q_proj', 'lm_head'
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora.cfg.alpha,
+        "use_rslora": lora.cfg.rslora, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(suffix(m) for m in modules.values()),
+        "fan_in_fan_out": family_of(model.cfg) == "gpt2", "init_lora_weights": True,
+        "base_model_name_or_path": base_model, "inference_mode": True, "use_dora": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }  # fmt: skip
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS]

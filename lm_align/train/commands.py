@@ -2,8 +2,9 @@
 
     lm-align sample --policy runs/sft --prompt "12+7=" --num-samples 4 --temperature 0.7
     lm-align sample --policy runs/llama --prompts-file prompts.jsonl --max-new-tokens 32 --json
-    lm-align hf import path/to/hf-model --workdir runs/llama [--dtype bfloat16] [--scan-layers]
+    lm-align hf import path/to/hf-model --workdir runs/llama [--dtype bfloat16] [--scan-layers] [--adapter PEFT_DIR]
     lm-align hf export runs/dpo --out dpo-hf [--step 600]
+    lm-align hf export runs/lora_dpo --out dpo-peft --peft        # a LoRA run's adapters, for PEFT
 
 `sample` feeds each prompt as ``[bos] + encode(prompt)`` to the one sampler
 (`lm_align.sampling.sample_texts`) and prints each completion with its
@@ -35,6 +36,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument(
         "--scan-layers", action="store_true", help="stack the layers (model.scan_layers=true)"
     )
+    p.add_argument(
+        "--adapter", help="a PEFT LoRA adapter directory for the model, merged into its weights"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --workdir")
     p.set_defaults(fn=cmd_hf_import)
     p = hf_sub.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint")
@@ -43,6 +47,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest intact one)")
     p.add_argument(
         "--max-shard-bytes", type=int, help="split the weights into files of at most this size"
+    )
+    p.add_argument(
+        "--peft",
+        action="store_true",
+        help="a LoRA run: write its adapters as a PEFT adapter instead of the merged model",
     )
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(fn=cmd_hf_export)
@@ -188,14 +197,15 @@ def cmd_hf_import(args, overrides) -> int:
     try:
         r = import_checkpoint(
             args.path, args.workdir, dtype=args.dtype, scan_layers=args.scan_layers,
-            force=args.force,
+            force=args.force, adapter=args.adapter,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = r.model
     print(
-        f"imported {args.path} -> {r.workdir}: {r.num_params:,} params, {m['n_layers']} layers, "
+        f"imported {args.path}{f' with the adapter {args.adapter} merged' if args.adapter else ''} "
+        f"-> {r.workdir}: {r.num_params:,} params, {m['n_layers']} layers, "
         f"d_model {m['d_model']}, vocab {m['vocab_size']}, {m['param_dtype']}\n"
         f"checkpoint {r.checkpoint}\ndata.tokenizer {r.tokenizer}\n"
         f"took {time.perf_counter() - start:.1f} s; peak host memory (RSS, memory-mapped "
@@ -218,14 +228,17 @@ def cmd_hf_import(args, overrides) -> int:
 
 
 def cmd_hf_export(args, overrides) -> int:
-    from lm_align.train.hf_runs import export_run
+    from lm_align.train.hf_runs import export_adapter, export_run
 
     if args.max_shard_bytes is not None and args.max_shard_bytes < 1:
         print(f"error: --max-shard-bytes={args.max_shard_bytes}; use 1 or more", file=sys.stderr)
         return 2
     try:
-        r = export_run(args.run, args.out, step=args.step, force=args.force,
-                       max_shard_bytes=args.max_shard_bytes)  # fmt: skip
+        if args.peft:
+            r = export_adapter(args.run, args.out, step=args.step, force=args.force)
+        else:
+            r = export_run(args.run, args.out, step=args.step, force=args.force,
+                           max_shard_bytes=args.max_shard_bytes)  # fmt: skip
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -233,7 +246,10 @@ def cmd_hf_export(args, overrides) -> int:
     for name in (*r.model_files, *r.tokenizer_files):
         size = os.path.getsize(os.path.join(r.out_dir, name))
         print(f"  {name}  ({size:,} bytes)")
-    if not r.tokenizer_files:
+    if args.peft:
+        print("load it with peft.PeftModel.from_pretrained(<the base, exported>, "
+              f"{json.dumps(r.out_dir)})")  # fmt: skip
+    elif not r.tokenizer_files:
         print(f"note: no tokenizer files written: the run's tokenizer is {r.tokenizer!r}, not "
               "a Hugging Face tokenizer.json (hf:DIR) with files to copy")  # fmt: skip
     return 0

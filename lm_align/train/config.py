@@ -9,7 +9,8 @@ Experiments start from `base_config()` and set what they study:
 
 Groups: train, mesh, model (lm_align.models.TransformerConfig), optimizer
 (lm_align.optim.DEFAULTS), param (lm_align.parameterization.DEFAULTS), data
-(lm_align.data.DEFAULTS). docs/configs.md lists every field.
+(lm_align.data.DEFAULTS), lora (lm_align.models.lora.LORA_DEFAULTS).
+docs/configs.md lists every field.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ml_collections
 from lm_align import data as data_lib
 from lm_align import optim, parameterization
 from lm_align.models import model_defaults
+from lm_align.models.lora import LORA_DEFAULTS
 
 TRAIN_DEFAULTS = {
     "steps": 1000,  # optimizer updates
@@ -58,5 +60,6 @@ def base_config() -> ml_collections.ConfigDict:
             "optimizer": dict(optim.DEFAULTS),
             "param": dict(parameterization.DEFAULTS),
             "data": dict(data_lib.DEFAULTS),
+            "lora": dict(LORA_DEFAULTS),
         }
     )

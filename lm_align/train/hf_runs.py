@@ -2,6 +2,7 @@
 
     report = import_checkpoint("llama-dir", "runs/llama")   # `lm-align hf import`
     report = export_run("runs/dpo", "dpo-hf")               # `lm-align hf export`
+    report = export_adapter("runs/lora_dpo", "dpo-peft")    # `lm-align hf export --peft`
 
 An imported run is what a finished `lm-align train` run looks like to every
 command that reads runs: ``RUN/config.json`` and a step-0 checkpoint
@@ -16,7 +17,10 @@ the same ``data.tokenizer``; `train` also needs the same `model` group),
 
 Export loads a run's parameters (its newest intact step, or a given one) and
 writes them with `lm_align.models.hf.save`; the tokenizer files of an
-``hf:`` tokenizer are copied along. The conversions themselves (names,
+``hf:`` tokenizer are copied along. A LoRA run exports merged (its base with
+its adapters merged in), or, with `export_adapter`, its adapters alone as a
+PEFT adapter (`lm_align.models.hf.save_adapter`). Import can merge a PEFT
+adapter into the checkpoint it reads. The conversions themselves (names,
 layouts, architectures) live in `lm_align.models.hf`.
 """
 
@@ -34,8 +38,9 @@ from lm_align import parallel
 from lm_align.data import make_tokenizer
 from lm_align.train import checkpoint
 from lm_align.train.config import base_config
-from lm_align.train.load import load_run
-from lm_align.train.validate import check_config
+from lm_align.train.load import load_run, lora_base, run_model
+from lm_align.train.step import with_shardings
+from lm_align.train.validate import check_config, make_lora_config
 from lm_align.utils import write_atomic
 
 TOKENIZER_DIR = "tokenizer"  # RUN/tokenizer: the imported checkpoint's tokenizer files
@@ -104,8 +109,10 @@ def import_checkpoint(
     scan_layers: bool = False,
     force: bool = False,
     devices=None,
+    adapter: str | None = None,
 ) -> ImportReport:
-    """Writes the Hugging Face checkpoint directory `path` as an lm-align run at `workdir`.
+    """Writes the Hugging Face checkpoint directory `path` as an lm-align run at `workdir`
+    (with `adapter`, a PEFT LoRA adapter directory, merged into its weights).
 
     The parameters are read (`hf.load`) sharded over `devices` (an fsdp mesh
     over all of them by default) before anything is written; `force`
@@ -135,6 +142,7 @@ def import_checkpoint(
         dtype=dtype,
         scan_layers=scan_layers,
         shardings=lambda m: parallel.logical_to_sharding(m.logical_axes, m.abstract_params, mesh),
+        adapter=adapter,
     )
     tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -214,3 +222,38 @@ def export_run(
     if src and jax.process_index() == 0:  # hf.save writes on process 0
         copied = _copy_tokenizer_files(src, out_dir, hf.TOKENIZER_FILES)
     return ExportReport(ref.path, out_dir, list(files), copied, cfg.data.tokenizer)
+
+
+def export_adapter(
+    path: str, out_dir: str, *, step: int | None = None, force: bool = False
+) -> ExportReport:
+    """Writes the LoRA adapters of the run `path` (its newest intact step, or `step`)
+    as a PEFT adapter in `out_dir` (`hf.save_adapter`): ``adapter_config.json``
+    (``base_model_name_or_path`` = the run's base, `lora_base`) and
+    ``adapter_model.safetensors``. PEFT applies it to the Hugging Face export of
+    that base (`export_run` of the base run, or the directory it was imported from).
+
+    Raises ValueError when the run trained every parameter (no adapters).
+    """
+    from lm_align.models import hf
+    from lm_align.models.lora import Lora
+
+    _check_destination(
+        out_dir, "--out", force, "write into it (files of the same names are replaced)"
+    )
+    ref = checkpoint.resolve(step_path(path, step))
+    cfg = checkpoint.saved_config(ref)
+    lora_cfg = make_lora_config(cfg)
+    if not lora_cfg.enabled:
+        raise ValueError(
+            f"{ref} trained every parameter (lora.rank=0): it has no adapters; export the "
+            f"whole model with `lm-align hf export {path} --out DIR`"
+        )
+    model = run_model(cfg)
+    hf.to_hf_config(model.cfg)  # a model no Hugging Face family expresses is refused here
+    lora = Lora(model, lora_cfg)
+    rep = parallel.replicated(parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+    abstract = with_shardings(lora.abstract_params, jax.tree.map(lambda _: rep, lora.abstract_params))
+    adapters = checkpoint.load_params(ref, abstract)
+    files = hf.save_adapter(model, lora, adapters, out_dir, base_model=lora_base(cfg))
+    return ExportReport(ref.path, out_dir, list(files), [], cfg.data.tokenizer)

@@ -1,7 +1,8 @@
 """Language-model training: `train(cfg, workdir)` (`lm-align train`).
 
-The experiment's sharded step (`lm_align.train.setup.build_experiment`) over
-the data pipeline's global batches, inside the shared `Run`
+The experiment's sharded step (`lm_align.train.setup.build_experiment`; with
+``lora.rank > 0`` it trains LoRA adapters of a frozen base) over the data
+pipeline's global batches, inside the shared `Run`
 (`lm_align.train.run`): automatic resume, SIGTERM-safe checkpoints, the
 non-finite guard, metrics. At eval steps the held-out loss; at the end the
 greedy exact match on held-out problems and the unigram baseline
@@ -14,8 +15,10 @@ import jax
 
 from lm_align import data as data_lib
 from lm_align import parallel
+from lm_align.models.lora import describe as describe_lora
 from lm_align.train import evaluate
-from lm_align.train.checkpoint import load_params, resolve
+from lm_align.train.checkpoint import resolve
+from lm_align.train.load import run_params, with_absolute_base
 from lm_align.train.run import Loop, Run, TrainResult
 from lm_align.train.setup import build_experiment
 from lm_align.utils import log
@@ -27,8 +30,10 @@ NONFINITE_FIX = (
 
 
 def train(cfg, workdir: str, *, devices=None) -> TrainResult:
-    """Trains (or resumes) the experiment `cfg` in `workdir`."""
+    """Trains (or resumes) the experiment `cfg` in `workdir` (with ``lora.rank > 0``:
+    adapters for the base ``train.init_from``, checkpointed without the base)."""
     devices = list(jax.devices() if devices is None else devices)
+    cfg = with_absolute_base(cfg)
     exp = build_experiment(cfg, devices)
     run = Run(cfg, workdir)
     t, steps, seq_len = cfg.train, exp.steps, cfg.data.seq_len
@@ -54,11 +59,13 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         f"{model_cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; mesh {dict(exp.mesh.shape)} "
         f"on {len(devices)} {devices[0].platform} device(s)"
     )
+    if exp.lora is not None:
+        log(describe_lora(exp.lora, exp.model, cfg.train.init_from))
     log("data: " + data_lib.describe_source(cfg.data, seq_len=seq_len).replace("\n", "\n  "))
 
     def run_eval(params):
         return evaluate.eval_loss(
-            steps.eval_step,
+            lambda p, batch: steps.eval_step(p, batch, *steps.frozen),
             params,
             cfg.data,
             seq_len=seq_len,
@@ -74,7 +81,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
             out.update(
                 evaluate.answer_accuracy(
                     exp.model,
-                    state.params,
+                    steps.model_params(state.params),
                     cfg.data,
                     num_examples=t.answer_eval_examples,
                     max_new_tokens=t.answer_max_new_tokens,
@@ -85,7 +92,7 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
         return out
 
     loop = Loop(
-        train_step=steps.train_step,
+        train_step=lambda state, batch: steps.train_step(state, batch, *steps.frozen),
         next_batch=lambda: parallel.global_batch(next(train_iter), steps.batch_sharding),
         data_state=train_iter.get_state,
         run_eval=run_eval,
@@ -100,14 +107,16 @@ def train(cfg, workdir: str, *, devices=None) -> TrainResult:
 
 
 def init_state_fn(exp, init_from: str):
-    """() -> the step-0 state: fresh, or `init_from`'s params with a fresh optimizer state."""
+    """() -> the step-0 state: fresh, or `init_from`'s params with a fresh optimizer state.
+
+    With LoRA, fresh adapters (`init_from` is their base, already in ``steps.frozen``)."""
     steps = exp.steps
-    if not init_from:
+    if not init_from or exp.lora is not None:
         return steps.init_state
 
     def init_state():
         ref = resolve(init_from)
-        params = load_params(ref, steps.abstract_state.params)
+        params = run_params(ref, steps.abstract_state.params)
         log(f"parameters from {ref} (fresh optimizer state)")
         fresh = jax.jit(
             lambda s, p: s._replace(params=p, opt_state=exp.optimizer.tx.init(p)),

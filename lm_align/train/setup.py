@@ -10,10 +10,12 @@ import jax
 
 from lm_align import optim, parallel
 from lm_align.models import TransformerConfig
+from lm_align.models.lora import Lora
 from lm_align.models.pure import PureModel
 from lm_align.parameterization import Parameterization
+from lm_align.train.load import base_params
 from lm_align.train.step import Steps, build_steps
-from lm_align.train.validate import check_config, make_parameterization
+from lm_align.train.validate import check_config, make_lora_config, make_parameterization
 
 
 @dataclasses.dataclass
@@ -24,6 +26,7 @@ class Experiment:
     optimizer: optim.Optimizer  # (tx, schedule)
     mesh: jax.sharding.Mesh
     steps: Steps
+    lora: Lora | None = None  # the adapters the state trains (lora.rank > 0)
 
 
 def make_optimizer(cfg, param: Parameterization, model) -> optim.Optimizer:
@@ -34,8 +37,12 @@ def make_optimizer(cfg, param: Parameterization, model) -> optim.Optimizer:
     Every trainer builds its optimizer here (`lm-align train`, `lm-align align`
     for policies and reward models, `lm-align bench`), so the parameterization
     means the same everywhere. `model` is anything with ``abstract_params`` and
-    ``logical_axes`` (a PureModel, a RewardModel).
+    ``logical_axes`` (a PureModel, a RewardModel), or LoRA adapters (a `Lora`),
+    which train at ``optimizer.lr`` and ``eps`` as they are: the
+    parameterization's scales are for the model's own weights.
     """
+    if isinstance(model, Lora):
+        return optim.make_optimizer(cfg.optimizer, total_steps=cfg.train.steps)
     abstract, axes = model.abstract_params, model.logical_axes
     return optim.make_optimizer(
         cfg.optimizer,
@@ -46,14 +53,21 @@ def make_optimizer(cfg, param: Parameterization, model) -> optim.Optimizer:
 
 
 def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experiment:
-    """Validates `cfg` (before compiling anything) and builds its train/eval steps on `devices`."""
+    """Validates `cfg` (before compiling anything) and builds its train/eval steps on `devices`.
+
+    With LoRA (``lora.rank > 0``) the steps train adapters for the base model
+    ``train.init_from`` (any run, LoRA runs included; '' = a fresh init),
+    whose parameters are loaded here into ``steps.frozen``.
+    """
     devices = list(jax.devices() if devices is None else devices)
     model_cfg = check_config(cfg, num_devices=len(devices), process_count=jax.process_count())
     t = cfg.train
     mesh = parallel.make_mesh(cfg.mesh, devices)
     param = make_parameterization(cfg, model_cfg)
     model = PureModel(model_cfg, param)
-    opt = make_optimizer(cfg, param, model)
+    lora_cfg = make_lora_config(cfg)
+    lora = Lora(model, lora_cfg) if lora_cfg.enabled else None
+    opt = make_optimizer(cfg, param, lora or model)
     steps = build_steps(
         model,
         opt.tx,
@@ -64,5 +78,8 @@ def build_experiment(cfg, devices: Sequence[jax.Device] | None = None) -> Experi
         grad_accum_steps=t.grad_accum_steps,
         nonfinite=t.nonfinite,
         loss_chunks=t.loss_chunks,
+        lora=lora,
     )
-    return Experiment(model_cfg, param, model, opt, mesh, steps)
+    if lora is not None:
+        steps.frozen = (base_params(cfg, model, steps.frozen_abstract),)
+    return Experiment(model_cfg, param, model, opt, mesh, steps, lora)

@@ -21,6 +21,7 @@ import optax
 
 from lm_align import parallel
 from lm_align.losses.lm import LMLoss, fused_readout_lm_loss, lm_loss
+from lm_align.models.lora import Lora
 from lm_align.models.pure import PureModel
 
 NONFINITE_MODES = ("halt", "skip")
@@ -172,8 +173,20 @@ def lm_loss_fn(
     return loss_fn
 
 
+def with_frozen(loss_fn: Callable, merge: Callable) -> Callable:
+    """`(params, batch, frozen) -> loss_fn(merge(frozen, params), batch)`.
+
+    The trained `params` are a function of the model's parameters: with LoRA
+    the adapters, merged into the frozen base weights (`lm_align.models.lora.
+    Lora.merge`). Differentiating with respect to `params` alone gives no
+    gradient (and keeps no optimizer state) for the frozen ones.
+    """
+    return lambda params, batch, frozen: loss_fn(merge(frozen, params), batch)
+
+
 def accumulated_grads_fn(loss_fn: Callable, grad_accum_steps: int) -> Callable:
-    """`(params, batch) -> (grads, LMLoss, diagnostics)` over `grad_accum_steps` micro-batches.
+    """`(params, batch, *frozen) -> (grads, LMLoss, diagnostics)` over `grad_accum_steps`
+    micro-batches (`frozen`: further arguments of `loss_fn`, not differentiated).
 
     The batch is split into k micro-batches whose gradients are summed with
     weights (tokens in micro-batch) / (tokens in batch), which is exactly the
@@ -183,13 +196,13 @@ def accumulated_grads_fn(loss_fn: Callable, grad_accum_steps: int) -> Callable:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum_steps == 1:
 
-        def whole(params, batch):
-            (_, (out, diag)), grads = grad_fn(params, batch)
+        def whole(params, batch, *frozen):
+            (_, (out, diag)), grads = grad_fn(params, batch, *frozen)
             return grads, out, diag
 
         return whole
 
-    def accumulated(params, batch):
+    def accumulated(params, batch, *frozen):
         micro = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
             batch,
@@ -197,7 +210,7 @@ def accumulated_grads_fn(loss_fn: Callable, grad_accum_steps: int) -> Callable:
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def body(carry, mb):
-            (_, (out, diag)), g = grad_fn(params, mb)
+            (_, (out, diag)), g = grad_fn(params, mb, *frozen)
             w = out.num_tokens / total_tokens
             # Token means combine exactly with weights w; num_tokens is reset below.
             carry = jax.tree.map(lambda acc, x: acc + w * x, carry, (g, out))
@@ -241,8 +254,9 @@ def make_train_step(
     loss_chunks: int = 0,
     constrain_BLD: Callable | None = None,
     per_layer_diagnostics: bool = True,
+    merge: Callable | None = None,
 ) -> Callable:
-    """`(state, batch) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
+    """`(state, batch[, frozen]) -> (state, metrics)`; metrics are scalars (and [N] per-layer).
 
     The loss is `lm_loss_fn`'s (`loss_chunks`: fused chunked readout), the
     gradient `accumulated_grads_fn`'s (exact token-weighted accumulation over
@@ -251,16 +265,21 @@ def make_train_step(
     `constrain_BLD` is passed to the model (the sharding of its residual
     stream). `per_layer_diagnostics` adds `param_rms/<name>`, `grad_rms/<name>`
     and `update_rms/<name>` (update / lr) for every parameter (`rms_metrics`).
+    With `merge` the state holds the trained parameters only (LoRA adapters)
+    and the model's are `merge(frozen, state.params)` (`with_frozen`), the
+    step's third argument `frozen` being the frozen ones (the base weights).
     """
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
     loss_fn = lm_loss_fn(
         model, z_loss_coef=z_loss_coef, loss_chunks=loss_chunks, constrain_BLD=constrain_BLD
     )
+    if merge is not None:
+        loss_fn = with_frozen(loss_fn, merge)
     grads_fn = accumulated_grads_fn(loss_fn, grad_accum_steps)
 
-    def train_step(state: TrainState, batch):
-        grads, out, diag = grads_fn(state.params, batch)
+    def train_step(state: TrainState, batch, *frozen):
+        grads, out, diag = grads_fn(state.params, batch, *frozen)
         new, update_metrics, updates = apply_update(
             state, grads, out.loss, tx, schedule, nonfinite=nonfinite
         )
@@ -290,13 +309,18 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: PureModel, *, z_loss_coef: float = 0.0, constrain_BLD: Callable | None = None
+    model: PureModel,
+    *,
+    z_loss_coef: float = 0.0,
+    constrain_BLD: Callable | None = None,
+    merge: Callable | None = None,
 ) -> Callable:
-    """`(params, batch) -> sums`: token-weighted sums to aggregate over eval batches."""
+    """`(params, batch[, frozen]) -> sums`: token-weighted sums to aggregate over eval
+    batches (with `merge`, of the model's parameters `merge(frozen, params)`)."""
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, *frozen):
         logits_BLV = model.apply(
-            params,
+            params if merge is None else merge(*frozen, params),
             batch["inputs"],
             positions_BL=batch["positions"],
             segment_ids_BL=batch["segment_ids"],
@@ -311,14 +335,27 @@ def make_eval_step(
 
 @dataclasses.dataclass
 class Steps:
-    """Jitted steps and the shardings they were built with."""
+    """Jitted steps and the shardings they were built with.
 
-    train_step: Callable  # (state, batch) -> (state, metrics), donates state
-    eval_step: Callable  # (params, batch) -> sums
+    With LoRA the state holds the adapters; the frozen base weights are the
+    steps' last argument: call ``train_step(state, batch, *steps.frozen)``
+    (``frozen`` is () without LoRA, filled with the base parameters by whoever
+    loads them, `lm_align.train.setup.build_experiment`).
+    """
+
+    train_step: Callable  # (state, batch, *frozen) -> (state, metrics), donates state
+    eval_step: Callable  # (params, batch, *frozen) -> sums
     init_state: Callable  # () -> TrainState, created directly in its sharding
     state_shardings: Any
     batch_sharding: Any
     abstract_state: Any  # ShapeDtypeStructs with shardings (restore target)
+    frozen_abstract: Any = None  # LoRA: the base parameters' ShapeDtypeStructs with shardings
+    frozen: tuple = ()  # () or (base parameters,): the steps' arguments after the batch
+    merge: Callable | None = None  # LoRA: jitted (base, adapters) -> the model's parameters
+
+    def model_params(self, params):
+        """The model's parameters for the trained `params` (LoRA: merged into the base)."""
+        return params if self.merge is None else self.merge(*self.frozen, params)
 
 
 def state_shardings(model, tx: optax.GradientTransformation, mesh, seed: int = 0):
@@ -358,15 +395,25 @@ def build_steps(
     grad_accum_steps: int = 1,
     nonfinite: str = "halt",
     loss_chunks: int = 0,
+    lora: Lora | None = None,
 ) -> Steps:
-    """Shards and jits the steps on `mesh` (same code for 1 device and N)."""
-    abstract, state_sh = state_shardings(model, tx, mesh, seed)
+    """Shards and jits the steps on `mesh` (same code for 1 device and N).
+
+    With `lora` the state trains its adapters (sharded like their base
+    weights) and the steps take the frozen base parameters after the batch.
+    """
+    trained = model if lora is None else lora
+    abstract, state_sh = state_shardings(trained, tx, mesh, seed)
     param_sh, rep = state_sh.params, state_sh.step
     batch_sh = parallel.batch_sharding(mesh)
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}
     # Keep the residual stream batch-sharded: otherwise it inherits the embedding
     # table's sharding at the lookup and XLA falls back to replicating it.
     constrain_BLD = lambda x: jax.lax.with_sharding_constraint(x, batch_sh)
+    merge = None if lora is None else lora.merge
+    frozen_sh = ()
+    if lora is not None:
+        frozen_sh = (parallel.logical_to_sharding(model.logical_axes, model.abstract_params, mesh),)
 
     train_step = jax.jit(
         make_train_step(
@@ -378,17 +425,22 @@ def build_steps(
             nonfinite=nonfinite,
             loss_chunks=loss_chunks,
             constrain_BLD=constrain_BLD,
+            merge=merge,
         ),
-        in_shardings=(state_sh, batch_shardings),
+        in_shardings=(state_sh, batch_shardings, *frozen_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(model, z_loss_coef=z_loss_coef, constrain_BLD=constrain_BLD),
-        in_shardings=(param_sh, batch_shardings),
+        make_eval_step(model, z_loss_coef=z_loss_coef, constrain_BLD=constrain_BLD, merge=merge),
+        in_shardings=(param_sh, batch_shardings, *frozen_sh),
         out_shardings=rep,
     )
-    init = jax.jit(lambda: init_state(model, tx, seed), out_shardings=state_sh)
-    return Steps(
+    init = jax.jit(lambda: init_state(trained, tx, seed), out_shardings=state_sh)
+    steps = Steps(
         train_step, eval_step, init, state_sh, batch_sh, with_shardings(abstract, state_sh)
     )
+    if lora is not None:
+        steps.frozen_abstract = with_shardings(model.abstract_params, frozen_sh[0])
+        steps.merge = jax.jit(merge, out_shardings=frozen_sh[0])
+    return steps

@@ -10,11 +10,12 @@ from lm_align import data as data_lib
 from lm_align import optim, parallel
 from lm_align.config import ConfigError
 from lm_align.models import TransformerConfig
+from lm_align.models import lora as lora_lib
 from lm_align.parameterization import Parameterization
 from lm_align.train.checkpoint import resolve
 from lm_align.train.step import NONFINITE_MODES
 
-GROUPS = ("train", "mesh", "model", "optimizer", "param", "data")
+GROUPS = ("train", "mesh", "model", "optimizer", "param", "data", "lora")
 
 
 def make_parameterization(cfg, model_cfg: TransformerConfig) -> Parameterization:
@@ -22,6 +23,11 @@ def make_parameterization(cfg, model_cfg: TransformerConfig) -> Parameterization
     return Parameterization.from_config(
         cfg.param, optimizer=cfg.optimizer.name, width=model_cfg.d_model
     )
+
+
+def make_lora_config(cfg) -> lora_lib.LoraConfig:
+    """The `lora` group (absent: LoRA off); raises ValueError for bad fields."""
+    return lora_lib.config_from_dict(cfg.lora if "lora" in cfg else {})
 
 
 def check_config(
@@ -42,6 +48,7 @@ def check_config(
         errors.append(str(e))
     if model_cfg is not None and "param" in cfg:
         errors += _check_param(cfg, model_cfg)
+    errors += _check_lora(cfg, model_cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return model_cfg
@@ -151,6 +158,16 @@ def _check_data_and_model(cfg) -> list[str]:
     except ValueError as e:
         errors.append(str(e))
     return errors
+
+
+def _check_lora(cfg, model_cfg: TransformerConfig | None) -> list[str]:
+    try:
+        lora_cfg = make_lora_config(cfg)
+        if lora_cfg.enabled and model_cfg is not None:
+            lora_lib.resolve_targets(model_cfg, lora_cfg.targets)
+    except (TypeError, ValueError) as e:
+        return [str(e).replace("\n  ", "\n    ")]
+    return []
 
 
 def _check_param(cfg, model_cfg: TransformerConfig) -> list[str]:
