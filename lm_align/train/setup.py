@@ -12,7 +12,7 @@ from lm_align import optim, parallel
 from lm_align.models import TransformerConfig
 from lm_align.models.lora import Lora
 from lm_align.models.pure import PureModel
-from lm_align.parameterization import Parameterization
+from lm_align.parameterization import Parameterization, muon_dims
 from lm_align.train.load import base_params
 from lm_align.train.step import Steps, build_steps
 from lm_align.train.validate import check_config, make_lora_config, make_parameterization
@@ -44,11 +44,20 @@ def make_optimizer(cfg, param: Parameterization, model) -> optim.Optimizer:
     if isinstance(model, Lora):
         return optim.make_optimizer(cfg.optimizer, total_steps=cfg.train.steps)
     abstract, axes = model.abstract_params, model.logical_axes
+    lr_scales, dims = param.lr_scales(abstract, axes), None
+    if cfg.optimizer.name == "muon":
+        # Muon's matrices: the orthogonalised update is width-invariant (c = 0).
+        dims = muon_dims(abstract, axes)
+        is_dims = lambda x: x is None or isinstance(x, tuple)
+        lr_scales = jax.tree.map(
+            lambda d, s: s if d is None else 1.0, dims, lr_scales, is_leaf=is_dims
+        )
     return optim.make_optimizer(
         cfg.optimizer,
         total_steps=cfg.train.steps,
-        lr_scales=param.lr_scales(abstract, axes),
+        lr_scales=lr_scales,
         eps=param.adam_eps(cfg.optimizer.eps, abstract, axes) if param.per_layer_eps else None,
+        muon_dims=dims,
     )
 
 
