@@ -140,6 +140,19 @@ def logical_to_sharding(logical_axes: Any, shapes: Any, mesh: Mesh, rules=LOGICA
     )
 
 
+def in_mesh(fn, mesh: Mesh):
+    """`fn` traced under `mesh`'s abstract mesh (`jax.sharding.get_abstract_mesh()`
+    inside it is `mesh`'s): code that needs the mesh, such as a Pallas kernel run in
+    `shard_map` (`lm_align.models.attention.splash`), finds it there."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

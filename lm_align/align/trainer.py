@@ -99,9 +99,7 @@ def make_align_step(
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, ref_params
         )
-        new, update_metrics, _ = apply_update(
-            state, grads, loss, tx, schedule, nonfinite=nonfinite
-        )
+        new, update_metrics, _ = apply_update(state, grads, loss, tx, schedule, nonfinite=nonfinite)
         return new, {**metrics, **update_metrics}
 
     return step
@@ -131,7 +129,7 @@ def jit_step(s: AlignSetup, online: bool):
     if takes_reference(s, online):
         in_shardings += (s.policy_shardings,)
     return jax.jit(
-        step_fn,
+        parallel.in_mesh(step_fn, s.mesh),
         in_shardings=in_shardings,
         out_shardings=(s.state_shardings, parallel.replicated(s.mesh)),
         donate_argnums=(0,),
@@ -186,7 +184,7 @@ def precompute_reference(
                 data.ref_logps = cached[name]
             log(f"reference log-probs: loaded from {path}")
             return
-    fn = jax.jit(s.score_rows, out_shardings=parallel.replicated(s.mesh))
+    fn = jax.jit(parallel.in_mesh(s.score_rows, s.mesh), out_shardings=parallel.replicated(s.mesh))
     batch_size = s.cfg.train.batch_size
     for data in datasets.values():
         outs = map_records(lambda b: fn(ref_params, b["rows"]), data, batch_size, s.batch_sharding)
@@ -207,7 +205,9 @@ def _load_data(s: AlignSetup) -> tuple[PreferenceArrays, PreferenceArrays | None
     tokenizer = data_lib.make_tokenizer(s.cfg.data.tokenizer)
     train_data = load_preferences(a.train_file, a, tokenizer, num_responses=a.num_responses or None)
     K = train_data.labels.shape[1]
-    eval_data = load_preferences(a.eval_file, a, tokenizer, num_responses=K) if a.eval_file else None
+    eval_data = (
+        load_preferences(a.eval_file, a, tokenizer, num_responses=K) if a.eval_file else None
+    )
     return train_data, eval_data
 
 

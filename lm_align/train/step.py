@@ -416,23 +416,31 @@ def build_steps(
         frozen_sh = (parallel.logical_to_sharding(model.logical_axes, model.abstract_params, mesh),)
 
     train_step = jax.jit(
-        make_train_step(
-            model,
-            tx,
-            schedule,
-            z_loss_coef=z_loss_coef,
-            grad_accum_steps=grad_accum_steps,
-            nonfinite=nonfinite,
-            loss_chunks=loss_chunks,
-            constrain_BLD=constrain_BLD,
-            merge=merge,
+        parallel.in_mesh(
+            make_train_step(
+                model,
+                tx,
+                schedule,
+                z_loss_coef=z_loss_coef,
+                grad_accum_steps=grad_accum_steps,
+                nonfinite=nonfinite,
+                loss_chunks=loss_chunks,
+                constrain_BLD=constrain_BLD,
+                merge=merge,
+            ),
+            mesh,
         ),
         in_shardings=(state_sh, batch_shardings, *frozen_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(model, z_loss_coef=z_loss_coef, constrain_BLD=constrain_BLD, merge=merge),
+        parallel.in_mesh(
+            make_eval_step(
+                model, z_loss_coef=z_loss_coef, constrain_BLD=constrain_BLD, merge=merge
+            ),
+            mesh,
+        ),
         in_shardings=(param_sh, batch_shardings, *frozen_sh),
         out_shardings=rep,
     )
