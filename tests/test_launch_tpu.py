@@ -428,7 +428,7 @@ def test_ctrl_c_stops_the_workers_then_tears_down():
 
     def interrupt():  # in a runner thread, as the terminal's SIGINT would arrive
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
+        time.sleep(5)  # the command is still running when the main thread handles it (loaded CI)
 
     runner = FakeRunner(states=["ACTIVE"], on_run=interrupt)
     assert threading.current_thread() is threading.main_thread()

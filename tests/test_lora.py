@@ -28,7 +28,7 @@ from tests.helpers import REPO, env_with_devices
 
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "hf")
 OTHER_BASES = os.path.join(REPO, "tests", "data", "hf")
-ADAPTERS = os.path.join(REPO, "tests", "data", "hf_lora")  # written by peft (make_references.py)
+ADAPTERS = os.path.join(REPO, "tests", "data", "hf_lora")  # written by peft (make_adapters.py)
 PEFT_ADAPTERS = sorted(d for d in os.listdir(ADAPTERS) if os.path.isdir(os.path.join(ADAPTERS, d)))
 
 

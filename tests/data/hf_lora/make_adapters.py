@@ -21,7 +21,7 @@ This script needs ``torch``, ``transformers`` and ``peft``, which the project
 and its tests never import. They live in a separate virtual environment::
 
     /work/hfref/bin/pip install peft
-    /work/hfref/bin/python tests/data/hf_lora/make_references.py [NAME ...]
+    /work/hfref/bin/python tests/data/hf_lora/make_adapters.py [NAME ...]
 
 The committed files were produced with peft 0.21.2, transformers 5.25.0 and
 torch 2.14.1 (CPU). Output is deterministic for those versions (fixed seed per
