@@ -432,7 +432,12 @@ def test_ctrl_c_stops_the_workers_then_tears_down():
 
     runner = FakeRunner(states=["ACTIVE"], on_run=interrupt)
     assert threading.current_thread() is threading.main_thread()
-    assert run_job(runner, "--num-slices", "2", "--teardown") == 130
+    # Python's own SIGINT handler, whatever an earlier test in this process installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert run_job(runner, "--num-slices", "2", "--teardown") == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     stops = [c[5] for c in runner.calls if c[-1] == f"--command={STOP}"]
     assert stops == ["t-0", "t-1"]  # SIGTERM to every slice's workers
     assert runner.verbs()[-1] == "queued-resources delete"
