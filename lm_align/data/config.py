@@ -8,6 +8,7 @@ unknown fields are an error (a typo must not silently fall back).
 
 from typing import Any
 
+from lm_align.data.arithmetic import check_corruption
 from lm_align.data.errors import DataError
 
 DEFAULTS: dict[str, Any] = {
@@ -42,6 +43,13 @@ DEFAULTS: dict[str, Any] = {
     "arithmetic_eval_fraction": 0.1,
     # Seed of the arithmetic problem streams (the shuffle seed is separate).
     "arithmetic_seed": 0,
+    # Systematic error of the arithmetic TRAIN completions (eval is never
+    # changed): "none" | "dropped_carry" (addition with a carry: its lowest
+    # carry dropped) | "off_by_one" (answer + 1). See lm_align.data.arithmetic.
+    "arithmetic_corruption": "none",
+    # Fraction of the eligible train problems corrupted, in [0, 1]; which ones
+    # is a fixed hash of the prompt.
+    "arithmetic_corruption_rate": 0.0,
     # Text sources: line i is in eval iff i % text_eval_every == 0 (>= 2).
     "text_eval_every": 20,
     # Documents longer than seq_len tokens (with bos/eos): "truncate" (cut to
@@ -145,6 +153,11 @@ def check(data_cfg: Any) -> None:
             f"completion_only_loss={get(data_cfg, 'completion_only_loss')!r}; use True or False."
         )
     _check_local_sources(data_cfg)
+    check_corruption(
+        get(data_cfg, "arithmetic_corruption"),
+        get(data_cfg, "arithmetic_corruption_rate"),
+        names=("arithmetic_corruption", "arithmetic_corruption_rate"),
+    )
 
 
 OVERLONG_MODES = ("truncate", "skip", "error")
