@@ -12,7 +12,8 @@ Quick start (built-in arithmetic task, no download)::
 Modules: ``tokenizers`` (byte-level, SentencePiece), ``arithmetic`` (task +
 verifier), ``text`` (one document per line), ``tfds_source`` (prepared tfds
 datasets, ``tfds:NAME``), ``seqio_source`` (seqio tasks, ``seqio:NAME``),
-``sources`` (the ``data_cfg.source`` registry), ``config`` (``DEFAULTS``,
+``stdlib_source`` (this Python's standard library as a corpus,
+``stdlib``), ``sources`` (the ``data_cfg.source`` registry), ``config`` (``DEFAULTS``,
 every data field), ``pipeline`` (tokenise, pack/pad, shuffle, shard, batch).
 ``kg_facts`` (synthetic knowledge graph + hallucination verifier,
 ``kg_facts``), ``jsonl`` (JSON Lines corpora, ``jsonl:PATH``), ``preference``
@@ -47,10 +48,11 @@ from lm_align.data.tokenizers import (
     train_sentencepiece,
 )
 
-# Local sources ("jsonl", "kg_facts"; registered on import), preference
+# Local sources ("jsonl", "kg_facts", "stdlib"; registered on import), preference
 # records for alignment, and the source report.
 from lm_align.data.jsonl import JsonlSource  # pylint: disable=g-bad-import-order
 from lm_align.data.kg_facts import KnowledgeGraph
+from lm_align.data.stdlib_source import StdlibSource
 from lm_align.data.preference import (
     ListwiseRecord,
     PairwiseRecord,
@@ -65,6 +67,7 @@ __all__ = [
     "KnowledgeGraph",
     "ListwiseRecord",
     "PairwiseRecord",
+    "StdlibSource",
     "describe_source",
     "load_listwise",
     "load_pairwise",

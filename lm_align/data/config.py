@@ -12,7 +12,8 @@ from lm_align.data.arithmetic import check_corruption
 from lm_align.data.errors import DataError
 
 DEFAULTS: dict[str, Any] = {
-    # "arithmetic" (built-in, no download) | "text:PATH_OR_GLOB" (one doc/line)
+    # "arithmetic" (built-in, no download) | "stdlib[:PATTERN]" (this Python's
+    # standard library, no download) | "text:PATH_OR_GLOB" (one doc/line)
     # | "tfds:NAME[:VERSION]" (prepared array_record) | "seqio:TASK_OR_MIXTURE".
     "source": "arithmetic",
     # Tokens per row: inputs/targets are [batch, seq_len]. The trainer passes
@@ -78,6 +79,16 @@ DEFAULTS: dict[str, Any] = {
     # kg_facts: fraction of facts whose QA form is in train, in [0, 1); the
     # other facts' questions are the eval split.
     "kg_qa_train_fraction": 0.5,
+    # stdlib source: also read the test suites (files under test/, tests/ and
+    # idle_test/ directories).
+    "stdlib_include_tests": False,
+    # stdlib source: expected fraction of the files in eval, in (0, 1); a file
+    # is in eval iff a hash of its path is below it (split by file).
+    "stdlib_eval_fraction": 0.05,
+    # stdlib source: UTF-8 bytes per record at most (whole lines, long lines
+    # cut); None = seq_len - 1 (fits a row with the byte tokenizer); 0 = one
+    # record per file.
+    "stdlib_chunk_bytes": None,
     # tfds sources: TFDS data dir holding the prepared dataset; None = tfds's
     # default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
     "tfds_data_dir": None,
@@ -165,7 +176,7 @@ BAD_RECORD_MODES = ("error", "skip")
 
 
 def _check_local_sources(data_cfg: Any) -> None:
-    """Checks the overlong, on_bad_record, jsonl_* and kg_* fields."""
+    """Checks the overlong, on_bad_record, jsonl_*, stdlib_* and kg_* fields."""
     for key, modes in (("overlong", OVERLONG_MODES), ("on_bad_record", BAD_RECORD_MODES)):
         if get(data_cfg, key) not in modes:
             raise DataError(f"{key}={get(data_cfg, key)!r}; valid modes: {modes}.")
@@ -182,6 +193,27 @@ def _check_local_sources(data_cfg: Any) -> None:
         value = get(data_cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DataError(f"{key}={value!r}; use an integer >= {low}.")
+    if not isinstance(get(data_cfg, "stdlib_include_tests"), bool):
+        raise DataError(
+            f"stdlib_include_tests={get(data_cfg, 'stdlib_include_tests')!r}; use True or False."
+        )
+    eval_fraction = get(data_cfg, "stdlib_eval_fraction")
+    if (
+        not isinstance(eval_fraction, (int, float))
+        or isinstance(eval_fraction, bool)
+        or not 0 < eval_fraction < 1
+    ):
+        raise DataError(
+            f"stdlib_eval_fraction={eval_fraction!r}; use a value in (0, 1), e.g. 0.05."
+        )
+    chunk_bytes = get(data_cfg, "stdlib_chunk_bytes")
+    if chunk_bytes is not None and (
+        not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 0
+    ):
+        raise DataError(
+            f"stdlib_chunk_bytes={chunk_bytes!r}; use None (seq_len - 1), 0 (whole files) "
+            "or a positive integer."
+        )
     fraction = get(data_cfg, "kg_qa_train_fraction")
     if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise DataError(

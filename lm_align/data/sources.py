@@ -10,6 +10,9 @@ example, e.g. arithmetic).
   ``arithmetic``        built-in arithmetic problems (no download); the train
                         split has ``ARITHMETIC_TRAIN_LENGTH`` (virtual, never
                         runs out) records, eval has ``eval_examples``.
+  ``stdlib[:PATTERN]``  this interpreter's standard library (*.py), no
+                        download; split by file, records are chunks of whole
+                        lines (``stdlib_source``; stdlib_* fields).
   ``text:PATH_OR_GLOB`` one document per non-empty line; line i is in eval iff
                         ``i % text_eval_every == 0`` (default 20), else train.
   ``tfds:NAME[:VERSION]`` a tfds dataset prepared as array_record
