@@ -245,11 +245,11 @@ class StdlibSource:
         parts = []
         for split in SPLITS:
             files = [t for p, t in self.all_files if split_of(p, self.eval_fraction) == split]
-            parts.append(
-                f"{split} {len(files):,} files / {sum(map(_utf8_len, files)):,} bytes"
-            )
+            parts.append(f"{split} {len(files):,} files / {sum(map(_utf8_len, files)):,} bytes")
         chunks = "whole files" if self.chunk_bytes == 0 else f"<= {self.chunk_bytes} bytes"
-        skipped = f"; {len(self.skipped_files)} non-UTF-8 files skipped" if self.skipped_files else ""
+        skipped = (
+            f"; {len(self.skipped_files)} non-UTF-8 files skipped" if self.skipped_files else ""
+        )
         return (
             f"Python {platform.python_version()} standard library {self.root} "
             f"({self.pattern!r}, tests {'in' if self.include_tests else 'ex'}cluded, "
