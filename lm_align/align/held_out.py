@@ -20,7 +20,7 @@ from lm_align import data as data_lib
 from lm_align import parallel
 from lm_align.align.batches import map_records
 from lm_align.align.config import REWARD_LOSSES
-from lm_align.align.objectives import objective
+from lm_align.align.objectives import means_of_sums, objective, weighted_sums
 from lm_align.align.setup import AlignSetup
 from lm_align.data.scorers import make_scorer, score_lists
 from lm_align.sampling import rescore, sample_texts
@@ -28,7 +28,9 @@ from lm_align.train import evaluate
 
 
 def make_align_eval(a, score_rows: Callable, *, online_reference: bool = False) -> Callable:
-    """`(params, batch[, ref_params]) -> sums`: weighted sums over held-out records."""
+    """`(params, batch[, ref_params]) -> sums`: weighted sums over held-out records
+    (`objectives.weighted_sums`: reward accuracy counts only lists with a
+    label-ordered pair)."""
 
     def eval_fn(params, batch, ref_params=None):
         scores = score_rows(params, batch["rows"])
@@ -37,11 +39,7 @@ def make_align_eval(a, score_rows: Callable, *, online_reference: bool = False) 
         else:
             ref = batch.get("ref_logps", jnp.zeros_like(scores))
         loss_B, metrics = objective(a, scores, ref, batch)
-        w = batch["weight"]
-        sums = {"loss": jnp.sum(loss_B * w)}
-        sums.update({k: jnp.sum(v * w) for k, v in metrics.items()})
-        sums["count"] = jnp.sum(w)
-        return sums
+        return weighted_sums(loss_B, metrics, batch["weight"])
 
     return eval_fn
 
@@ -95,8 +93,7 @@ def evaluate_policy(s: AlignSetup, params, ref_params, eval_data, *, seed: int =
             s.batch_sharding,
         ):
             sums = o if sums is None else jax.tree.map(np.add, sums, o)
-        count = max(float(sums.pop("count")), 1.0)
-        out.update({f"eval_{k}": float(v) / count for k, v in sums.items()})
+        out.update({f"eval_{k}": float(v) for k, v in means_of_sums(sums).items()})
     if a.loss in REWARD_LOSSES:
         return out
     tokenizer = data_lib.make_tokenizer(cfg.data.tokenizer)

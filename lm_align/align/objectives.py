@@ -180,21 +180,57 @@ for _name in ("reinforce", "bon_rl", "bon_imitation", "bon_sft"):
 # ---------------------------------------------------------------------------
 
 
+# Metrics averaged only over the records where another metric is 1: a list
+# whose labels are all equal has no label-ordered pair, so no reward accuracy.
+METRIC_WEIGHTS = {"reward_accuracy": "reward_pairs", "reward_margin": "reward_pairs"}
+
+
 def pair_metrics(s_BK, labels_BK, mask_BK) -> dict[str, jax.Array]:
     """Per list: accuracy and margin of the scores over label-ordered pairs.
 
     For every pair (i, j) of real responses with labels_i > labels_j:
     accuracy = mean(1[s_i > s_j] + 0.5 * 1[s_i == s_j]), margin = mean(s_i - s_j).
     A tie counts as half right, so identical policy and reference give 0.5.
+    ``reward_pairs`` is 1 where the list has at least one such pair, else 0;
+    the list's accuracy and margin are then undefined (returned as 0) and the
+    batch means leave it out (``METRIC_WEIGHTS``, ``weighted_sums``).
     """
     valid = mask_BK[:, :, None] & mask_BK[:, None, :]
     ordered = (labels_BK[:, :, None] > labels_BK[:, None, :]) & valid  # [B, K, K], i beats j
     diff = s_BK[:, :, None] - s_BK[:, None, :]
-    n = jnp.maximum(jnp.sum(ordered, axis=(1, 2)), 1)
+    count = jnp.sum(ordered, axis=(1, 2))
+    n = jnp.maximum(count, 1)
     return {
         "reward_accuracy": jnp.sum(ordered * ((diff > 0) + 0.5 * (diff == 0)), axis=(1, 2)) / n,
         "reward_margin": jnp.sum(jnp.where(ordered, diff, 0.0), axis=(1, 2)) / n,
+        "reward_pairs": (count > 0).astype(jnp.float32),
     }
+
+
+def weighted_sums(loss_B, metrics, weight_B) -> dict[str, jax.Array]:
+    """Sums over a batch, with each metric's own count: `{name: sum, name/count: count}`.
+
+    `loss` and every metric sum `v * weight_B`; a metric in `METRIC_WEIGHTS`
+    sums `v * weight_B * metrics[its weight]` instead (records without a
+    label-ordered pair leave reward accuracy and margin). Sums of several
+    batches add up; `means_of_sums` divides.
+    """
+    out = {"loss": jnp.sum(loss_B * weight_B), "loss/count": jnp.sum(weight_B)}
+    for k, v in metrics.items():
+        w = weight_B * metrics[METRIC_WEIGHTS[k]] if k in METRIC_WEIGHTS else weight_B
+        out[k], out[f"{k}/count"] = jnp.sum(v * w), jnp.sum(w)
+    return out
+
+
+def means_of_sums(sums: dict) -> dict:
+    """`sum / max(count, 1)` per name of `weighted_sums` output (summed over batches)."""
+    names = [k for k in sums if not k.endswith("/count")]
+    return {k: sums[k] / jnp.maximum(sums[f"{k}/count"], 1.0) for k in names}
+
+
+def weighted_means(loss_B, metrics, weight_B) -> dict[str, jax.Array]:
+    """Batch means with per-example weights (padding rows weigh 0) and `METRIC_WEIGHTS`."""
+    return means_of_sums(weighted_sums(loss_B, metrics, weight_B))
 
 
 def objective(a, scores_BK, ref_BK, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
