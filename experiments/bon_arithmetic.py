@@ -1,4 +1,4 @@
-"""BoN-aware RL and imitation vs REINFORCE vs SFT on best-of-N, on arithmetic.
+"""BoN-aware RL and imitation (Chow et al. 2024) vs REINFORCE vs SFT on best-of-N, on arithmetic.
 
     lm-align bon --config experiments/bon_arithmetic.py --workdir runs/bon
     lm-align bon --config experiments/bon_arithmetic.py:quick ...   # minutes, for CI
@@ -11,8 +11,9 @@ policy, AdamW lr 3e-4.
 
 Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
 - `stage`: `base` (the start policy's training config, the default) or a
-  policy-gradient loss (`bon_rl`, `bon_imitation`, `reinforce`, `bon_sft`: that
-  method's align config); a bare first item is the stage.
+  policy-gradient loss (`bon_rlb_p`, `bon_rlb`, `bon_aware_sft`,
+  `bon_imitation`, `reinforce`, `bon_sft`: that method's align config); a bare
+  first item is the stage.
 - `quick`: the shortened run of the tests.
 """
 
@@ -28,7 +29,14 @@ def _options(arg):
 def get_bon(arg=None):
     quick = _options(arg).quick
     return {
-        "methods": ("bon_rl", "bon_imitation", "reinforce", "bon_sft"),
+        "methods": (
+            "bon_rlb_p",
+            "bon_rlb",
+            "bon_aware_sft",
+            "bon_imitation",
+            "reinforce",
+            "bon_sft",
+        ),
         "rounds": 1,
         "num_problems": 128 if quick else 4096,
         "num_samples": 4 if quick else 8,

@@ -145,8 +145,8 @@ def test_self_improvement_variants():
     mstep = _experiment("rest_em_arithmetic.py:mstep,quick")
     assert mstep.train.steps == 30 and mstep.optimizer.lr == 1e-3
     assert _experiment("rest_em_arithmetic.py:mstep").train.steps == 150
-    bon = _experiment("bon_arithmetic.py:bon_rl,quick")
-    assert bon.align.loss == "bon_rl" and bon.align.format == "samples" and bon.train.steps == 10
+    bon = _experiment("bon_arithmetic.py:bon_rlb_p,quick")
+    assert bon.align.loss == "bon_rlb_p" and bon.align.format == "samples" and bon.train.steps == 10
     assert _experiment("bon_arithmetic.py:quick").train.steps == 250  # the base policy
     with pytest.raises(ConfigError, match="stage"):
         _experiment("rest_em_arithmetic.py:estep")

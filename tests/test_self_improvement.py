@@ -38,7 +38,7 @@ def test_sample_files_keep_repeats_and_equal_rewards(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "loss,fmt", [("reinforce", "pairwise"), ("dpo", "samples"), ("bon_rl", "listwise")]
+    "loss,fmt", [("reinforce", "pairwise"), ("dpo", "samples"), ("bon_rlb_p", "listwise")]
 )
 def test_policy_gradient_losses_and_only_they_take_samples(loss, fmt):
     from lm_align.align import trainer
@@ -188,13 +188,18 @@ def test_bon_quick_reports_every_method(tmp_path):
     rows = json.loads((workdir / "results.json").read_text())
     assert [r["method"] for r in rows] == [
         "start",
-        "bon_rl",
+        "bon_rlb_p",
+        "bon_rlb",
+        "bon_aware_sft",
         "bon_imitation",
         "reinforce",
         "bon_sft",
     ]
     for r in rows:
-        assert 0 <= r["pass@1"] <= r["pass@4"] <= 1 and "bon@4" in r
+        assert 0 <= r["pass@1"] <= r["pass@4"] <= 1
+        # A binary verifier selects a correct sample whenever one of the 4 is.
+        assert r["bon_selector"] == "verifier" and r["bon_likelihood@4"] <= r["bon@4"]
+        assert {"carry", "no_carry", "op=+"} <= set(r["slices"])
 
 
 def test_eval_cli_prints_the_report(tmp_path):

@@ -7,15 +7,19 @@ From one start policy:
   samples  N responses per train problem from the start policy, each with its
            binary verifier reward -> WORKDIR/samples.jsonl ("samples" format)
   methods  one `lm-align align` run per loss on those samples
-           (`lm_align.losses.policy_gradient`): `bon_rl` (correct samples
-           weighted by g(P_fail)), `bon_imitation` (log-likelihood of the
-           best of N under the BoN policy, with the exploration correction),
-           `reinforce` (the same samples, weights
+           (`lm_align.losses.policy_gradient`): `bon_rlb_p` (BoN-RLB(P):
+           correct samples weighted by gbar+(P_fail)), `bon_rlb` (BoN-RLB:
+           also a negative weight on incorrect samples), `bon_aware_sft`
+           (the paper's BoN-SFT: likelihood of the best of N under the
+           variational BoN policy), `bon_imitation` (the same under the exact
+           binary-verifier BoN policy), `reinforce` (the same samples, weights
            r - mean r, no BoN weighting) and `bon_sft` (SFT on the verifier's
            best of N); further rounds resample from each method's own policy
-  eval     on held-out problems, before and after: greedy accuracy, pass@1,
-           pass@N (an oracle verifier's best of N) and bon@N with the model's
-           own mean token log-prob as the selector (no verifier at test time)
+  eval     on held-out problems (distinct problems on arithmetic), before and
+           after: greedy accuracy (and per slice), pass@1, pass@N, bon@N with
+           the verifier as the selector (the BoN policy the paper trains for)
+           and bon_likelihood@N with the model's own mean token log-prob as
+           the selector (no verifier at test time)
 
 The experiment file provides `get_config("base")` (the start policy, unless
 `base_checkpoint`), `get_config("<method>")` (an align config) and
@@ -32,7 +36,7 @@ from lm_align.sampling import sample_texts
 from lm_align.utils import log, write_atomic, write_json, write_jsonl
 
 DEFAULTS: dict[str, Any] = {
-    "methods": ("bon_rl", "bon_imitation", "reinforce", "bon_sft"),
+    "methods": ("bon_rlb_p", "bon_rlb", "bon_aware_sft", "bon_imitation", "reinforce", "bon_sft"),
     "rounds": 1,  # sample -> train rounds per method (round r samples from round r-1's policy)
     "base_checkpoint": "",
     "num_problems": 1024,
@@ -89,7 +93,8 @@ def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
         )  # fmt: skip
         log(
             f"{label}: greedy {report['greedy_accuracy']:.3f}, pass@{N} "
-            f"{report[f'pass@{N}']:.3f}, bon@{N} {report[f'bon@{N}']:.3f}"
+            f"{report[f'pass@{N}']:.3f}, bon@{N} (verifier) {report[f'bon@{N}']:.3f}, "
+            f"bon_likelihood@{N} {report[f'bon_likelihood@{N}']:.3f}"
         )
         return report
 
@@ -136,9 +141,11 @@ def run_bon(config_path: str, workdir: str, overrides=()) -> list[dict]:
 
 
 def format_table(rows: list[dict], n: int) -> str:
-    cols = ["greedy_accuracy", "pass@1", f"pass@{n}", f"bon@{n}", "ece"]
+    """Markdown: greedy accuracy, pass@1, pass@n, bon@n (verifier), bon_likelihood@n, ECE."""
+    cols = ["greedy_accuracy", "pass@1", f"pass@{n}", f"bon@{n}", f"bon_likelihood@{n}", "ece"]
+    labels = {f"bon@{n}": f"bon@{n} verifier", f"bon_likelihood@{n}": f"bon@{n} likelihood"}
     lines = [
-        "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+        "| method | " + " | ".join(labels.get(c, c.replace("_", " ")) for c in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for r in rows:

@@ -10,13 +10,14 @@ Shape legend: P problems, N samples per problem, M scored predictions, B bins.
   The product form needs no large binomials, so it is exact to rounding for
   any n.
 - :func:`best_of_n_accuracy`: BoN@N, the fraction of problems whose
-  highest-scored sample (by a verifier or reward model) among the first N is
-  correct.
+  highest-scored sample (by a verifier, a reward model or the policy's own
+  likelihood) among the first N is correct.
 - :func:`expected_calibration_error`, :func:`calibration_bins`: equal-width-bin
   ECE (Guo et al. 2017), ``sum_b |B_b| / M * |acc_b - conf_b|``.
 - :func:`bon_weight`: the weight ``g(p) = N p^(N-1) (1 - p) / (1 - p^N)`` of
-  correct samples in BoN-aware positive-only RL (Chow et al. 2024), finite on
-  all of p in [0, 1].
+  correct samples in BoN-RLB(P), the positive-only binary-reward BoN-aware RL
+  of Chow et al. 2024 (``lm_align.losses.policy_gradient.bon_rlb_p``), finite
+  on all of p in [0, 1].
 
 Usage::
 
@@ -199,7 +200,7 @@ def expected_calibration_error(
 
 
 def bon_weight(p_fail: np.ndarray | float, n: int, eps: float = 1e-6) -> np.ndarray:
-    """Weight of correct samples in BoN-aware positive-only RL, same shape as ``p_fail``.
+    """Weight of correct samples in BoN-RLB(P) (positive-only), same shape as ``p_fail``.
 
     ``g(p) = N p^(N-1) (1 - p) / (1 - p^N)`` with ``p = P_fail(x)``, the
     probability that one sample from the policy is wrong (estimated from the N

@@ -3,6 +3,11 @@
 An experiment file gives `get_config(stage[,arg])` per stage and one
 `get_<name>(arg)` dict of settings; `open_experiment` loads both, and
 `start_policy` trains (or finds) the start policy and its task's prompts.
+On arithmetic the held-out prompts are distinct problems
+(`ArithmeticTask.distinct_problems`: each eval problem at most once, uniform
+over problems) and evaluations report per-slice accuracy
+(`arithmetic.problem_slices`); other sources give the first prompts of their
+eval split.
 """
 
 from __future__ import annotations
@@ -55,7 +60,24 @@ class StartPolicy:
     directory: str  # its workdir
     tokenizer: Any
     train_source: Any  # records with "prompt" (and "completion")
-    eval_prompts: list[str]
+    eval_prompts: list[str]  # held-out prompts, distinct problems on arithmetic
+    slices: Callable[[str], list[str]] | None = None  # prompt -> its eval slices
+
+
+def held_out_prompts(data_cfg, count: int) -> tuple[list[str], Callable | None]:
+    """Up to `count` held-out prompts of a data config, and their slice function.
+
+    Arithmetic: `count` distinct eval problems, uniform over problems, with
+    `arithmetic.problem_slices`. Other sources: the first `count` prompts of
+    the eval split, no slices.
+    """
+    from lm_align.data.arithmetic import ArithmeticTask, problem_slices
+
+    eval_src = data_lib.make_source(data_cfg, "eval")
+    task = getattr(eval_src, "task", None)
+    if isinstance(task, ArithmeticTask):
+        return [r["prompt"] for r in task.distinct_problems("eval", count)], problem_slices
+    return [eval_src[i]["prompt"] for i in range(min(count, len(eval_src)))], None
 
 
 def start_policy(exp: Experiment, workdir: str, *, eval_problems: int, log) -> StartPolicy:
@@ -68,12 +90,13 @@ def start_policy(exp: Experiment, workdir: str, *, eval_problems: int, log) -> S
         log(f"== start policy -> {directory}")
         train(exp.load("base"), directory)
     cfg = saved_config(resolve(directory))
-    eval_src = data_lib.make_source(cfg.data, "eval")
+    prompts, slices = held_out_prompts(cfg.data, eval_problems)
     return StartPolicy(
         directory,
         data_lib.make_tokenizer(cfg.data.tokenizer),
         data_lib.make_source(cfg.data, "train"),
-        [eval_src[i]["prompt"] for i in range(min(eval_problems, len(eval_src)))],
+        prompts,
+        slices,
     )
 
 
@@ -88,13 +111,16 @@ def cached(path: str, compute: Callable[[], dict]) -> dict:
 
 
 def evaluate_run(run_dir: str, out_path: str, start: StartPolicy, scorer, **kwargs) -> dict:
-    """`evaluate_policy` of the run's params on the start policy's held-out prompts,
-    cached in `out_path` (a rerun reads it back)."""
+    """`evaluate_policy` of the run's params on the start policy's held-out prompts
+    (with its slices), cached in `out_path` (a rerun reads it back)."""
     from lm_align.align.policy_eval import evaluate_policy
     from lm_align.align.setup import load_model
 
     def compute():
         model, params, _ = load_model(run_dir)
-        return evaluate_policy(model, params, start.tokenizer, start.eval_prompts, scorer, **kwargs)
+        return evaluate_policy(
+            model, params, start.tokenizer, start.eval_prompts, scorer,
+            **{"slices": start.slices, **kwargs},
+        )  # fmt: skip
 
     return cached(out_path, compute)

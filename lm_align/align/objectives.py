@@ -8,10 +8,12 @@ K = 2 lists, chosen first) and returns the loss per example [B]:
 | pairwise        | dpo, ipo, slic, rso_hinge, rso_hinge_norm, rso_sigmoid_norm, geometric_dpo | pairs | policy and reference log-probs (`lm_align.losses.preference`) |
 | listwise        | lipo_lambda, list_mle, softmax, pair_logistic, pair_hinge, point_mse, point_sigmoid | lists (or pairs) | implicit rewards beta * (log pi - log ref) (`lm_align.losses.listwise`) |
 | reward          | bradley_terry | pairs | a reward model's scalar rewards |
-| policy_gradient | reinforce, bon_rl, bon_imitation, bon_sft | sampled responses with rewards | policy log-probs (`lm_align.losses.policy_gradient`) |
+| policy_gradient | reinforce, bon_rlb, bon_rlb_p, bon_aware_sft, bon_imitation, bon_sft | sampled responses with rewards | policy log-probs (`lm_align.losses.policy_gradient`) |
 
-The loss formulas, their papers and worked numbers are in docs/alignment.md
-and docs/listwise.md. A new objective is one function registered here with
+The loss formulas, their papers and worked numbers are in docs/alignment.md,
+docs/listwise.md and docs/self_improvement.md (the BoN-aware losses of Chow et
+al. 2024: `bon_rlb` is BoN-RLB, `bon_rlb_p` BoN-RLB(P), `bon_aware_sft` the
+paper's BoN-SFT). A new objective is one function registered here with
 `register(name, kind)`; the config's list of valid losses and the data
 layout it trains on follow from the registry.
 """
@@ -173,7 +175,7 @@ def _register_policy_gradient(name: str) -> None:
     )
 
 
-for _name in ("reinforce", "bon_rl", "bon_imitation", "bon_sft"):
+for _name in ("reinforce", "bon_rlb", "bon_rlb_p", "bon_aware_sft", "bon_imitation", "bon_sft"):
     _register_policy_gradient(_name)
 
 
