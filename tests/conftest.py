@@ -30,6 +30,9 @@ SLOW_VARIANTS = (
     "test_seqio_source.py::test_trains_end_to_end",
     "test_tfds_source.py::test_trains_end_to_end",
     "test_jsonl.py::test_end_to_end_train_steps",
+    # The coordinate check behind the SGD cells of the abc table; the derivation
+    # tests of the same file run by default.
+    "test_abc_constraints.py::test_sgd_coordinate_check_agrees_with_the_min",
     # Engine paths with a faster sibling in the default run.
     "test_coordcheck.py::test_cli_prints_slopes_as_json_and_writes_the_plot",
     "test_model.py::test_full_remat_gives_the_same_logits_and_gradients",

@@ -28,11 +28,11 @@ ADAM_C = {
     ("full", "standard"): (0, 1, 1),
     ("full", "ntk"): (0, 0.5, 0.5),
     ("full", "mup"): (0.5, 1, 0.5),
-    ("full", "mfp"): (0.5, 0.5, 0),
+    ("full", "mfp"): (0, 0.5, 0),
     ("none", "standard"): (0, 0.5, 0.5),
     ("none", "ntk"): (0, 0, 0),
     ("none", "mup"): (0.5, 0.5, 0),
-    ("none", "mfp"): (0.5, 0, -0.5),
+    ("none", "mfp"): (0, 0, -0.5),
 }
 ROLES = ("embedding", "hidden", "readout")
 
