@@ -30,6 +30,7 @@ SLOW_VARIANTS = (
     "test_seqio_source.py::test_trains_end_to_end",
     "test_tfds_source.py::test_trains_end_to_end",
     "test_jsonl.py::test_end_to_end_train_steps",
+    "test_stdlib_source.py::test_tiny_training_run_on_the_stdlib",
     # The coordinate check behind the SGD cells of the abc table; the derivation
     # tests of the same file run by default.
     "test_abc_constraints.py::test_sgd_coordinate_check_agrees_with_the_min",
