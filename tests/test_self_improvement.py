@@ -222,15 +222,19 @@ def test_eval_cli_prints_the_report(tmp_path):
         [
             "eval", "--policy", str(tmp_path / "run"), "--reference", str(tmp_path / "run"),
             "--num-prompts", "8", "--num-samples", "4", "--ks", "1,4", "--json",
-            "--out", str(out),
+            "--out", str(out), "--distinct",
         ],
         timeout=600,
     )  # fmt: skip
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == json.loads(out.read_text())
-    for key in ("greedy_accuracy", "pass@1", "pass@4", "bon@4", "ece", "mean_length", "kl"):
+    for key in ("greedy_accuracy", "pass@1", "pass@4", "bon@4", "bon_likelihood@4", "ece"):
         assert key in report
-    assert abs(report["kl"]) < 1e-4
+    assert abs(report["kl"]) < 1e-4 and report["mean_length"] > 0
+    assert report["bon_selector"] == "verifier" and report["num_prompts"] == 8
+    # Arithmetic: per-slice accuracy; each of the 8 distinct problems is in one op slice.
+    assert report["slices"]["op=+"]["count"] == 8
+    assert report["slices"]["carry"]["count"] + report["slices"]["no_carry"]["count"] == 8
 
 
 def test_plot_lines_of_a_non_lr_sweep(tmp_path):

@@ -56,7 +56,9 @@ def add_parsers(subparsers) -> None:
 
 def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="greedy accuracy, pass@k, bon@k, ECE, length, KL of a policy"
+        "eval",
+        help="greedy accuracy, pass@k, bon@k (verifier) and bon_likelihood@k, ECE, "
+        "length, KL of a policy; per-slice accuracy on arithmetic",
     )
     p.add_argument("--policy", required=True, help="workdir/checkpoint of the policy")
     p.add_argument("--reference", help="workdir/checkpoint of a reference (adds the KL)")
@@ -67,6 +69,12 @@ def _add_eval_parser(subparsers) -> None:
         "when the policy was fine-tuned on a file of its own samples)",
     )
     p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument(
+        "--distinct",
+        action="store_true",
+        help="arithmetic: --num-prompts distinct problems of the split (each once, uniform "
+        "over problems) instead of its first records, which repeat short problems",
+    )
     p.add_argument("--num-samples", type=int, default=8, help="samples per prompt (pass@k)")
     p.add_argument("--ks", default="1,4,8", help="comma-separated k for pass@k and bon@k")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -79,8 +87,8 @@ def _add_eval_parser(subparsers) -> None:
     )
     p.add_argument(
         "--selector",
-        help="reward-model workdir that picks the best of k for bon@k (default: the policy's "
-        "own mean token log-prob)",
+        help="reward-model workdir that picks the best of k for bon@k (default: the verifier, "
+        "--scorer; bon_likelihood@k always uses the policy's own mean token log-prob)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -215,6 +223,7 @@ def cmd_eval(args, overrides) -> int:
     from lm_align import data as data_lib
     from lm_align.align.policy_eval import evaluate_policy
     from lm_align.align.setup import load_model
+    from lm_align.data.arithmetic import ArithmeticTask, problem_slices
     from lm_align.data.scorers import SCORERS, make_scorer, reference_scorer
 
     try:
@@ -237,7 +246,13 @@ def cmd_eval(args, overrides) -> int:
 
             cfg = saved_config(resolve(args.prompts_from))
         source = data_lib.make_source(cfg.data, args.split)
-        records = [source[i] for i in range(min(args.num_prompts, len(source)))]
+        task = getattr(source, "task", None)
+        if args.distinct and not isinstance(task, ArithmeticTask):
+            raise ValueError(f"--distinct needs an arithmetic source, not {cfg.data.source!r}")
+        if args.distinct:
+            records = task.distinct_problems(args.split, args.num_prompts)
+        else:
+            records = [source[i] for i in range(min(args.num_prompts, len(source)))]
         prompts = [r["prompt"] for r in records]
         scorer = reference_scorer(records) if args.scorer == "reference" else make_scorer(args.scorer)
         selector = (
@@ -247,8 +262,11 @@ def cmd_eval(args, overrides) -> int:
             model, params, tokenizer, prompts, scorer,
             num_samples=args.num_samples, ks=ks, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, seed=args.seed, reference_params=ref,
-            selector=selector,
+            selector=selector or "verifier",
+            slices=problem_slices if isinstance(task, ArithmeticTask) else None,
         )  # fmt: skip
+        if args.selector:
+            report["bon_selector"] = "reward_model"
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
