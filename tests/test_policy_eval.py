@@ -117,3 +117,16 @@ def test_held_out_prompts_are_distinct_problems_on_arithmetic(tmp_path):
     cfg = {"source": f"jsonl:{path}", "jsonl_prompt_field": "q", "jsonl_completion_field": "a"}
     prompts, slices = held_out_prompts(cfg, 2)
     assert prompts == ["question 0?", "question 20?"] and slices is None
+
+
+def test_the_align_trainers_eval_samples_use_distinct_problems():
+    from types import SimpleNamespace
+
+    from lm_align.align.held_out import _eval_prompts
+
+    cfg = SimpleNamespace(data={"source": "arithmetic"}, align=SimpleNamespace(eval_prompts=64))
+    prompts = _eval_prompts(cfg)
+    assert prompts == held_out_prompts({"source": "arithmetic"}, 64)[0]
+    assert len(set(prompts)) == 64
+    cfg.align.eval_prompts = 0
+    assert _eval_prompts(cfg) == []

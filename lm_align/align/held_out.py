@@ -45,14 +45,17 @@ def make_align_eval(a, score_rows: Callable, *, online_reference: bool = False) 
 
 
 def _eval_prompts(cfg) -> list[str]:
-    """Held-out prompts for sampling: the data source's eval split (if it has prompts)."""
+    """Held-out prompts for sampling: the data source's eval split (if it has prompts);
+    on arithmetic, distinct problems (`experiment.held_out_prompts`)."""
+    from lm_align.align.experiment import held_out_prompts
+
     try:
         records = data_lib.make_source(cfg.data, "eval")
+        if not len(records) or "prompt" not in records[0]:
+            return []
+        return held_out_prompts(cfg.data, cfg.align.eval_prompts)[0]
     except ValueError:
         return []
-    n = min(cfg.align.eval_prompts, len(records))
-    out = [records[i] for i in range(n)]
-    return [r["prompt"] for r in out] if out and "prompt" in out[0] else []
 
 
 def sample_metrics(model, params, ref_params, tokenizer, prompts, a, *, seed: int = 0) -> dict:
