@@ -200,3 +200,16 @@ def test_the_task_of_a_data_config_reads_every_arithmetic_field():
         "corruption='off_by_one', corruption_rate=0.25)"
     )
     assert repr(ArithmeticTask.from_config({})) == repr(ArithmeticTask())
+
+
+def test_the_arithmetic_source_carries_the_corruption():
+    cfg = {
+        "source": "arithmetic",
+        "arithmetic_corruption": "dropped_carry",
+        "arithmetic_corruption_rate": 1.0,
+    }
+    train, evals = data.make_source(cfg, "train"), data.make_source(cfg, "eval")
+    records = [train[i] for i in range(200)]
+    wrong = [r for r in records if r["completion"] != ArithmeticTask.solve(r["prompt"])]
+    assert wrong and all(_has_carry(*_operands(r["prompt"])) for r in wrong)
+    assert all(evals[i]["completion"] == ArithmeticTask.solve(evals[i]["prompt"]) for i in range(200))

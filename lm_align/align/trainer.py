@@ -43,7 +43,7 @@ from lm_align import parallel
 from lm_align.align import held_out
 from lm_align.align.batches import BatchOrder, PreferenceArrays, load_preferences, map_records
 from lm_align.align.config import LISTWISE_LOSSES, REWARD_LOSSES, resolved_format
-from lm_align.align.objectives import objective
+from lm_align.align.objectives import objective, weighted_means
 from lm_align.align.setup import AlignSetup, initial_state, setup
 from lm_align.data.jsonl import match_files
 from lm_align.models.lora import describe as describe_lora
@@ -53,14 +53,6 @@ from lm_align.train.step import TrainState, apply_update
 from lm_align.utils import log
 
 NONFINITE_FIX = "Lower optimizer.lr or align.beta, or set train.nonfinite=skip."
-
-
-def weighted_means(loss_B, metrics, weight_B) -> dict[str, jax.Array]:
-    """Means over the batch with per-example weights (padding rows weigh 0)."""
-    total = jnp.maximum(jnp.sum(weight_B), 1.0)
-    out = {"loss": jnp.sum(loss_B * weight_B) / total}
-    out.update({k: jnp.sum(v * weight_B) / total for k, v in metrics.items()})
-    return out
 
 
 def make_align_step(

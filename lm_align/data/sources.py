@@ -158,13 +158,7 @@ def _arithmetic(data_cfg: Any, split: str, arg: str) -> RandomAccessSource:
             f"source 'arithmetic:{arg}' takes no argument; set the "
             "arithmetic_* fields of the data config instead."
         )
-    task = ArithmeticTask(
-        seed=config.get(data_cfg, "arithmetic_seed"),
-        num_digits=config.get(data_cfg, "arithmetic_digits"),
-        operators=config.get(data_cfg, "arithmetic_operators"),
-        num_terms=config.get(data_cfg, "arithmetic_terms"),
-        eval_fraction=config.get(data_cfg, "arithmetic_eval_fraction"),
-    )
+    task = ArithmeticTask.from_config(data_cfg)  # every arithmetic_* field, corruption included
     length = ARITHMETIC_TRAIN_LENGTH if split == "train" else config.get(data_cfg, "eval_examples")
     return ArithmeticSource(task, split, length)
 
