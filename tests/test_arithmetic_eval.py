@@ -10,6 +10,7 @@ from lm_align import config as config_lib
 from lm_align import data
 from lm_align.data import arithmetic
 from lm_align.data.arithmetic import ArithmeticTask, arithmetic_exact, problem_slices
+from lm_align.data.sources import arithmetic_task
 from tests.helpers import REPO
 
 
@@ -194,12 +195,12 @@ def test_the_task_of_a_data_config_reads_every_arithmetic_field():
         "arithmetic_terms": 3, "arithmetic_eval_fraction": 0.2,
         "arithmetic_corruption": "off_by_one", "arithmetic_corruption_rate": 0.25,
     }  # fmt: skip
-    task = ArithmeticTask.from_config(cfg)
+    task = arithmetic_task(cfg)
     assert repr(task) == (
         "ArithmeticTask(seed=3, num_digits=3, operators='+-', num_terms=3, eval_fraction=0.2, "
         "corruption='off_by_one', corruption_rate=0.25)"
     )
-    assert repr(ArithmeticTask.from_config({})) == repr(ArithmeticTask())
+    assert repr(arithmetic_task({})) == repr(ArithmeticTask())
 
 
 def test_the_arithmetic_source_carries_the_corruption():

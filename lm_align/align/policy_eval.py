@@ -114,12 +114,7 @@ def evaluate_policy(
     mean_token_logp = s.logps / np.maximum(s.lengths, 1)
     for k in ks:
         report[f"pass@{k}"] = float(evaluation.pass_at_k_array(num_samples, c, k, mean=True))
-        if selector == "verifier":
-            chosen = scores_PN
-        elif selector == "likelihood":
-            chosen = mean_token_logp
-        else:
-            chosen = selector(s, k)
+        chosen = _selection_scores(selector, s, k, scores_PN, mean_token_logp)
         report[f"bon@{k}"] = float(evaluation.best_of_n_accuracy(correct, chosen, k))
         report[f"bon_likelihood@{k}"] = float(
             evaluation.best_of_n_accuracy(correct, mean_token_logp, k)
@@ -130,6 +125,15 @@ def evaluate_policy(
         ref = rescore(model, reference_params, tokenizer, prompts, s.token_ids)
         report["kl"] = float(np.mean(s.logps.astype(np.float64) - ref))
     return report
+
+
+def _selection_scores(selector, samples: Samples, k: int, verifier_PN, likelihood_PN):
+    """The scores bon@k selects by: the verifier's, the likelihood, or the callable's."""
+    if selector == "verifier":
+        return verifier_PN
+    if selector == "likelihood":
+        return likelihood_PN
+    return selector(samples, k)
 
 
 def slice_accuracy(

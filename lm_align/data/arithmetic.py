@@ -245,22 +245,6 @@ class ArithmeticTask:
         self.corruption = corruption
         self.corruption_rate = float(corruption_rate)
 
-    @classmethod
-    def from_config(cls, data_cfg) -> "ArithmeticTask":
-        """The task of a data config's ``arithmetic_*`` fields (defaults where unset)."""
-        from lm_align.data import config  # config imports this module
-
-        get = config.get
-        return cls(
-            seed=get(data_cfg, "arithmetic_seed"),
-            num_digits=get(data_cfg, "arithmetic_digits"),
-            operators=get(data_cfg, "arithmetic_operators"),
-            num_terms=get(data_cfg, "arithmetic_terms"),
-            eval_fraction=get(data_cfg, "arithmetic_eval_fraction"),
-            corruption=get(data_cfg, "arithmetic_corruption"),
-            corruption_rate=get(data_cfg, "arithmetic_corruption_rate"),
-        )
-
     def __repr__(self) -> str:
         corrupt = (
             f", corruption={self.corruption!r}, corruption_rate={self.corruption_rate}"

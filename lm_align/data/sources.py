@@ -158,7 +158,7 @@ def _arithmetic(data_cfg: Any, split: str, arg: str) -> RandomAccessSource:
             f"source 'arithmetic:{arg}' takes no argument; set the "
             "arithmetic_* fields of the data config instead."
         )
-    task = ArithmeticTask.from_config(data_cfg)  # every arithmetic_* field, corruption included
+    task = arithmetic_task(data_cfg)
     length = ARITHMETIC_TRAIN_LENGTH if split == "train" else config.get(data_cfg, "eval_examples")
     return ArithmeticSource(task, split, length)
 
@@ -171,3 +171,18 @@ def _text(data_cfg: Any, split: str, arg: str) -> RandomAccessSource:
         )
     every = config.get(data_cfg, "text_eval_every")
     return EveryNthSplit(TextFileSource(arg), every, split)
+
+
+def arithmetic_task(data_cfg: Any) -> ArithmeticTask:
+    """The task of a data config's ``arithmetic_*`` fields (defaults where unset),
+    corruption of the train demonstrations included."""
+    get = lambda key: config.get(data_cfg, key)
+    return ArithmeticTask(
+        seed=get("arithmetic_seed"),
+        num_digits=get("arithmetic_digits"),
+        operators=get("arithmetic_operators"),
+        num_terms=get("arithmetic_terms"),
+        eval_fraction=get("arithmetic_eval_fraction"),
+        corruption=get("arithmetic_corruption"),
+        corruption_rate=get("arithmetic_corruption_rate"),
+    )
