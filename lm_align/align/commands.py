@@ -35,6 +35,13 @@ def add_parsers(subparsers) -> None:
     add_process_flags(p)
     p.set_defaults(fn=cmd_align)
 
+    p = subparsers.add_parser(
+        "rl", help="online RL with verifiable rewards (GRPO, Dr. GRPO, DAPO, RLOO)"
+    )
+    p.add_argument("--config", required=True, help="experiment file with an `rl` group, [:arg]")
+    p.add_argument("--workdir", help="run directory (default runs/<experiment>[_<arg>])")
+    p.set_defaults(fn=cmd_rl)
+
     _add_stages_parser(
         subparsers, "align-study", "get_study", cmd_align_study,
         "SFT -> preferences from its samples -> each method; table of accuracy, reward, KL",
@@ -167,6 +174,28 @@ def cmd_align(args, overrides) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if not result.stopped_by:
+        print(f"finished {result.final_step} steps; workdir {workdir}", flush=True)
+    return 0
+
+
+def cmd_rl(args, overrides) -> int:
+    from lm_align import config as config_lib
+    from lm_align.align.rl import rl
+    from lm_align.data import DataError
+    from lm_align.train import NonFiniteLossError
+
+    cfg = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    workdir = args.workdir or _default_workdir(args.config)
+    print(f"lm-align rl: {args.config} -> {workdir}", flush=True)
+    try:
+        result = rl(cfg, workdir)
+    except (DataError, FileNotFoundError, RuntimeError) as e:
+        if isinstance(e, NonFiniteLossError):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not result.stopped_by:
         print(f"finished {result.final_step} steps; workdir {workdir}", flush=True)
     return 0

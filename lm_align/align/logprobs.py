@@ -31,6 +31,11 @@ from lm_align.models.transformer import readout_logits
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
+class TokenLogprobs(NamedTuple):
+    logps: jax.Array  # float32 [..., L]: log-prob of each target, 0 where the mask is 0
+    entropy: jax.Array | None  # float32 [..., L]: entropy of each position's distribution
+
+
 class SequenceLogprobs(NamedTuple):
     logps: jax.Array  # float32 [...]: summed log-prob of the masked targets
     lengths: jax.Array  # float32 [...]: number of masked targets
@@ -84,6 +89,52 @@ def sequence_logprobs(
         logits = model.apply(params, flat["inputs"], **kw)
         logps = jnp.sum(token_logprobs(logits, flat["targets"]) * mask, axis=-1)
     return SequenceLogprobs(logps.reshape(lead), jnp.sum(mask, axis=-1).reshape(lead))
+
+
+def masked_token_logprobs(
+    model: Any,
+    params: Any,
+    rows: dict,
+    *,
+    chunks: int = 8,
+    constrain_BLD: Any = None,
+    entropy: bool = False,
+) -> TokenLogprobs:
+    """Per-token log-probs of the masked targets of each row (0 elsewhere), and with
+    `entropy` the entropy of the model's next-token distribution at those positions
+    (no gradient). Chunked like `sequence_logprobs`; what policy-gradient losses
+    on sampled tokens need."""
+    missing = [k for k in ROW_KEYS if k not in rows]
+    if missing:
+        raise ValueError(f"rows lack {missing}; expected the keys {ROW_KEYS} (see to_batch)")
+    shape = rows["inputs"].shape
+    L = shape[-1]
+    flat = {k: jnp.asarray(rows[k]).reshape(-1, L) for k in ROW_KEYS}
+    kw = dict(positions_BL=flat["positions"], segment_ids_BL=flat["segment_ids"])
+    if constrain_BLD is not None:
+        kw["constrain_BLD"] = constrain_BLD
+    mask = flat["loss_mask"].astype(jnp.float32)
+    module = model.bind(params)
+    hidden = module(flat["inputs"], return_hidden=True, **kw)
+    n = chunks if chunks > 1 and L % chunks == 0 else 1
+    B = hidden.shape[0]
+    split = lambda x: jnp.moveaxis(x.reshape(B, n, L // n, *x.shape[2:]), 1, 0)
+    softcap = model.cfg.final_logit_softcap
+
+    @jax.checkpoint
+    def chunk(h_BCD, t_BC, m_BC, w_DV):
+        logits = readout_logits(h_BCD, w_DV, softcap).astype(jnp.float32)
+        logp = token_logprobs(logits, t_BC) * m_BC
+        if not entropy:
+            return logp, jnp.zeros_like(logp)
+        p = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+        ent = -jnp.sum(p * jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1), -1)
+        return logp, ent * m_BC
+
+    w = module.readout_matrix()
+    logp_nBC, ent_nBC = jax.lax.map(lambda xs: chunk(*xs, w), (split(hidden), split(flat["targets"]), split(mask)))
+    join = lambda x: jnp.moveaxis(x, 0, 1).reshape(shape)
+    return TokenLogprobs(join(logp_nBC), join(ent_nBC) if entropy else None)
 
 
 def _chunked_logps(hidden_BLD, readout_DV, targets_BL, mask_BL, chunks: int, softcap: float):

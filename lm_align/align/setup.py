@@ -34,34 +34,40 @@ from lm_align.train.step import TrainState, state_shardings, with_shardings
 from lm_align.train.validate import check_config, make_lora_config, make_parameterization
 
 
-def _resolve_config(cfg, devices) -> tuple[Any, Any]:
-    """Takes model/param from the policy checkpoint; validates everything.
+def _resolve_config(cfg, devices, group: str = "align") -> tuple[Any, Any]:
+    """Takes model/param from the policy checkpoint (`cfg.<group>.policy_checkpoint`);
+    validates everything.
 
     Returns (cfg, policy checkpoint ref or None).
     """
-    if "align" not in cfg:
-        raise ConfigError(
-            "config has no `align` group; start get_config() from "
-            "lm_align.align.config.align_base_config()"
-        )
-    errors = check_align(cfg.align)
-    if cfg.train.grad_accum_steps != 1:
+    if group not in cfg:
+        base = {"align": "lm_align.align.config.align_base_config()",
+                "rl": "lm_align.align.rl_config.rl_base_config()"}[group]  # fmt: skip
+        raise ConfigError(f"config has no `{group}` group; start get_config() from {base}")
+    if group == "align":
+        errors = check_align(cfg.align)
+    else:
+        from lm_align.align.rl_config import check_rl
+
+        errors = check_rl(cfg)
+    if cfg.train.grad_accum_steps != 1 and group == "align":
         errors.append(
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}; the preference trainer "
             "takes whole batches (set it to 1 and lower train.batch_size instead)"
         )
     ref = None
-    if cfg.align.policy_checkpoint:
+    start = cfg[group].policy_checkpoint
+    if start:
         try:
-            ref = checkpoint.resolve(cfg.align.policy_checkpoint)
+            ref = checkpoint.resolve(start)
             saved = checkpoint.saved_config(ref)
         except FileNotFoundError as e:
-            errors.append(f"align.policy_checkpoint={cfg.align.policy_checkpoint!r}: {e}")
+            errors.append(f"{group}.policy_checkpoint={start!r}: {e}")
         else:
             if saved.get("align", {}).get("loss") in REWARD_LOSSES:
                 errors.append(
-                    f"align.policy_checkpoint={cfg.align.policy_checkpoint!r} is a reward model; "
-                    "start from a policy (an `lm-align train` or `lm-align align` run)"
+                    f"{group}.policy_checkpoint={start!r} is a reward model; start from a "
+                    "policy (an `lm-align train`, `align` or `rl` run)"
                 )
             if saved.data.tokenizer != cfg.data.tokenizer:
                 errors.append(
@@ -71,30 +77,30 @@ def _resolve_config(cfg, devices) -> tuple[Any, Any]:
             d = cfg.to_dict()
             d["model"], d["param"] = saved.model.to_dict(), saved.param.to_dict()
             cfg = config_lib.from_dict(d)
-    errors += _check_lora(cfg)
+    errors += _check_lora(cfg, group)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return with_absolute_base(cfg), ref
 
 
-def _check_lora(cfg) -> list[str]:
+def _check_lora(cfg, group: str = "align") -> list[str]:
     """LoRA trains a policy whose reference is its base: no reward model, no other reference."""
     try:
         if not make_lora_config(cfg).enabled:
             return []
     except (TypeError, ValueError):
         return []  # check_config reports it
-    errors = []
-    if cfg.align.loss in REWARD_LOSSES:
+    errors, g = [], cfg[group]
+    if g.get("loss") in REWARD_LOSSES:
         errors.append(
             f"lora.rank={cfg.lora.rank} with align.loss={cfg.align.loss!r}: LoRA trains "
             "policies; a reward model trains its head and body, set lora.rank=0"
         )
-    if cfg.align.reference_checkpoint:
+    if g.reference_checkpoint:
         errors.append(
-            f"align.reference_checkpoint={cfg.align.reference_checkpoint!r} with LoRA: the "
-            "reference is the base model (align.policy_checkpoint) with the adapters off; unset "
-            "align.reference_checkpoint, or set lora.rank=0 to train against another reference"
+            f"{group}.reference_checkpoint={g.reference_checkpoint!r} with LoRA: the reference "
+            f"is the base model ({group}.policy_checkpoint) with the adapters off; unset "
+            f"{group}.reference_checkpoint, or set lora.rank=0 to train against another reference"
         )
     return errors
 
@@ -129,21 +135,26 @@ class AlignSetup:
         return self.jitted["merge"](ref_params, params)
 
 
-def setup(cfg, devices=None) -> AlignSetup:
-    """Validates `cfg` and builds the model, optimizer, shardings and score function."""
+def setup(cfg, devices=None, *, group: str = "align") -> AlignSetup:
+    """Validates `cfg` and builds the model, optimizer, shardings and score function.
+
+    `group` names the trainer's config group: "align" (preferences, reward
+    models) or "rl" (online RL, `lm_align.align.rl`); both name the starting
+    policy and the reference the same way.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    cfg, policy_ref = _resolve_config(cfg, devices)
-    a, t = cfg.align, cfg.train
+    cfg, policy_ref = _resolve_config(cfg, devices, group)
+    a, t = cfg[group], cfg.train
     model_cfg = check_config(
         cfg,
         num_devices=len(devices),
         process_count=jax.process_count(),
-        extra_groups_allowed=("align",),
+        extra_groups_allowed=(group,),
     )
     mesh = parallel.make_mesh(cfg.mesh, devices)
     param = make_parameterization(cfg, model_cfg)
     policy = PureModel(model_cfg, param)
-    is_reward = a.loss in REWARD_LOSSES
+    is_reward = a.get("loss") in REWARD_LOSSES
     # Keep the residual stream batch-sharded, as the language-model step does: otherwise it
     # inherits the embedding table's sharding and XLA replicates the activations.
     batch_sh = parallel.batch_sharding(mesh)

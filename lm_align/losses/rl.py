@@ -30,6 +30,12 @@ methods differ exactly here:
 - ``constant`` (Dr. GRPO): the sum over each response's tokens / a constant
   ``max_tokens``, then the mean over responses (no length normalisation).
 
+Every aggregation is a weighted sum ``sum_t w_t l_t`` with weights that carry
+no gradient (:func:`aggregation_weights`). A trainer that splits a batch into
+micro-batches computes the weights over the whole batch and passes each
+micro-batch its share (``policy_loss(..., weights=w)``): the micro-batch losses
+and gradients then add up to the full batch's exactly.
+
 With ``old_logp == logp`` (one optimisation step on fresh samples) every ratio
 is 1, the clip is inactive, and the gradient is REINFORCE's with these
 advantages: ``-sum_t A_i grad logp_t``, aggregated the same way.
@@ -106,12 +112,16 @@ def policy_loss(
     ref_logp=None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    weights=None,
 ) -> RLLoss:
-    """The clipped surrogate over a batch of groups (module docstring)."""
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation {aggregation!r}; use one of {AGGREGATIONS}")
-    if aggregation == "constant" and not max_tokens:
-        raise ValueError("aggregation='constant' needs max_tokens (the generation budget)")
+    """The clipped surrogate over a batch of groups (module docstring).
+
+    `weights` (same shape as `mask`): the aggregation weights of these tokens,
+    computed by `aggregation_weights` over a larger batch this one is part of;
+    `aggregation` and `max_tokens` are then not used.
+    """
+    if weights is None:
+        weights = aggregation_weights(mask, aggregation, max_tokens)
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator {kl_estimator!r}; use one of {KL_ESTIMATORS}")
     if kl_coef and ref_logp is None:
@@ -128,7 +138,7 @@ def policy_loss(
         d = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32)) - logp
         kl_t = -d if kl_estimator == "k1" else jnp.exp(d) - d - 1.0
         per_token = per_token + kl_coef * kl_t
-    loss = _aggregate(per_token, m, aggregation, max_tokens)
+    loss = jnp.sum(per_token * jax.lax.stop_gradient(jnp.asarray(weights, jnp.float32)))
     tokens = jnp.maximum(jnp.sum(m), 1.0)
     stats = jax.lax.stop_gradient(
         jnp.stack(
@@ -142,14 +152,20 @@ def policy_loss(
     return RLLoss(loss, stats[0], stats[1], stats[2])
 
 
-def _aggregate(per_token, m, aggregation: str, max_tokens: int | None):
-    responses = jnp.sum(m, -1) > 0  # [B, G]: responses with at least one token
-    n_resp = jnp.maximum(jnp.sum(responses), 1.0)
+def aggregation_weights(mask, aggregation: str = "sequence_mean", max_tokens: int | None = None):
+    """Per-token weights ``w`` [..., T] with ``loss = sum_t w_t l_t`` (module docstring).
+
+    ``mask`` [..., T] marks response tokens (leading axes: responses, e.g.
+    [B, G]); responses without a token get no weight and are not counted.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation {aggregation!r}; use one of {AGGREGATIONS}")
+    if aggregation == "constant" and not max_tokens:
+        raise ValueError("aggregation='constant' needs max_tokens (the generation budget)")
+    m = jnp.asarray(mask, jnp.float32)
     if aggregation == "token_mean":
-        return jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)
-    per_resp = jnp.sum(per_token * m, -1)
-    if aggregation == "sequence_mean":
-        per_resp = per_resp / jnp.maximum(jnp.sum(m, -1), 1.0)
-    else:  # constant
-        per_resp = per_resp / max_tokens
-    return jnp.sum(per_resp * responses) / n_resp
+        return m / jnp.maximum(jnp.sum(m), 1.0)
+    tokens = jnp.sum(m, -1, keepdims=True)
+    n_resp = jnp.maximum(jnp.sum(tokens > 0), 1.0)
+    per_resp = jnp.maximum(tokens, 1.0) if aggregation == "sequence_mean" else float(max_tokens)
+    return m / per_resp / n_resp
