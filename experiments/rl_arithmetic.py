@@ -1,19 +1,26 @@
 """Online RL (GRPO, Dr. GRPO, DAPO, RLOO) on arithmetic with the exact-match verifier.
 
+    lm-align rl-study --config experiments/rl_arithmetic.py --workdir runs/rl_study
     lm-align train --config experiments/rl_arithmetic.py:base --workdir runs/rl_base
     lm-align rl --config experiments/rl_arithmetic.py:grpo,policy=runs/rl_base --workdir runs/grpo
     lm-align rl --config experiments/rl_arithmetic.py:dapo,policy=runs/rl_base,lora=8 ...
 
-The start policy (`:base`) is the 2-digit-addition model of the alignment
-studies, trained for 320 steps. Each RL run samples 8 responses to each of 16
+The start policy (`:base`) is the default 2-digit-addition model trained to
+convergence (600 steps) on demonstrations with a systematic error: in 80% of
+the problems whose sum carries, the demonstrated answer drops the lowest carry
+(`data.arithmetic_corruption = dropped_carry`). The verifier checks the true
+sum, so it rewards what the demonstrations do not teach. The control
+(`:control`) continues SFT from the base on the same demonstrations for as
+many updates as an RL run. Each RL run samples 8 responses to each of 16
 train prompts per rollout (temperature 1, the policy's own distribution),
 rewards them 1/0 with the exact-match verifier, and takes one AdamW update per
 rollout (lr 1e-4, constant after 5 warmup steps), 100 rollouts; greedy accuracy,
 pass@1 and pass@4 on 256 held-out problems at steps 0, 50 and 100.
 
 Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
-- `stage`: `base` (the start policy's `lm-align train` config) or an algorithm
-  of `lm_align.align.rl.ALGORITHMS` (its recipe); a bare first item is the stage.
+- `stage`: `base` (the start policy's `lm-align train` config), `control`
+  (continued SFT, `train.init_from` set by the study) or an algorithm of
+  `lm_align.align.rl_config.ALGORITHMS` (its recipe); a bare first item is the stage.
 - `policy`: the start policy's workdir (for the RL stages).
 - `lora`: LoRA rank (0 = train every weight); the reference is then the base.
 - `quick`: the shortened run of the tests (10 rollouts of 8 prompts x 4).
@@ -21,24 +28,55 @@ Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
 
 from lm_align.align.rl_config import ALGORITHMS, rl_base_config
 from lm_align.config import OneOf, parse_arg
-from lm_align.presets import arithmetic_lm, arithmetic_start_policy
+from lm_align.presets import arithmetic_lm
+
+CORRUPTION = {"arithmetic_corruption": "dropped_carry", "arithmetic_corruption_rate": 0.8}
 
 
 def _options(arg):
     return parse_arg(
-        arg, stage=OneOf("grpo", ("base", *ALGORITHMS)), policy="", lora=0, quick=False
-    )
+        arg, stage=OneOf("grpo", ("base", "control", *ALGORITHMS)), policy="", lora=0,
+        quick=False,
+    )  # fmt: skip
+
+
+def _data():
+    cfg = arithmetic_lm()
+    cfg.data.update(CORRUPTION)
+    return cfg.data
+
+
+def get_rl_study(arg=None):
+    quick = _options(arg).quick
+    return {
+        "algorithms": ("grpo",) if quick else ("grpo", "dr_grpo", "dapo"),
+        "seeds": (0,) if quick else (0, 1),
+        "control": True,
+        "eval_problems": 32 if quick else 512,
+        "eval_samples": 4 if quick else 8,
+    }
 
 
 def get_config(arg=None):
     opts = _options(arg)
     quick = opts.quick
-    if opts.stage == "base":
-        cfg = arithmetic_start_policy(quick)
+    if opts.stage in ("base", "control"):
+        cfg = arithmetic_lm()
+        cfg.data = _data()
         cfg.train.answer_eval_examples = 0
+        cfg.train.eval_every = 0
+        cfg.train.checkpoint_every = 0  # one checkpoint, at the end
+        if quick:
+            cfg.train.steps = 100
+        if opts.stage == "control":  # as many updates as an RL run, at its learning rate
+            rl = get_config("grpo,quick" if quick else "grpo")
+            cfg.train.steps = rl.train.steps
+            cfg.optimizer.lr = rl.optimizer.lr
+            cfg.optimizer.schedule = "constant"
+            cfg.optimizer.warmup_steps = rl.optimizer.warmup_steps
         return cfg
     cfg = rl_base_config(opts.stage)
-    cfg.data = arithmetic_lm().data  # prompts: the train split; evaluation: the eval split
+    cfg.data = _data()  # prompts: the train split; evaluation: the eval split
     cfg.rl.policy_checkpoint = opts.policy
     cfg.rl.scorer = "arithmetic_exact"
     cfg.rl.group_size = 4 if quick else 8

@@ -43,6 +43,11 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(fn=cmd_rl)
 
     _add_stages_parser(
+        subparsers, "rl-study", "get_rl_study", cmd_rl_study,
+        "online RL algorithms x seeds vs continued SFT from one policy, paired 95% intervals",
+    )  # fmt: skip
+
+    _add_stages_parser(
         subparsers, "align-study", "get_study", cmd_align_study,
         "SFT -> preferences from its samples -> each method; table of accuracy, reward, KL",
     )  # fmt: skip
@@ -225,6 +230,12 @@ def cmd_rest_em(args, overrides) -> int:
     from lm_align.align.rest_em import run_rest_em
 
     return _run_stages("rest-em", run_rest_em, args, overrides)
+
+
+def cmd_rl_study(args, overrides) -> int:
+    from lm_align.align.rl_study import run_rl_study
+
+    return _run_stages("rl-study", run_rl_study, args, overrides)
 
 
 def cmd_bon(args, overrides) -> int:

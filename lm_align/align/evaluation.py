@@ -239,3 +239,40 @@ def bon_weight(p_fail: np.ndarray | float, n: int, eps: float = 1e-6) -> np.ndar
     p = np.clip(p, 0.0, 1.0 - eps)
     powers = p[..., None] ** np.arange(n)  # [..., N]: p^0 (= 1 at p = 0), ..., p^(N-1)
     return n * powers[..., -1] / powers.sum(axis=-1)
+
+
+class PairedInterval(NamedTuple):
+    """The mean per-problem difference of two policies and its 95% bootstrap interval."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def excludes_zero(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+
+def paired_bootstrap(
+    after_P: np.ndarray, before_P: np.ndarray, *, num_resamples: int = 2000, seed: int = 0
+) -> PairedInterval:
+    """Mean of ``after - before`` over P problems, with the 95% percentile interval of
+    the bootstrap over problems (each resample draws P problems with replacement
+    and keeps their pairs together, so the interval reflects the problems' own
+    variation in difficulty, not only the sampling noise; Efron & Tibshirani 1993).
+
+    ``after_P`` / ``before_P``: a per-problem metric of two policies on the same
+    problems (0/1 greedy correctness, a sample accuracy, ...); several seeds of
+    one method are averaged per problem first.
+    """
+    after = np.asarray(after_P, np.float64)
+    before = np.asarray(before_P, np.float64)
+    if after.shape != before.shape or after.ndim != 1 or not len(after):
+        raise ValueError(
+            f"after {after.shape} and before {before.shape} must be the same non-empty [P]"
+        )
+    diff = after - before
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (num_resamples, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return PairedInterval(float(diff.mean()), float(lo), float(hi), len(diff))

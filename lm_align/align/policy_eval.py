@@ -65,6 +65,7 @@ def evaluate_policy(
     reference_params=None,
     selector: str | Callable[[Samples, int], np.ndarray] | None = "verifier",
     slices: Callable[[str], Sequence[str]] | None = None,
+    per_prompt: bool = False,
 ) -> dict[str, Any]:
     """Greedy accuracy, pass@k, bon@n, sampled accuracy, length and KL (see the module doc).
 
@@ -73,6 +74,9 @@ def evaluate_policy(
     `selector(samples, k) -> scores [P, num_samples]` with `samples` the
     `Samples` drawn (e.g. a reward model's scores); None is "verifier".
     `slices(prompt)` names the slices a prompt belongs to (report["slices"]).
+    `per_prompt` adds report["per_prompt"]: each prompt's greedy correctness
+    and sample accuracy (lists in prompt order), for paired comparisons of two
+    policies on the same prompts (`lm_align.align.evaluation.paired_bootstrap`).
     """
     selector = "verifier" if selector is None else selector
     prompts = list(prompts)
@@ -119,6 +123,11 @@ def evaluate_policy(
         report[f"bon_likelihood@{k}"] = float(
             evaluation.best_of_n_accuracy(correct, mean_token_logp, k)
         )
+    if per_prompt:
+        report["per_prompt"] = {
+            "greedy_correct": greedy_correct.astype(int).tolist(),
+            "sample_accuracy": correct.mean(axis=1).tolist(),
+        }
     if slices is not None:
         report["slices"] = slice_accuracy(prompts, slices, greedy_correct, correct)
     if reference_params is not None:
