@@ -65,6 +65,7 @@ def test_listwise_and_scaling_md_examples_run(name, index):
 def _group_defaults():
     from lm_align import data, optim, parameterization
     from lm_align.align.config import ALIGN_DEFAULTS
+    from lm_align.align.rl_config import RL_DEFAULTS
     from lm_align.models import TransformerConfig
     from lm_align.models.lora import LORA_DEFAULTS
     from lm_align.train.config import MESH_DEFAULTS, TRAIN_DEFAULTS
@@ -78,6 +79,7 @@ def _group_defaults():
         "data": dict(data.DEFAULTS),
         "align": dict(ALIGN_DEFAULTS),
         "lora": dict(LORA_DEFAULTS),
+        "rl": dict(RL_DEFAULTS),
     }
 
 
@@ -98,7 +100,7 @@ def _cell_value(cell):
 
 
 @pytest.mark.parametrize(
-    "group", ["train", "mesh", "model", "optimizer", "param", "data", "lora", "align"]
+    "group", ["train", "mesh", "model", "optimizer", "param", "data", "lora", "align", "rl"]
 )
 def test_configs_md_lists_every_field_with_its_default(group):
     defaults = _group_defaults()[group]

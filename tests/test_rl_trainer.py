@@ -303,6 +303,17 @@ def test_lora_trains_adapters_against_the_base_as_reference(policy, tmp_path):
     names = {jax.tree_util.keystr(p) for p, _ in leaves}
     assert names and all(n.endswith(("['A']", "['B']")) for n in names), sorted(names)[:5]
     assert all(4 in x.shape for _, x in leaves)
+    # The finished run loads as its policy: the adapters merged into the base it trained on.
+    from lm_align.align.setup import load_model
+
+    model, loaded, _ = load_model(str(tmp_path / "lora"))
+    s = setup(cfg, jax.devices()[:1], group="rl")
+    merged = s.lora.merge(s.reference_params(), result.state.params)
+    tokens = np.asarray([[1, 55, 43, 54, 61]], np.int32)
+    np.testing.assert_allclose(
+        np.asarray(model.apply(loaded, tokens)), np.asarray(model.apply(merged, tokens)),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -83,9 +83,19 @@ def load_run(path: str, devices=None, *, make_model: ModelFactory = policy_model
     return model, run_params(ref, abstract), cfg
 
 
+def _base_field(cfg) -> str:
+    """The config field naming a run's starting policy: `align.policy_checkpoint`
+    (preferences), `rl.policy_checkpoint` (online RL) or `train.init_from`."""
+    for group in ("align", "rl"):
+        if group in cfg:
+            return f"{group}.policy_checkpoint"
+    return "train.init_from"
+
+
 def lora_base(cfg) -> str:
     """The run whose parameters a LoRA run's adapters apply to ('' = fresh init)."""
-    return cfg.align.policy_checkpoint if "align" in cfg else cfg.train.init_from
+    group, field = _base_field(cfg).split(".")
+    return cfg[group][field]
 
 
 def with_absolute_base(cfg):
@@ -94,8 +104,7 @@ def with_absolute_base(cfg):
     base = lora_base(cfg)
     if not make_lora_config(cfg).enabled or not base or os.path.isabs(base):
         return cfg
-    field = "align.policy_checkpoint" if "align" in cfg else "train.init_from"
-    return config_lib.apply_overrides(cfg, [f"{field}={os.path.abspath(base)}"])
+    return config_lib.apply_overrides(cfg, [f"{_base_field(cfg)}={os.path.abspath(base)}"])
 
 
 def run_model(cfg) -> PureModel:
