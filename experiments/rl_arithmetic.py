@@ -14,8 +14,8 @@ sum, so it rewards what the demonstrations do not teach. The control
 many updates as an RL run. Each RL run samples 8 responses to each of 16
 train prompts per rollout (temperature 1, the policy's own distribution),
 rewards them 1/0 with the exact-match verifier, and takes one AdamW update per
-rollout (lr 1e-4, constant after 5 warmup steps), 100 rollouts; greedy accuracy,
-pass@1 and pass@4 on 256 held-out problems at steps 0, 50 and 100.
+rollout (lr 1e-4, constant after 5 warmup steps), 300 rollouts; greedy accuracy,
+pass@1 and pass@4 on 256 distinct held-out problems every 100 steps.
 
 Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
 - `stage`: `base` (the start policy's `lm-align train` config), `control`
@@ -85,10 +85,10 @@ def get_config(arg=None):
     cfg.rl.eval_prompts = 32 if quick else 256
     cfg.rl.eval_samples = 4
     cfg.train.batch_size = 8 if quick else 16  # prompts per rollout
-    cfg.train.steps = 10 if quick else 100
-    cfg.train.log_every = 5 if quick else 10
-    cfg.train.eval_every = 0 if quick else 50
-    cfg.train.checkpoint_every = 5 if quick else 50
+    cfg.train.steps = 10 if quick else 300
+    cfg.train.log_every = 5 if quick else 25
+    cfg.train.eval_every = 0 if quick else 100
+    cfg.train.checkpoint_every = 5 if quick else 100
     cfg.train.answer_eval_examples = 0
     cfg.optimizer.name = "adamw"
     cfg.optimizer.lr = 1e-4

@@ -74,7 +74,8 @@ def run_rl_study(config_path: str, workdir: str, overrides=()) -> list[dict]:
         for seed in spec["seeds"]:
             run_dir = os.path.join(workdir, algorithm, f"seed_{seed}")
             log(f"== {algorithm}, seed {seed} -> {run_dir}")
-            cfg = exp.load(algorithm, [f"rl.policy_checkpoint={base_dir}", f"train.seed={seed}"])
+            cfg = exp.load(algorithm, [f"rl.policy_checkpoint={base_dir}", f"train.seed={seed}",
+                                       "rl.eval_prompts=0"])  # the study evaluates every run
             result = rl(cfg, run_dir)
             if result.stopped_by:
                 log(f"stopped by {result.stopped_by}; rerun the same command to continue")
