@@ -165,7 +165,7 @@ def test_first_update_on_fresh_samples_is_reinforce_with_group_advantages(policy
     params = s.init_params()
     mb = _minibatch(s, params)
     prepared = jax.jit(rl_lib.make_prepare(s))(
-        params, None, mb["rows"], np.asarray([[1, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1],
+        params, params, mb["rows"], np.asarray([[1, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1],
                                               [0, 1, 0, 0]], np.float32),
         np.ones(4, bool),
     )  # fmt: skip
@@ -354,3 +354,4 @@ def test_every_recipe_runs_and_logs_the_documented_metrics(policy, tmp_path):
         ):
             assert key in row and np.isfinite(row[key]), (algorithm, key, row)
         assert 0 < row["entropy"] < np.log(259) and 1 <= row["response_length"] <= 4
+        assert row["kl"] > 0  # measured after an update, with or without a KL term

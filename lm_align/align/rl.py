@@ -20,7 +20,8 @@ micro-batches whose losses and gradients add up to the minibatch's exactly
 Per rollout, before any update and without gradient: the sampling policy's
 log-prob of every response token (``old_logp``; recomputed by the trainer's
 forward pass, so with one update per rollout every ratio is exactly 1), the
-reference's (for the KL term, when ``rl.kl_coef > 0``; with LoRA the reference
+reference's (for the KL term when ``rl.kl_coef > 0``, and the ``kl`` metric in
+every run; with LoRA the reference
 is the base, adapters off) and the entropy of each sampled position. DAPO's
 dynamic sampling (``rl.dynamic_sampling``) draws further prompt batches until
 B groups whose rewards differ are found (at most ``rl.max_sampling_rounds``
@@ -245,7 +246,8 @@ class Sampler:
 def make_prepare(s: AlignSetup):
     """`(policy_params, ref_params, rows, rewards, valid) -> dict` of per-row arrays the
     updates consume: old_logp, ref_logp, entropy [R, L], adv [R], mask [R, L] (0 on
-    dropped groups), all without gradient."""
+    dropped groups), all without gradient. The reference is scored whatever
+    `rl.kl_coef`: the `kl` metric estimates the KL to it in every run."""
     r = s.cfg.rl
     constrain = _constrain(s)
 
@@ -256,9 +258,10 @@ def make_prepare(s: AlignSetup):
         adv = rl_losses.advantages(rewards, kind=r.advantage).reshape(-1)
         mask = rows["loss_mask"] * jnp.repeat(valid.astype(jnp.float32), G)[:, None]
         out = {"old_logp": old.logps, "entropy": old.entropy, "adv": adv, "mask": mask}
-        if r.kl_coef > 0:
-            ref = masked_token_logprobs(s.policy_model, ref_params, rows, constrain_BLD=constrain)
-            out["ref_logp"] = ref.logps
+        # The reference's log-probs: the KL term's (rl.kl_coef > 0), and the `kl` metric's
+        # either way.
+        ref = masked_token_logprobs(s.policy_model, ref_params, rows, constrain_BLD=constrain)
+        out["ref_logp"] = ref.logps
         return jax.lax.stop_gradient(out)
 
     return prepare
