@@ -77,25 +77,26 @@ def warmup_then_decay(
       \text{constant:}\ \eta
 
       \text{wsd:}\ \eta \text{ until } S = D - C, \text{ then }
-          \eta_{end} + (\eta - \eta_{end})\,(1 - f(\tfrac{\min(t, D) - S}{C}))
+          \eta - (\eta - \eta_{end})\, f(\tfrac{\min(t, D) - S}{C})
 
     with :math:`C` = ``cooldown_steps`` and :math:`f(u) = u` (``cooldown="linear"``)
     or :math:`\sqrt{u}` (``"1-sqrt"``: :math:`1 - \sqrt{u}` of the way left).
-    WSD (warmup-stable-decay) runs of different lengths share every step
-    before their cooldown, so one long constant-LR run with cooldowns branched
-    off it gives the runs of every length.
-
-    so rsqrt is :math:`\eta\sqrt{W/t}` after a warmup and :math:`\eta/\sqrt{t+1}`
+    rsqrt is :math:`\eta\sqrt{W/t}` after a warmup and :math:`\eta/\sqrt{t+1}`
     without one. After warmup the LR is never below ``end_lr``; cosine and linear
     reach it at step ``D`` and stay there. If ``D == W`` the decay phase is empty
     and cosine/linear hold ``end_lr`` from step ``W`` on.
+
+    WSD (warmup-stable-decay) runs of different lengths share every step
+    before their cooldown, so one long constant-LR run with cooldowns branched
+    off it gives the runs of every length. Until S the LR is ``peak_lr``
+    exactly in float32, the ``constant`` schedule bit for bit.
 
     Args:
       peak_lr: LR at the end of warmup (> 0).
       total_steps: number of training steps (>= 1); used for validation and as
         the default ``decay_steps``.
       warmup_steps: length of the linear warmup from 0; 0 for none. Default 0.
-      decay: one of ``"cosine"``, ``"linear"``, ``"rsqrt"``, ``"constant"``.
+      decay: one of ``"cosine"``, ``"linear"``, ``"rsqrt"``, ``"constant"``, ``"wsd"``.
         Default ``"cosine"``.
       end_lr: absolute floor after warmup, ``0 <= end_lr <= peak_lr``.
         Default 0.0.
@@ -147,7 +148,10 @@ def warmup_then_decay(
         def after_warmup(s):
             u = jnp.clip((jnp.asarray(s, jnp.float32) - stable) / cooldown_steps, 0.0, 1.0)
             done = u if cooldown == "linear" else jnp.sqrt(u)
-            return end_lr + (peak_lr - end_lr) * (1.0 - done)
+            # peak - (peak - end) * done, not end + (peak - end) * (1 - done): the
+            # stable phase is then exactly peak_lr in float32, bit for bit the
+            # `constant` schedule, so a WSD run is its constant-LR run until S.
+            return peak_lr - (peak_lr - end_lr) * done
 
     else:  # constant
         after_warmup = optax.constant_schedule(peak_lr)

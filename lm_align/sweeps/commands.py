@@ -6,7 +6,7 @@
                     [--num-slices N] [--project P] [--max-retries K] [--spot] [--bucket B]
                     [--skip-fit-check]]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY]
-                  [--metric eval_loss] [--out DIR]
+                  [--metric eval_loss] [--out DIR] [--lines | --curves]
 
 `sweep` exits 0 when no run failed (every run finished or diverged, or was
 left for a later call by --max-runs), 1 when a run failed, 2 on a config
@@ -94,6 +94,12 @@ def add_parsers(subparsers, fit_check=None) -> None:
         "--lines",
         action="store_true",
         help="just --metric against --x, one line per --group (sweeps that are not LR sweeps)",
+    )
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="--metric and the LR against step, one line per run, colour per --group "
+        "(e.g. LR schedules of several lengths: experiments/wsd.py)",
     )
     p.set_defaults(fn=cmd_plot)
 
@@ -272,6 +278,8 @@ def cmd_plot(args, overrides) -> int:
     keys = _override_keys(args.sweep, rows)
     if args.lines:
         return _plot_lines(args, rows)
+    if args.curves:
+        return _plot_curves(args, rows, keys)
     inferred = analysis.infer_axes(rows, keys)
     x = args.x or inferred["x"]
     if x is None:
@@ -320,6 +328,27 @@ def _plot_lines(args, rows) -> int:
         ["group", "x", "metric"],
         [plots.short(group) if group else "group", plots.short(args.x), args.metric],
     ):
+        print(f"  {line}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _plot_curves(args, rows, keys) -> int:
+    """`plot --curves`: --metric and the LR against step per run; prints the metric at the
+    steps where runs end."""
+    from lm_align.sweeps import curves
+
+    group = None if args.group in (None, NONE) else args.group
+    try:
+        path, table = curves.plot_curves(
+            args.sweep, rows, args.out or args.sweep, override_keys=keys, metric=args.metric,
+            group=group, title=os.path.basename(os.path.normpath(args.sweep)),
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    columns = [c for c in table[0] if c != "name"]
+    for line in format_table(table, columns, [c.rsplit(".", 1)[-1] for c in columns]):
         print(f"  {line}")
     print(f"wrote {path}")
     return 0
