@@ -162,48 +162,39 @@ def _default_workdir(config_arg: str) -> str:
     return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
-def cmd_align(args, overrides) -> int:
+def _run_trainer(command: str, trainer, args, overrides) -> int:
+    """Runs `trainer(cfg, workdir)` on the command line's config: exit 2 on bad data or a
+    missing file, 3 on a non-finite loss (a bad config: `lm_align.cli`, exit 2)."""
     from lm_align import config as config_lib
-    from lm_align.align.trainer import align
     from lm_align.data import DataError
     from lm_align.train import NonFiniteLossError
 
     cfg = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     workdir = args.workdir or _default_workdir(args.config)
-    print(f"lm-align align: {args.config} -> {workdir}", flush=True)
+    print(f"lm-align {command}: {args.config} -> {workdir}", flush=True)
     try:
-        result = align(cfg, workdir)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        result = trainer(cfg, workdir)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if not result.stopped_by:
-        print(f"finished {result.final_step} steps; workdir {workdir}", flush=True)
-    return 0
-
-
-def cmd_rl(args, overrides) -> int:
-    from lm_align import config as config_lib
-    from lm_align.align.rl import rl
-    from lm_align.data import DataError
-    from lm_align.train import NonFiniteLossError
-
-    cfg = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    workdir = args.workdir or _default_workdir(args.config)
-    print(f"lm-align rl: {args.config} -> {workdir}", flush=True)
-    try:
-        result = rl(cfg, workdir)
-    except (DataError, FileNotFoundError, RuntimeError) as e:
-        if isinstance(e, NonFiniteLossError):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
+    except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not result.stopped_by:
         print(f"finished {result.final_step} steps; workdir {workdir}", flush=True)
     return 0
+
+
+def cmd_align(args, overrides) -> int:
+    from lm_align.align.trainer import align
+
+    return _run_trainer("align", align, args, overrides)
+
+
+def cmd_rl(args, overrides) -> int:
+    from lm_align.align.rl import rl
+
+    return _run_trainer("rl", rl, args, overrides)
 
 
 def _run_stages(command: str, run, args, overrides) -> int:

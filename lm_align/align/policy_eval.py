@@ -80,13 +80,7 @@ def evaluate_policy(
     """
     selector = "verifier" if selector is None else selector
     prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts to evaluate")
-    bad = [k for k in ks if not 1 <= k <= num_samples]
-    if bad:
-        raise ValueError(f"ks {bad} must lie in [1, num_samples={num_samples}]")
-    if isinstance(selector, str) and selector not in SELECTORS:
-        raise ValueError(f"selector={selector!r}; use one of {SELECTORS} or a callable")
+    _check_arguments(prompts, ks, num_samples, selector)
     greedy = sample_texts(
         model, params, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True,
         batch_size=batch_size,
@@ -124,16 +118,31 @@ def evaluate_policy(
             evaluation.best_of_n_accuracy(correct, mean_token_logp, k)
         )
     if per_prompt:
-        report["per_prompt"] = {
-            "greedy_correct": greedy_correct.astype(int).tolist(),
-            "sample_accuracy": correct.mean(axis=1).tolist(),
-        }
+        report["per_prompt"] = _per_prompt(greedy_correct, correct)
     if slices is not None:
         report["slices"] = slice_accuracy(prompts, slices, greedy_correct, correct)
     if reference_params is not None:
         ref = rescore(model, reference_params, tokenizer, prompts, s.token_ids)
         report["kl"] = float(np.mean(s.logps.astype(np.float64) - ref))
     return report
+
+
+def _check_arguments(prompts, ks, num_samples: int, selector) -> None:
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    bad = [k for k in ks if not 1 <= k <= num_samples]
+    if bad:
+        raise ValueError(f"ks {bad} must lie in [1, num_samples={num_samples}]")
+    if isinstance(selector, str) and selector not in SELECTORS:
+        raise ValueError(f"selector={selector!r}; use one of {SELECTORS} or a callable")
+
+
+def _per_prompt(greedy_correct_P: np.ndarray, correct_PN: np.ndarray) -> dict[str, list]:
+    """Each prompt's greedy correctness (0/1) and sample accuracy, in prompt order."""
+    return {
+        "greedy_correct": greedy_correct_P.astype(int).tolist(),
+        "sample_accuracy": correct_PN.mean(axis=1).tolist(),
+    }
 
 
 def _selection_scores(selector, samples: Samples, k: int, verifier_PN, likelihood_PN):

@@ -384,13 +384,13 @@ class _Rollouts:
 
     def _load(self, number: int) -> None:
         if not os.path.exists(self.path):
-            raise RuntimeError(
+            raise ConfigError(
                 f"the checkpoint is inside rollout {number} but {self.path} is missing; "
                 "restore it or start the run over in a new workdir"
             )
         saved = np.load(self.path)
         if int(saved["number"]) != number:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{self.path} holds rollout {int(saved['number'])} but the checkpoint is "
                 f"inside rollout {number}; restore the matching file or start over"
             )
