@@ -43,6 +43,7 @@ accuracy, pass@k and KL on the eval split (`lm_align.align.policy_eval`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import json
 import os
 
@@ -347,14 +348,15 @@ class _Rollouts:
         self.prepared: dict = {}
         self.stats: dict[str, float] = {}
 
-    def minibatch(self, step: int, policy_params, ref_params) -> dict:
-        """The minibatch of update `step` (1-based), sampling a rollout when one starts."""
+    def minibatch(self, step: int, policy_params: Callable[[], Any], ref_params) -> dict:
+        """The minibatch of update `step` (1-based), sampling a rollout when one starts
+        (`policy_params()`, called only then, gives the sampling policy's parameters)."""
         number, within = divmod(step - 1, self.U)
         if number != self.number:
             if within:
                 self._load(number)
             else:
-                self._sample(number, policy_params, ref_params)
+                self._sample(number, policy_params(), ref_params)
         r = self.r
         epoch, part = divmod(within, r.minibatches)
         R = len(self.prepared["adv"])
@@ -490,7 +492,7 @@ def rl(cfg, workdir: str, *, devices=None) -> TrainResult:
 
     def next_batch():
         holder["step"] += 1
-        policy = s.model_params(holder["state"].params, ref_params)
+        policy = lambda: s.model_params(holder["state"].params, ref_params)
         mb = rollouts.minibatch(holder["step"], policy, ref_params)
         return parallel.global_batch(mb, s.batch_sharding)
 
