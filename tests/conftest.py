@@ -7,7 +7,15 @@ decoder setting, another data source end to end) and are marked `slow`: the
 default run skips them, `-m slow` runs only them.
 """
 
+import os
+
 import pytest
+
+from tests.helpers import TEST_XLA_FLAGS
+
+# Before any test module imports jax (see tests/helpers.py).
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 SLOW_VARIANTS = (
     # Another row of the same closed-form check; full-standard and none-mup stay.

@@ -26,6 +26,12 @@ TINY = [
 ]
 
 
+# The suite compiles hundreds of tiny programs and runs each for a few steps: XLA's
+# LLVM optimisations of the CPU code cost about 40% of the suite's CPU time and buy
+# nothing at these sizes. Set for the test process (tests/conftest.py) and every
+# subprocess; the semantics of the programs do not depend on it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 # A persistent XLA compilation cache shared by the lm-align processes the tests
 # start (not by the test process itself): a program compiled by one subprocess
 # (most run the same tiny model) is loaded by the next instead of compiled again.
@@ -40,7 +46,7 @@ COMPILATION_CACHE_DIR = os.environ.get("LM_ALIGN_TEST_COMPILATION_CACHE") or os.
 def env_with_devices(n: int) -> dict:
     """The environment for an lm-align subprocess on `n` simulated CPU devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    env["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={n}"
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE_DIR
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
