@@ -28,9 +28,7 @@ Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
 
 from lm_align.align.rl_config import ALGORITHMS, rl_base_config
 from lm_align.config import OneOf, parse_arg
-from lm_align.presets import arithmetic_lm
-
-CORRUPTION = {"arithmetic_corruption": "dropped_carry", "arithmetic_corruption_rate": 0.8}
+from lm_align.presets import arithmetic_corrupted_policy
 
 
 def _options(arg):
@@ -40,18 +38,13 @@ def _options(arg):
     )  # fmt: skip
 
 
-def _data():
-    cfg = arithmetic_lm()
-    cfg.data.update(CORRUPTION)
-    return cfg.data
-
-
 def get_rl_study(arg=None):
     quick = _options(arg).quick
+    algorithms = ("grpo",) if quick else ("grpo", "dr_grpo", "dapo")
     return {
-        "algorithms": ("grpo",) if quick else ("grpo", "dr_grpo", "dapo"),
+        "methods": ("control", *algorithms),
         "seeds": (0,) if quick else (0, 1),
-        "control": True,
+        "one_seed": ("control",),
         "eval_problems": 32 if quick else 512,
         "eval_samples": 4 if quick else 8,
     }
@@ -61,13 +54,7 @@ def get_config(arg=None):
     opts = _options(arg)
     quick = opts.quick
     if opts.stage in ("base", "control"):
-        cfg = arithmetic_lm()
-        cfg.data = _data()
-        cfg.train.answer_eval_examples = 0
-        cfg.train.eval_every = 0
-        cfg.train.checkpoint_every = 0  # one checkpoint, at the end
-        if quick:
-            cfg.train.steps = 100
+        cfg = arithmetic_corrupted_policy(quick)
         if opts.stage == "control":  # as many updates as an RL run, at its learning rate
             rl = get_config("grpo,quick" if quick else "grpo")
             cfg.train.steps = rl.train.steps
@@ -76,7 +63,7 @@ def get_config(arg=None):
             cfg.optimizer.warmup_steps = rl.optimizer.warmup_steps
         return cfg
     cfg = rl_base_config(opts.stage)
-    cfg.data = _data()  # prompts: the train split; evaluation: the eval split
+    cfg.data = arithmetic_corrupted_policy().data  # prompts: train split; evaluation: eval split
     cfg.rl.policy_checkpoint = opts.policy
     cfg.rl.scorer = "arithmetic_exact"
     cfg.rl.group_size = 4 if quick else 8

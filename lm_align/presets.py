@@ -76,6 +76,27 @@ def arithmetic_start_policy(quick: bool = False) -> ml_collections.ConfigDict:
     return cfg
 
 
+def arithmetic_corrupted_policy(quick: bool = False) -> ml_collections.ConfigDict:
+    """`arithmetic_lm()` trained to convergence (600 steps; 100 when `quick`) on
+    demonstrations with a systematic error: in 80% of the problems whose sum
+    carries, the demonstrated answer drops the lowest carry
+    (`data.arithmetic_corruption = "dropped_carry"`). The verifier checks the
+    true sum, so it rewards what the demonstrations do not teach: the start
+    policy of the alignment and RL studies (greedy held-out accuracy about 0.30).
+
+    Evaluates and checkpoints only at the end, no answer evaluation (the
+    studies evaluate their policies themselves).
+    """
+    cfg = arithmetic_lm()
+    cfg.data.arithmetic_corruption = "dropped_carry"
+    cfg.data.arithmetic_corruption_rate = 0.8
+    cfg.train.steps = 100 if quick else 600
+    cfg.train.answer_eval_examples = 0
+    cfg.train.eval_every = 0
+    cfg.train.checkpoint_every = 0  # one checkpoint, at the final step
+    return cfg
+
+
 def bench_lm() -> ml_collections.ConfigDict:
     """The benchmark model: 4 layers, d_model 256, 4 heads, d_ff 1024, vocab 8192,
     sequences of 256 tokens, batch 16, float32 (the shape the MFU target is stated for)."""

@@ -133,9 +133,13 @@ def test_align_arithmetic_variants():
     assert _experiment("align_arithmetic.py:quick").to_dict() == quick.to_dict()
     assert _experiment("align_arithmetic.py:stage=dpo,quick=true").to_dict() == quick.to_dict()
     assert _experiment("align_arithmetic.py:rso_sigmoid_norm").align.loss == "rso_sigmoid_norm"
-    sft = _experiment("align_arithmetic.py:sft,quick")
-    assert "align" not in sft and sft.train.steps == 250
-    assert _experiment("align_arithmetic.py:sft").train.steps == 320
+    base = _experiment("align_arithmetic.py:base,quick")
+    assert "align" not in base and base.train.steps == 250
+    assert _experiment("align_arithmetic.py:base").train.steps == 600
+    assert _experiment("align_arithmetic.py:dpo_beta01").align.beta == 0.1
+    rest_em = _experiment("align_arithmetic.py:rest_em")
+    assert "align" not in rest_em and rest_em.optimizer.lr == 1e-4
+    assert _experiment("align_arithmetic.py:bon_rlb").align.format == "samples"
     with pytest.raises(ConfigError, match="'dpoo'"):
         _experiment("align_arithmetic.py:dpoo")
 

@@ -49,7 +49,8 @@ def add_parsers(subparsers) -> None:
 
     _add_stages_parser(
         subparsers, "align-study", "get_study", cmd_align_study,
-        "SFT -> preferences from its samples -> each method; table of accuracy, reward, KL",
+        "preference, self-training and BoN-aware methods x seeds from one policy, paired 95% "
+        "intervals",
     )  # fmt: skip
 
     _add_stages_parser(
@@ -224,9 +225,12 @@ def cmd_rest_em(args, overrides) -> int:
 
 
 def cmd_rl_study(args, overrides) -> int:
-    from lm_align.align.rl_study import run_rl_study
+    from lm_align.align.study import run_study
 
-    return _run_stages("rl-study", run_rl_study, args, overrides)
+    def run(config, workdir, overrides):
+        return run_study(config, workdir, overrides, getter="get_rl_study")
+
+    return _run_stages("rl-study", run, args, overrides)
 
 
 def cmd_bon(args, overrides) -> int:

@@ -65,19 +65,24 @@ class StartPolicy:
 
 
 def held_out_prompts(data_cfg, count: int) -> tuple[list[str], Callable | None]:
-    """Up to `count` held-out prompts of a data config, and their slice function.
+    """`task_prompts` of the eval split: up to `count` held-out prompts and their slices."""
+    return task_prompts(data_cfg, "eval", count)
 
-    Arithmetic: `count` distinct eval problems, uniform over problems, with
+
+def task_prompts(data_cfg, split: str, count: int) -> tuple[list[str], Callable | None]:
+    """Up to `count` prompts of a data config's `split`, and their slice function.
+
+    Arithmetic: `count` distinct problems, uniform over problems, with
     `arithmetic.problem_slices`. Other sources: the first `count` prompts of
-    the eval split, no slices.
+    the split, no slices.
     """
     from lm_align.data.arithmetic import ArithmeticTask, problem_slices
 
-    eval_src = data_lib.make_source(data_cfg, "eval")
-    task = getattr(eval_src, "task", None)
+    src = data_lib.make_source(data_cfg, split)
+    task = getattr(src, "task", None)
     if isinstance(task, ArithmeticTask):
-        return [r["prompt"] for r in task.distinct_problems("eval", count)], problem_slices
-    return [eval_src[i]["prompt"] for i in range(min(count, len(eval_src)))], None
+        return [r["prompt"] for r in task.distinct_problems(split, count)], problem_slices
+    return [src[i]["prompt"] for i in range(min(count, len(src)))], None
 
 
 def start_policy(exp: Experiment, workdir: str, *, eval_problems: int, log) -> StartPolicy:

@@ -75,7 +75,7 @@ def evaluate_policy(
     `Samples` drawn (e.g. a reward model's scores); None is "verifier".
     `slices(prompt)` names the slices a prompt belongs to (report["slices"]).
     `per_prompt` adds report["per_prompt"]: each prompt's greedy correctness
-    and sample accuracy (lists in prompt order), for paired comparisons of two
+    sample accuracy and pass@n (lists in prompt order), for paired comparisons of two
     policies on the same prompts (`lm_align.align.evaluation.paired_bootstrap`).
     """
     selector = "verifier" if selector is None else selector
@@ -138,10 +138,12 @@ def _check_arguments(prompts, ks, num_samples: int, selector) -> None:
 
 
 def _per_prompt(greedy_correct_P: np.ndarray, correct_PN: np.ndarray) -> dict[str, list]:
-    """Each prompt's greedy correctness (0/1) and sample accuracy, in prompt order."""
+    """Each prompt's greedy correctness (0/1), sample accuracy and pass@n (0/1: any of
+    its n samples correct), in prompt order."""
     return {
         "greedy_correct": greedy_correct_P.astype(int).tolist(),
         "sample_accuracy": correct_PN.mean(axis=1).tolist(),
+        f"pass@{correct_PN.shape[1]}": correct_PN.any(axis=1).astype(int).tolist(),
     }
 
 

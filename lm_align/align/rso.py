@@ -217,6 +217,7 @@ def rso_pairs(
     pairing: str = "first_round",
     seed: int = 0,
     soft_label_temperature: float | None = None,
+    label_scores=None,
 ):
     """The RSO pipeline after sampling: accept `num_accept` of each prompt's N_c
     candidates with `rejection_sample` (reward-tilted towards pi_r*), then pair
@@ -226,11 +227,13 @@ def rso_pairs(
     Args:
       prompts: `[P]` strings; responses: `[P][N_c]` candidate texts from the SFT
         policy; rewards: `[P][N_c]` their rewards (reward model or verifier).
+      label_scores: `[P][N_c]` scores for the pairs' soft labels (default `rewards`).
     Returns ``(records, stats)`` as ``lm_align.align.datagen.build_pairwise``.
     """
     rng = np.random.default_rng(seed)
-    accepted_responses, accepted_rewards = [], []
-    for cand, r in zip(responses, rewards, strict=True):
+    accepted_responses, accepted_rewards, accepted_labels = [], [], []
+    labels = rewards if label_scores is None else label_scores
+    for cand, r, g in zip(responses, rewards, labels, strict=True):
         r = np.asarray(r, np.float64)
         if num_accept > len(cand):
             raise ValueError(
@@ -240,6 +243,7 @@ def rso_pairs(
         index = rejection_sample(r, num_accept, beta, rng)
         accepted_responses.append([cand[i] for i in index])
         accepted_rewards.append(r[index])
+        accepted_labels.append(np.asarray(g, np.float64)[index])
     return build_pairwise(
         prompts,
         accepted_responses,
@@ -247,6 +251,7 @@ def rso_pairs(
         method=pairing,
         soft_label_temperature=soft_label_temperature,
         seed=seed,
+        label_scores=accepted_labels,
     )
 
 
