@@ -44,7 +44,7 @@ Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
 - `stage`: `base` (the start policy), a method of `METHODS` or any other
   `align.loss` (its config at beta 1); default `dpo`. A bare first item is
   the stage: `:dpo` is `:stage=dpo`.
-- `quick`: the shortened study of the tests (a 250-step base, 5 methods,
+- `quick`: the shortened study of the tests (a 250-step base, 4 methods,
   10-step runs, 64 problems).
 
 Single runs from a finished study: `lm-align align --config
@@ -95,7 +95,7 @@ LEARNING_RATES = {
     "lipo_lambda": 1e-4, "bon_rlb": 1e-6, "bon_rlb_p": 1e-4, "bon_aware_sft": 1e-4,
     "bon_imitation": 1e-4, "reinforce": 1e-5, "bon_sft": 1e-4,
 }  # fmt: skip
-QUICK_METHODS = ("control", "rest_em", "dpo", "lipo_lambda", "bon_rlb")
+QUICK_METHODS = ("rest_em", "dpo", "lipo_lambda", "bon_rlb")  # the control's kind: rl-study
 
 
 STAGES = ("base", *METHODS, *(loss for loss in LOSSES if loss not in METHODS))
@@ -112,7 +112,7 @@ def get_study(arg=None):
     return {
         "methods": methods,
         "seeds": (0,) if quick else (0, 1),
-        "one_seed": ("control",),
+        "one_seed": tuple(m for m in ("control",) if m in methods),
         "data": {
             "num_prompts": 256 if quick else 1024,
             "num_candidates": 8 if quick else 16,

@@ -38,12 +38,12 @@ def get_bon(arg=None):
             "bon_sft",
         ),
         "rounds": 1,
-        "num_problems": 128 if quick else 4096,
+        "num_problems": 64 if quick else 4096,
         "num_samples": 4 if quick else 8,
         "temperature": 1.0,
         "max_new_tokens": 8,
         "scorer": "arithmetic_exact",
-        "eval_problems": 64 if quick else 512,
+        "eval_problems": 32 if quick else 512,
         "seed": 0,
     }
 
@@ -63,7 +63,7 @@ def get_config(arg=None):
     cfg.align.eval_prompts = 0  # evaluated by `lm-align bon`
     cfg.align.eval_at_start = False
     cfg.train.answer_eval_examples = 0
-    cfg.train.steps = 10 if quick else 128
+    cfg.train.steps = 4 if quick else 128
     cfg.train.batch_size = 16 if quick else 32
     cfg.train.log_every = 5 if quick else 25
     cfg.train.eval_every = 0

@@ -29,14 +29,14 @@ def get_rest_em(arg=None):
     quick = _options(arg).quick
     return {
         "iterations": 2 if quick else 3,
-        "num_problems": 256 if quick else 2048,
+        "num_problems": 128 if quick else 2048,
         "num_samples": 4 if quick else 8,
         "temperature": 0.7,
         "top_k": 40,
         "max_new_tokens": 8,
         "max_per_problem": 10,
         "scorer": "arithmetic_exact",
-        "eval_problems": 64 if quick else 512,
+        "eval_problems": 32 if quick else 512,
         "eval_samples": 4 if quick else 8,
         "seed": 0,
     }
@@ -49,7 +49,7 @@ def get_config(arg=None):
     if opts.stage == "base":
         cfg.train.answer_eval_examples = 0  # evaluated by rest-em itself
         return cfg
-    cfg.train.steps = 30 if quick else 150
+    cfg.train.steps = 15 if quick else 150
     cfg.train.eval_batches = 1
     cfg.optimizer.lr = 1e-3
     cfg.optimizer.warmup_steps = 10 if quick else 20

@@ -42,8 +42,9 @@ def test_a_bad_study_spec_names_the_field_and_the_fix(fields, match):
 
 @pytest.mark.slow
 def test_quick_study_runs_every_stage_and_reports_intervals(tmp_path):
-    """A 250-step corrupted base, the data stage, five methods of three kinds (continued
-    SFT, ReST-EM, DPO, LiPO, BoN-RLB), each evaluated on the same 64 distinct problems."""
+    """A 250-step corrupted base, the data stage, four methods of two kinds (ReST-EM's
+    fine-tuning; DPO, LiPO, BoN-RLB), each evaluated on the same 64 distinct problems
+    (tests/test_rl_study.py runs the third kind, RL, and a control without a data file)."""
     cmd = [
         sys.executable, "-m", "lm_align.cli", "align-study",
         "--config", os.path.join(REPO, "experiments", "align_arithmetic.py") + ":quick",
@@ -56,7 +57,7 @@ def test_quick_study_runs_every_stage_and_reports_intervals(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in rows] == [
-        "base", "control", "rest_em", "dpo", "lipo_lambda", "bon_rlb"
+        "base", "rest_em", "dpo", "lipo_lambda", "bon_rlb"
     ]  # fmt: skip
     base = rows[0]
     assert base["kl"] == pytest.approx(0.0, abs=1e-5)  # the start against itself

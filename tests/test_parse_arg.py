@@ -147,10 +147,10 @@ def test_align_arithmetic_variants():
 def test_self_improvement_variants():
     assert _experiment("rest_em_arithmetic.py:base,quick").train.steps == 250
     mstep = _experiment("rest_em_arithmetic.py:mstep,quick")
-    assert mstep.train.steps == 30 and mstep.optimizer.lr == 1e-3
+    assert mstep.train.steps == 15 and mstep.optimizer.lr == 1e-3
     assert _experiment("rest_em_arithmetic.py:mstep").train.steps == 150
     bon = _experiment("bon_arithmetic.py:bon_rlb_p,quick")
-    assert bon.align.loss == "bon_rlb_p" and bon.align.format == "samples" and bon.train.steps == 10
+    assert bon.align.loss == "bon_rlb_p" and bon.align.format == "samples" and bon.train.steps == 4
     assert _experiment("bon_arithmetic.py:quick").train.steps == 250  # the base policy
     with pytest.raises(ConfigError, match="stage"):
         _experiment("rest_em_arithmetic.py:estep")

@@ -36,8 +36,11 @@ SHARDING_SCRIPT = textwrap.dedent("""
              for p, x in jax.tree_util.tree_flatten_with_path(many.state.params)[0]}
     n_shards = {jax.tree_util.keystr(p): len({str(s.index) for s in x.addressable_shards})
                 for p, x in jax.tree_util.tree_flatten_with_path(many.state.params)[0]}
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)) /
-                                                  (np.abs(np.asarray(b)) + 1e-6))),
+    # Each tensor's largest difference relative to its largest entry: a sharding bug
+    # moves whole slices by O(1); float reassociation moves entries by ulps that Adam's
+    # first steps, lr * g / (|g| + eps), amplify only up to lr.
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) /
+                                            np.max(np.abs(np.asarray(b)))),
                          many.state.params, one.state.params)
     print(json.dumps({"specs": specs, "n_shards": n_shards, "max_rel_diff": max(jax.tree.leaves(diffs))}))
 """)
@@ -71,7 +74,7 @@ def test_sharded_run_matches_one_device(tmp_path):
     one, many = losses(tmp_path / "one"), losses(tmp_path / "many")
     assert sorted(one) == list(range(1, 7))
     np.testing.assert_allclose([many[s] for s in one], [one[s] for s in one], rtol=1e-4)
-    assert report["max_rel_diff"] < 1e-3  # elementwise relative, after 6 Adam steps
+    assert report["max_rel_diff"] < 1e-5  # relative to each tensor's scale (measured 2e-7)
     # Parameters really are split across devices by the logical-axis rules.
     assert report["specs"]["['embed']"] == "P(('tensor', 'fsdp'), None)"  # rows split 4 ways
     assert report["n_shards"]["['embed']"] == 4
