@@ -40,6 +40,10 @@ settings are sized for responses of hundreds of tokens):
   methods (Chow et al. 2024) with N = 8, against `reinforce` (the same
   samples without BoN weighting) and `bon_sft` (SFT on the verifier's best of 8).
 
+Beside the rows, the study trains a Bradley-Terry reward model on the pairs
+(stage `bradley_terry`, from the start policy, lr 1e-4) and reports bon@8 with
+it as the selector for every policy.
+
 Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
 - `stage`: `base` (the start policy), a method of `METHODS` or any other
   `align.loss` (its config at beta 1); default `dpo`. A bare first item is
@@ -131,6 +135,7 @@ def get_study(arg=None):
         "targets": {m: METHODS[m][3].replace("8", str(k)) for m in methods if METHODS[m][3]},
         "claims": {m: METHODS[m][2] for m in methods},
         "comparisons": {m: o for m, o in COMPARISONS.items() if m in methods and o in methods},
+        "reward_model": "bradley_terry",  # bon@k's second selector, trained on the pairs
         "eval_problems": 64 if quick else 512,
         "eval_samples": k,
     }

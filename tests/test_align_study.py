@@ -33,6 +33,7 @@ def _spec(**fields):
         ({"data": {"num_sample": 4}}, r"data fields \['num_sample'\]"),
         ({"targets": {"dpo": "pass@3"}}, "targets .*pass@3.*use one of"),
         ({"comparisons": {"dpo": "kto"}}, r"comparisons name \['kto'\]"),
+        ({"reward_model": "dpo"}, "reward_model='dpo' is also a method"),
     ],
 )
 def test_a_bad_study_spec_names_the_field_and_the_fix(fields, match):
@@ -69,6 +70,8 @@ def test_quick_study_runs_every_stage_and_reports_intervals(tmp_path):
             assert ci["mean"] == pytest.approx(r[label] - base[label], abs=1e-9)
         assert "delta greedy accuracy [carry]" in r
         assert r["improves"] == (r[f"delta {r['target']}"]["lo"] > 0)
+    for r in rows:  # a selector picks one of the k samples: correct only if one of them is
+        assert 0.0 <= r["bon_rm@4"] <= r["pass@4"] + 1e-9 and r["bon_likelihood@4"] <= r["pass@4"]
     by_method = {r["method"]: r for r in rows}
     # A compared pair: the paired change is the difference of the two methods' means.
     c = by_method["lipo_lambda"]["comparison"]
@@ -88,6 +91,9 @@ def test_quick_study_runs_every_stage_and_reports_intervals(tmp_path):
     }
     assert files == {str(tmp_path / "data" / f) for f in ("pairs.jsonl", "lists.jsonl",
                                                            "samples.jsonl")}  # fmt: skip
+    rm = json.loads((tmp_path / "bradley_terry" / "seed_0" / "config.json").read_text())
+    assert rm["align"]["loss"] == "bradley_terry"  # the reward model of bon@k, on the pairs
+    assert rm["align"]["train_file"] == str(tmp_path / "data" / "pairs.jsonl")
     rest_em = json.loads((tmp_path / "rest_em" / "seed_0" / "config.json").read_text())
     assert rest_em["data"]["source"] == f"jsonl:{tmp_path / 'data' / 'kept.jsonl'}"
 

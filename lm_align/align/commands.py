@@ -239,23 +239,9 @@ def cmd_bon(args, overrides) -> int:
     return _run_stages("bon", run_bon, args, overrides)
 
 
-def _reward_model_selector(path: str, tokenizer, prompts):
-    """bon@k's selector: a reward model's scores of the samples, [P, n]."""
-    import numpy as np
-
-    from lm_align.align.reward import RewardModel, reward_model_scorer
-    from lm_align.align.setup import load_model
-    from lm_align.data.scorers import score_lists
-
-    rm, rm_params, _ = load_model(path)
-    if not isinstance(rm, RewardModel):
-        raise ValueError(f"--selector {path} is a policy, not a reward model")
-    rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=64)
-    return lambda samples, k: np.stack(score_lists(rm_score, prompts, samples.responses))
-
-
 def cmd_eval(args, overrides) -> int:
     from lm_align import data as data_lib
+    from lm_align.align.experiment import reward_model_selector
     from lm_align.align.policy_eval import evaluate_policy
     from lm_align.align.setup import load_model
     from lm_align.data.arithmetic import ArithmeticTask, problem_slices
@@ -291,7 +277,7 @@ def cmd_eval(args, overrides) -> int:
         prompts = [r["prompt"] for r in records]
         scorer = reference_scorer(records) if args.scorer == "reference" else make_scorer(args.scorer)
         selector = (
-            _reward_model_selector(args.selector, tokenizer, prompts) if args.selector else None
+            reward_model_selector(args.selector, tokenizer, prompts) if args.selector else None
         )
         report = evaluate_policy(
             model, params, tokenizer, prompts, scorer,

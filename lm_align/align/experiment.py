@@ -129,3 +129,19 @@ def evaluate_run(run_dir: str, out_path: str, start: StartPolicy, scorer, **kwar
         )  # fmt: skip
 
     return cached(out_path, compute)
+
+
+def reward_model_selector(path: str, tokenizer, prompts) -> Callable:
+    """bon@k's selector for `evaluate_policy`: the reward model of run `path` scores
+    each prompt's samples, [P, n]."""
+    import numpy as np
+
+    from lm_align.align.reward import RewardModel, reward_model_scorer
+    from lm_align.align.setup import load_model
+    from lm_align.data.scorers import score_lists
+
+    rm, rm_params, _ = load_model(path)
+    if not isinstance(rm, RewardModel):
+        raise ValueError(f"{path} is a policy, not a reward model (align.loss=bradley_terry)")
+    rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=64)
+    return lambda samples, k: np.stack(score_lists(rm_score, prompts, samples.responses))

@@ -26,8 +26,10 @@ and the study, in WORKDIR:
 Every policy is evaluated on the same `eval_problems` distinct held-out
 problems (`lm_align.align.experiment.held_out_prompts`): greedy accuracy (per
 slice), pass@1 and pass@n from `eval_samples` samples, bon@n with the model's
-own likelihood as the selector, KL to the start policy. With a binary
-verifier, bon@n with the verifier as the selector equals pass@n. A method's
+own likelihood as the selector and, with `reward_model` (a stage trained once,
+like a method, whose run is a reward model), bon@n with that reward model as
+the selector; KL to the start policy. With a binary verifier, bon@n with the
+verifier as the selector equals pass@n. A method's
 change over the start is the mean per-problem difference (seeds averaged per
 problem first) with its 95% paired-bootstrap interval over problems
 (`lm_align.align.evaluation.paired_bootstrap`); the per-seed values are listed
@@ -59,6 +61,7 @@ binary verifier `scorer` and the graded `label_scorer`, and writes:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -78,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "targets": {},  # method -> the metric it should improve (METRICS label; greedy accuracy)
     "claims": {},  # method -> its paper's qualitative claim, for the table
     "comparisons": {},  # method -> another method it is compared with on its target metric
+    "reward_model": "",  # a get_config stage training a reward model: bon@k's selector
     "eval_problems": 512,  # distinct held-out problems
     "eval_samples": 8,  # samples per problem for pass@1 and pass@n
     "num_resamples": 2000,  # bootstrap resamples of the intervals
@@ -103,7 +107,12 @@ GREEDY, PASS1 = "greedy accuracy", "pass@1"
 
 def run_study(config_path: str, workdir: str, overrides=(), getter: str = "get_study") -> list[dict]:
     """Runs (or resumes) every stage; returns the result rows (also written to WORKDIR)."""
-    from lm_align.align.experiment import cached, open_experiment, start_policy
+    from lm_align.align.experiment import (
+        cached,
+        open_experiment,
+        reward_model_selector,
+        start_policy,
+    )
     from lm_align.align.policy_eval import evaluate_policy
     from lm_align.align.setup import load_model
     from lm_align.data.scorers import make_scorer
@@ -114,6 +123,15 @@ def run_study(config_path: str, workdir: str, overrides=(), getter: str = "get_s
     start = start_policy(exp, workdir, eval_problems=spec["eval_problems"], log=log)
     files = _data_stage(workdir, start, spec["data"]) if spec["data"] else {}
     runs = {"base": [start.directory]}
+    rm_dir = ""
+    if spec["reward_model"]:
+        rm_dir = os.path.join(workdir, spec["reward_model"], f"seed_{spec['seeds'][0]}")
+        log(f"== reward model {spec['reward_model']} -> {rm_dir}")
+        result = _run_method(exp, spec["reward_model"], spec["seeds"][0], start.directory,
+                             files, spec, rm_dir)  # fmt: skip
+        if result.stopped_by:
+            log(f"stopped by {result.stopped_by}; rerun the same command to continue")
+            return []
     for method in spec["methods"]:
         runs[method] = []
         for seed in spec["seeds"][:1] if method in spec["one_seed"] else spec["seeds"]:
@@ -127,6 +145,7 @@ def run_study(config_path: str, workdir: str, overrides=(), getter: str = "get_s
 
     model, base_params, _ = load_model(start.directory)
     scorer = make_scorer((spec["data"] or {}).get("scorer") or _scorer_name(exp, spec))
+    selector = reward_model_selector(rm_dir, start.tokenizer, start.eval_prompts) if rm_dir else None
 
     def evaluate(run_dir: str) -> dict:
         name = os.path.relpath(run_dir, workdir).replace(os.sep, "_")
@@ -137,10 +156,11 @@ def run_study(config_path: str, workdir: str, overrides=(), getter: str = "get_s
                 model, params, start.tokenizer, start.eval_prompts, scorer,
                 num_samples=spec["eval_samples"], ks=sorted({1, spec["eval_samples"]}),
                 reference_params=base_params, slices=start.slices, per_prompt=True, seed=0,
+                selector=selector,
             )  # fmt: skip
 
         log(f"evaluating {name} on {len(start.eval_prompts)} held-out problems")
-        return cached(os.path.join(workdir, "eval", f"{name}.json"), compute)
+        return cached(_eval_path(workdir, name, "custom" if rm_dir else "verifier"), compute)
 
     reports = {method: [evaluate(d) for d in dirs] for method, dirs in runs.items()}
     rows = summarize(reports, spec, start.eval_prompts, start.slices)
@@ -152,6 +172,17 @@ def run_study(config_path: str, workdir: str, overrides=(), getter: str = "get_s
     return rows
 
 
+def _eval_path(workdir: str, name: str, selector: str) -> str:
+    """WORKDIR/eval/<name>.json; an evaluation made with another bon@k selector (the
+    reward model added or removed since) is removed, to be made again."""
+    path = os.path.join(workdir, "eval", f"{name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f).get("bon_selector") != selector:
+                os.remove(path)
+    return path
+
+
 def _check_spec(spec: dict) -> dict:
     if not spec["methods"]:
         raise config_lib.ConfigError("the study has no methods; list get_config stages in methods")
@@ -161,6 +192,11 @@ def _check_spec(spec: dict) -> dict:
         unknown = sorted(set(spec[field]) - set(spec["methods"]))
         if unknown:
             raise config_lib.ConfigError(f"{field} names {unknown}, which are not methods")
+    if spec["reward_model"] in spec["methods"]:
+        raise config_lib.ConfigError(
+            f"reward_model={spec['reward_model']!r} is also a method; a reward model is not a "
+            "policy, list it only as reward_model"
+        )
     unknown = sorted(set(spec["comparisons"].values()) - set(spec["methods"]))
     if unknown:
         raise config_lib.ConfigError(f"comparisons name {unknown}, which are not methods")
@@ -323,6 +359,8 @@ def summarize(reports: dict[str, list[dict]], spec: dict, prompts, slices) -> li
             "method": method,
             "seeds": len(runs),
             f"bon_likelihood@{k}": float(np.mean([r[f"bon_likelihood@{k}"] for r in runs])),
+            f"bon_rm@{k}": (float(np.mean([r[f"bon@{k}"] for r in runs]))
+                            if spec["reward_model"] else None),
             "kl": float(np.mean([r.get("kl", 0.0) for r in runs])),
         }
         for label in metrics(k):
@@ -355,6 +393,10 @@ def summarize(reports: dict[str, list[dict]], spec: dict, prompts, slices) -> li
     return rows
 
 
+def _opt(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
 def _ci(d: dict) -> str:
     return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
@@ -364,9 +406,9 @@ def format_table(rows: list[dict], k: int) -> str:
     labels = metrics(k)
     head = " | ".join(f"{m} | change [95% CI]" for m in labels)
     lines = [
-        f"| method | seeds | {head} | bon_likelihood@{k} | KL to base | target improves | "
-        "paper's claim |",
-        "|---|---:|" + "---:|---|" * len(labels) + "---:|---:|---|---|",
+        f"| method | seeds | {head} | bon@{k} likelihood | bon@{k} reward model | KL to base | "
+        "target improves | paper's claim |",
+        "|---|---:|" + "---:|---|" * len(labels) + "---:|---:|---:|---|---|",
     ]
     for r in rows:
         base = r["method"] == "base"
@@ -379,7 +421,8 @@ def format_table(rows: list[dict], k: int) -> str:
         verdict = "" if base else f"{'yes' if r['improves'] else 'no'} ({r['target']})"
         lines.append(
             f"| {r['method']} | {r['seeds']} | " + " | ".join(cells)
-            + f" | {r[f'bon_likelihood@{k}']:.3f} | {r['kl']:.3f} | {verdict} | "
+            + f" | {r[f'bon_likelihood@{k}']:.3f} | {_opt(r.get(f'bon_rm@{k}'))} | "
+            + f"{r['kl']:.3f} | {verdict} | "
             + f"{r.get('claim', '')} |"
         )
     compared = [r for r in rows if "comparison" in r]
