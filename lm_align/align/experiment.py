@@ -133,15 +133,24 @@ def evaluate_run(run_dir: str, out_path: str, start: StartPolicy, scorer, **kwar
 
 def reward_model_selector(path: str, tokenizer, prompts) -> Callable:
     """bon@k's selector for `evaluate_policy`: the reward model of run `path` scores
-    each prompt's samples, [P, n]."""
+    each prompt's samples, [P, n], at the row length it was trained with (scored once
+    per set of samples, whatever the k)."""
     import numpy as np
 
     from lm_align.align.reward import RewardModel, reward_model_scorer
     from lm_align.align.setup import load_model
     from lm_align.data.scorers import score_lists
 
-    rm, rm_params, _ = load_model(path)
+    rm, rm_params, rm_cfg = load_model(path)
     if not isinstance(rm, RewardModel):
         raise ValueError(f"{path} is a policy, not a reward model (align.loss=bradley_terry)")
-    rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=64)
-    return lambda samples, k: np.stack(score_lists(rm_score, prompts, samples.responses))
+    rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=rm_cfg.align.max_len)
+    last: dict[int, np.ndarray] = {}
+
+    def select(samples, k):
+        if id(samples) not in last:
+            last.clear()
+            last[id(samples)] = np.stack(score_lists(rm_score, prompts, samples.responses))
+        return last[id(samples)]
+
+    return select
