@@ -70,6 +70,6 @@ def get_config(arg=None):
     cfg.train.checkpoint_every = 50
     cfg.optimizer.lr = 3e-4
     cfg.optimizer.schedule = "constant"
-    cfg.optimizer.warmup_steps = 10
+    cfg.optimizer.warmup_steps = 2 if quick else 10
     cfg.optimizer.weight_decay = 0.0
     return cfg

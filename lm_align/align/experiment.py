@@ -133,8 +133,8 @@ def evaluate_run(run_dir: str, out_path: str, start: StartPolicy, scorer, **kwar
 
 def reward_model_selector(path: str, tokenizer, prompts) -> Callable:
     """bon@k's selector for `evaluate_policy`: the reward model of run `path` scores
-    each prompt's samples, [P, n], at the row length it was trained with (scored once
-    per set of samples, whatever the k)."""
+    each prompt's samples, [P, n], in rows of the length it was trained with or, for
+    longer samples, of the longest one (scored once per set of samples, whatever k)."""
     import numpy as np
 
     from lm_align.align.reward import RewardModel, reward_model_scorer
@@ -144,11 +144,14 @@ def reward_model_selector(path: str, tokenizer, prompts) -> Callable:
     rm, rm_params, rm_cfg = load_model(path)
     if not isinstance(rm, RewardModel):
         raise ValueError(f"{path} is a policy, not a reward model (align.loss=bradley_terry)")
-    rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=rm_cfg.align.max_len)
     last: dict[int, np.ndarray] = {}
 
     def select(samples, k):
         if id(samples) not in last:
+            longest = max(len(tokenizer.encode(p)) + len(tokenizer.encode(r))
+                          for p, rs in zip(prompts, samples.responses, strict=True) for r in rs)
+            max_len = max(rm_cfg.align.max_len, longest + 1)  # + bos, eos; rows hold max_len + 1
+            rm_score = reward_model_scorer(rm, rm_params, tokenizer, max_len=max_len)
             last.clear()
             last[id(samples)] = np.stack(score_lists(rm_score, prompts, samples.responses))
         return last[id(samples)]
