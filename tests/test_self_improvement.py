@@ -240,14 +240,21 @@ def test_eval_cli_prints_the_report(tmp_path):
 def test_plot_lines_of_a_non_lr_sweep(tmp_path):
     from lm_align.sweeps.plots import plot_lines
 
+    runs = [(64, 400, 0.1), (32, 400, 0.0), (64, 1200, 0.3), (32, 1200, None), (32, 2000, math.nan)]
     rows = [
-        {"model.d_model": d, "train.steps": s, "answer_exact_match": acc}
-        for (d, s, acc) in [(64, 400, 0.1), (32, 400, 0.0), (64, 1200, 0.3), (32, 1200, None)]
+        {"model.d_model": d, "train.steps": s, "answer_exact_match": acc} for (d, s, acc) in runs
     ]
     path, points = plot_lines(
         rows, str(tmp_path), x="model.d_model", group="train.steps", metric="answer_exact_match"
     )
     assert os.path.exists(path) and path.endswith("answer_exact_match_vs_d_model.png")
-    assert points == [(400, 32, 0.0), (400, 64, 0.1), (1200, 64, 0.3)]  # the None row is left out
+    # (compare, group, x, metric); the None and NaN rows are left out
+    assert points == [(None, 400, 32, 0.0), (None, 400, 64, 0.1), (None, 1200, 64, 0.3)]
+    # A compare key splits the lines: its value leads each point, sorted on it first.
+    _, points = plot_lines(
+        rows, str(tmp_path), x="train.steps", group=None, compare="model.d_model",
+        metric="answer_exact_match",
+    )  # fmt: skip
+    assert points == [(32, None, 400, 0.0), (64, None, 400, 0.1), (64, None, 1200, 0.3)]
     with pytest.raises(ValueError, match="no finished run"):
         plot_lines(rows, str(tmp_path), x="model.d_model", group=None, metric="eval_loss")

@@ -176,8 +176,10 @@ class TransformerConfig:
                 errs.append(f"model.{name}={getattr(self, name)!r} is not one of {valid}")
         return errs
 
-    def num_params(self, *, matmul_only: bool = False) -> int:
-        """Parameter count; `matmul_only` counts weights used in matmuls (the 6N of FLOPs)."""
+    def num_params(self, *, matmul_only: bool = False, non_embedding: bool = False) -> int:
+        """Parameter count; `matmul_only` counts weights used in matmuls (the 6N of FLOPs);
+        `non_embedding` leaves out the embeddings and the readout (the N of scaling studies:
+        12 d^2 per layer for a GeLU MLP of width 4d, plus the norms)."""
         D, F, V, N = self.d_model, self.d_ff, self.vocab_size, self.n_layers
         HK = self.n_heads * self.resolved_head_dim
         qkv = HK + 2 * self.resolved_kv_heads * self.resolved_head_dim  # q, k, v outputs
@@ -193,6 +195,8 @@ class TransformerConfig:
             per_layer += qkv
         if self.use_bias:
             per_layer += D + n_in * F + D
+        if non_embedding:
+            return N * per_layer + vec
         embed = V * D + (self.max_len * D if self.position == "learned" else 0)
         return N * per_layer + embed + (0 if self.tie_embeddings else readout) + vec
 

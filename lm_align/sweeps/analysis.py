@@ -113,6 +113,96 @@ def fitted_optimal_lr(lrs: Sequence[Any], losses: Sequence[Any], points: int = 5
     return float(np.exp(np.clip(-b / (2 * a), xs.min(), xs.max())))
 
 
+def crossing_lr(lrs: Sequence[Any], values: Sequence[Any], threshold: float) -> float | None:
+    """The LR at which `values` (e.g. the max attention logit) first reaches `threshold`.
+
+    Interpolated linearly in log LR and log value between the last grid point
+    below the threshold and the first at or above it. None when no point
+    reaches it, or the first (lowest-LR) point already does (the crossing is
+    below the grid). Non-finite or non-positive values are skipped.
+
+    Examples:
+        >>> round(crossing_lr([1e-3, 1e-2, 1e-1], [10.0, 100.0, 1e4], 1000.0), 6)
+        0.031623
+    """
+    pairs = sorted(
+        (as_float(x), as_float(v))
+        for x, v in zip(lrs, values)
+        if as_float(x) > 0 and math.isfinite(as_float(v)) and as_float(v) > 0
+    )
+    for i, (x, v) in enumerate(pairs):
+        if v >= threshold:
+            if i == 0:
+                return None
+            (x0, v0), t = pairs[i - 1], math.log(threshold)
+            frac = (t - math.log(v0)) / (math.log(v) - math.log(v0))
+            return float(math.exp(math.log(x0) + frac * (math.log(x) - math.log(x0))))
+    return None
+
+
+def prediction_table(
+    rows: Iterable[Mapping[str, Any]],
+    at: float,
+    *,
+    x: str = "optimizer.lr",
+    group: str = "model.d_model",
+    metric: str = "eval_loss",
+    compare: str | None = None,
+    threshold: float = 1e4,
+) -> list[dict]:
+    """Predict the curve at group value `at` from the smaller groups (power laws).
+
+    Per compare value, two trends of the numeric `group` (e.g. non-embedding
+    parameters) are fitted on the groups below `at` with `sweeps.fit.power_law`
+    and extrapolated to `at`: the LR sensitivity (`sensitivity_table`) and the
+    LR at which the final max attention logit reaches `threshold`
+    (`crossing_lr`). Returns one dict per (compare, quantity) with `compare`,
+    `quantity`, `fit` (the PowerLawFit or None with fewer than 3 usable
+    groups), `groups` (the groups fitted), `predicted`, `predicted_ci` (95%),
+    `measured` (at `at`, None if that group has not run) and `error`
+    (measured / predicted - 1).
+    """
+    from lm_align.sweeps.fit import power_law
+
+    rows = list(rows)
+    points = grid_points(rows, x, group, metric, compare)
+    crossing = {
+        key: crossing_lr([p["x"] for p in c], [p["max_attn_logit_final"] for p in c], threshold)
+        for key, c in _curves(points).items()
+    }
+    sens = {
+        (r["compare"], r["group"]): r["lr_sensitivity"]
+        for r in sensitivity_table(rows, x, group, metric, compare)
+    }
+    out = []
+    for quantity, values in (("lr_sensitivity", sens), (f"lr_at_attn_logit_{threshold:g}", crossing)):
+        for cmp_value in dict.fromkeys(c for c, _ in values):
+            known = {
+                as_float(g): v
+                for (c, g), v in values.items()
+                if c == cmp_value and v is not None and math.isfinite(v) and v > 0
+            }
+            train = sorted((g, v) for g, v in known.items() if g < at)
+            fit = None
+            if len(train) >= 3:
+                fit = power_law([g for g, _ in train], [v for _, v in train])
+            measured = known.get(float(at))
+            predicted = float(fit(at)) if fit else None
+            out.append(
+                {
+                    "compare": cmp_value,
+                    "quantity": quantity,
+                    "fit": fit,
+                    "groups": [g for g, _ in train],
+                    "predicted": predicted,
+                    "predicted_ci": fit.predict_ci(at) if fit else None,
+                    "measured": measured,
+                    "error": measured / predicted - 1 if measured and predicted else None,
+                }
+            )
+    return out
+
+
 def grid_ratio(grid: Sequence[float]) -> float:
     """The median ratio between consecutive LRs of a (geometric) grid."""
     g = sorted(v for v in grid if v > 0)

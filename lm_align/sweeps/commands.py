@@ -91,9 +91,24 @@ def add_parsers(subparsers, fit_check=None) -> None:
     p.add_argument("--metric", default="eval_loss", help="summary column to plot")
     p.add_argument("--out", help="output directory (default: the sweep directory)")
     p.add_argument(
+        "--predict",
+        type=float,
+        metavar="GROUP_VALUE",
+        help="fit LR sensitivity and the LR where the max attention logit reaches "
+        "--threshold against the (numeric) --group on the groups below GROUP_VALUE, "
+        "predict both at GROUP_VALUE, and compare with its runs once they exist",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=1e4,
+        help="max attention logit of --predict's crossing LR (default 1e4, as in Wortsman et al.)",
+    )
+    p.add_argument(
         "--lines",
         action="store_true",
-        help="just --metric against --x, one line per --group (sweeps that are not LR sweeps)",
+        help="just --metric against --x, one line per --group, line style per --compare "
+        "(e.g. the final log Z against the LR, or sweeps that are not LR sweeps)",
     )
     p.add_argument(
         "--curves",
@@ -290,6 +305,9 @@ def cmd_plot(args, overrides) -> int:
         return 2
     group = _choose(args.group, inferred["group"])
     compare = _choose(args.compare, inferred["compare"])
+    if args.predict is not None and not group:
+        print("error: --predict needs a numeric --group (e.g. params_non_embedding)", file=sys.stderr)
+        return 2
     try:
         report = plots.plot_sweep(
             rows,
@@ -304,7 +322,35 @@ def cmd_plot(args, overrides) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_sweep_report(report, x=x, group=group, compare=compare, metric=args.metric)
+    if args.predict is not None:
+        table = analysis.prediction_table(
+            rows, args.predict, x=x, group=group, metric=args.metric, compare=compare,
+            threshold=args.threshold,
+        )  # fmt: skip
+        _print_prediction(table, args.predict, group, compare)
     return 0
+
+
+def _print_prediction(table, at, group, compare) -> None:
+    """The --predict table: each trend's fit on the smaller groups, its prediction at `at`
+    with a 95% interval, and the measured value with the relative error once it exists."""
+    from lm_align.sweeps import plots
+
+    print(f"\nprediction at {plots.short(group)}={_fmt(at)} from the smaller groups:")
+    for r in table:
+        where = f" ({plots.short(compare)}={r['compare']})" if compare else ""
+        if r["fit"] is None:
+            print(f"  {r['quantity']}{where}: fewer than 3 groups below it with a value")
+            continue
+        lo, hi = r["predicted_ci"]
+        line = (
+            f"  {r['quantity']}{where}: {r['fit'].describe()} on {len(r['groups'])} groups; "
+            f"predicted {_fmt(r['predicted'])} (95% CI {_fmt(lo)} .. {_fmt(hi)})"
+        )
+        if r["measured"] is not None:
+            inside = "inside" if lo <= r["measured"] <= hi else "outside"
+            line += f"; measured {_fmt(r['measured'])} (error {r['error']:+.0%}, {inside} the CI)"
+        print(line)
 
 
 def _plot_lines(args, rows) -> int:
@@ -315,18 +361,20 @@ def _plot_lines(args, rows) -> int:
         print("error: --lines needs --x (the key on the horizontal axis)", file=sys.stderr)
         return 2
     group = None if args.group in (None, NONE) else args.group
+    compare = None if args.compare in (None, NONE) else args.compare
     try:
         path, points = plots.plot_lines(
             rows, args.out or args.sweep, x=args.x, group=group, metric=args.metric,
-            title=os.path.basename(os.path.normpath(args.sweep)),
+            compare=compare, title=os.path.basename(os.path.normpath(args.sweep)),
         )  # fmt: skip
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in format_table(
-        [{"group": g, "x": x, "metric": m} for g, x, m in points],
-        ["group", "x", "metric"],
-        [plots.short(group) if group else "group", plots.short(args.x), args.metric],
+        [{"compare": c, "group": g, "x": x, "metric": m} for c, g, x, m in points],
+        ["compare", "group", "x", "metric"] if compare else ["group", "x", "metric"],
+        ([plots.short(compare)] if compare else [])
+        + [plots.short(group) if group else "group", plots.short(args.x), args.metric],
     ):
         print(f"  {line}")
     print(f"wrote {path}")

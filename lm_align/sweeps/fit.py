@@ -23,6 +23,7 @@ the noise's form.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,9 +43,24 @@ class PowerLawFit:
     offset_ci: tuple[float, float]
     num_points: int
     num_bootstrap: int
+    bootstrap: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __call__(self, x):
         return self.coef * np.asarray(x, float) ** self.exponent + self.offset
+
+    def predict_ci(self, x: float) -> tuple[float, float]:
+        """95% interval of the fitted curve at `x`: the bootstrap fits' values there,
+        percentile interval widened like the parameters' (an extrapolation's error grows
+        with its distance from the data, and this interval does too)."""
+        if self.bootstrap is None or not len(self.bootstrap):
+            return (math.nan, math.nan)
+        coef, exponent, offset = self.bootstrap.T
+        values = coef * float(x) ** exponent + offset
+        lo, hi = np.percentile(values, [2.5, 97.5])
+        est = float(self(x))
+        k = 3 if self.offset_ci[1] > 0 else 2  # fitted with an offset
+        widen = math.sqrt(self.num_points / max(self.num_points - k, 1))
+        return (est - (est - lo) * widen, est + (hi - est) * widen)
 
     def describe(self) -> str:
         lo, hi = self.exponent_ci
@@ -130,5 +146,5 @@ def power_law(
     return PowerLawFit(
         float(coef), float(exponent), float(off),
         (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1])), (float(lo[2]), float(hi[2])),
-        len(x), len(boot),
+        len(x), len(boot), boot,
     )  # fmt: skip

@@ -349,39 +349,46 @@ def plot_lines(
     x: str,
     group: str | None,
     metric: str,
+    compare: str | None = None,
     title: str = "",
-) -> tuple[str, list[tuple[Any, Any, Any]]]:
-    """`metric` against `x` (log scale), one line per `group` value, no LR analysis.
+) -> tuple[str, list[tuple[Any, Any, Any, Any]]]:
+    """`metric` against `x` (log scale), one colour per `group` value and one line style
+    per `compare` value, no LR analysis.
 
-    For sweeps that are not LR sweeps (e.g. model size x training length).
-    Returns (the PNG path, [(group value, x, metric)] sorted).
+    For sweeps that are not LR sweeps (e.g. model size x training length), or a
+    quantity other than the loss against the LR (e.g. the final log Z). Returns
+    (the PNG path, [(compare value, group value, x, metric)] sorted).
     """
-    import os
-
-    import matplotlib.pyplot as plt
-
     points = sorted(
-        (r.get(group) if group else None, r[x], r.get(metric))
-        for r in rows
-        if r.get(x) is not None and r.get(metric) is not None
+        (
+            (r.get(compare) if compare else None, r.get(group) if group else None, r[x], r[metric])
+            for r in rows
+            if r.get(x) is not None
+            and r.get(metric) is not None
+            and math.isfinite(analysis.as_float(r[metric]))
+        ),
+        key=lambda p: tuple(analysis.sort_key(v) for v in p),
     )
     if not points:
         raise ValueError(f"no finished run has both {x!r} and {metric!r} in the summary")
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for value in sorted({p[0] for p in points}, key=str):
-        xs = [p[1] for p in points if p[0] == value]
-        ys = [p[2] for p in points if p[0] == value]
-        ax.plot(xs, ys, marker="o", label=_label(group, value) if group else None)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(short(x))
+    dicts = [{"group": g, "compare": c} for c, g, _, _ in points]
+    colors, styles = _styles(dicts)
+    fig, (ax,) = _figure(1)
+    for c, g in dict.fromkeys((c, g) for c, g, _, _ in points):
+        xs = [p[2] for p in points if p[:2] == (c, g)]
+        ys = [p[3] for p in points if p[:2] == (c, g)]
+        parts = ([_label(group, g)] if group else []) + ([_label(compare, c)] if compare else [])
+        ax.plot(xs, ys, marker="o", markersize=4, color=colors[g], linestyle=styles[c],
+                label=", ".join(parts) or None)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{x} (log scale)")
     ax.set_ylabel(metric)
-    ax.set_title(title)
-    if group:
-        ax.legend()
-    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if group or compare:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{metric}_vs_{short(x)}.png")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path, points

@@ -12,6 +12,9 @@ not set it), then the metrics below (None / empty where a run has none yet).
 | `answer_exact_match` | `answer_exact_match` of `final.json`, if present |
 | `max_attn_logit_final` | max over layers of the last row's `max_attn_logit` |
 | `max_attn_logit_peak` | max over all rows and layers of `max_attn_logit` |
+| `log_z_final` | `log_z_mean` of the last `metrics.jsonl` row: the mean log-normaliser of the output softmax (what z-loss pushes toward 0) |
+| `output_logit_mean_final` | `output_logit_mean` of the last `metrics.jsonl` row |
+| `params_non_embedding` | the model's parameters without embeddings and readout (`config.json`'s `model`; `TransformerConfig.num_params(non_embedding=True)`) |
 | `steps` | `step` of the last `metrics.jsonl` row |
 | `wall_s` | seconds the run's processes ran, summed over attempts |
 
@@ -41,6 +44,9 @@ METRIC_COLUMNS = (
     "answer_exact_match",
     "max_attn_logit_final",
     "max_attn_logit_peak",
+    "log_z_final",
+    "output_logit_mean_final",
+    "params_non_embedding",
     "steps",
     "wall_s",
 )
@@ -100,8 +106,24 @@ def run_metrics(run_dir: str) -> dict[str, Any]:
         "max_attn_logit_peak": _max_not_nan(
             v for r in rows for v in (r.get("max_attn_logit") or ())
         ),
+        "log_z_final": _float(last.get("log_z_mean")),
+        "output_logit_mean_final": _float(last.get("output_logit_mean")),
+        "params_non_embedding": _non_embedding_params(run_dir),
         "steps": last.get("step", final.get("step")),
     }
+
+
+def _non_embedding_params(run_dir: str) -> int | None:
+    """Non-embedding parameter count of the run's model (None before config.json exists)."""
+    config = read_json(os.path.join(run_dir, "config.json"))
+    if not config or "model" not in config:
+        return None
+    from lm_align.models.transformer import config_from_dict
+
+    try:
+        return config_from_dict(config["model"]).num_params(non_embedding=True)
+    except (TypeError, ValueError):  # a config.json of another lm_align version
+        return None
 
 
 def run_row(run_dir: str, record: dict, override_keys: Sequence[str]) -> dict[str, Any]:

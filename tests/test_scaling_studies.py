@@ -1,0 +1,108 @@
+"""The scaling studies of docs/scaling.md: proxy_scaling.py and adam_eps.py.
+
+Their full sweeps are hours of CPU; here every run of them is planned (each
+config valid) and the quick variants run end to end through `lm-align sweep`
+and `lm-align plot`, checking the numbers the figures are drawn from.
+
+    lm-align sweep --config experiments/proxy_scaling.py:quick --workdir DIR
+    lm-align plot  --sweep DIR --group params_non_embedding --predict N
+    lm-align sweep --config experiments/adam_eps.py:quick --workdir DIR
+    lm-align plot  --sweep DIR --lines --x model.d_model --group optimizer.eps \
+        --compare param.per_layer_eps
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lm_align.sweeps.runner import plan_sweep
+from lm_align.sweeps.summary import load_summary
+from tests.helpers import REPO, env_with_devices
+
+PROXY = os.path.join(REPO, "experiments", "proxy_scaling.py")
+ADAM_EPS = os.path.join(REPO, "experiments", "adam_eps.py")
+
+
+def _lm_align(*args):
+    cmd = [sys.executable, "-m", "lm_align.cli", *args]
+    proc = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, env=env_with_devices(1), cwd=REPO,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _non_embedding(d, layers, qk_ln):
+    """GeLU MLP of width 4d, no biases, LayerNorm scales only: per layer q, k, v, out
+    (4 d^2), w_in and w_out (8 d^2), two norm scales (2d), qk-layernorm scales
+    (2 * head_dim 16); plus the final norm (d)."""
+    return layers * (12 * d * d + 2 * d + (32 if qk_ln else 0)) + d
+
+
+@pytest.mark.parametrize("study", ["qk_ln", "z_loss", "warmup", "decay"])
+def test_proxy_scaling_sweeps_are_valid_and_end_with_the_largest_size(tmp_path, study):
+    """56 runs each, smallest size first, so `--max-runs 42` stops before the largest
+    (whose prediction docs/scaling.md states first)."""
+    runs = plan_sweep(f"{PROXY}:{study}", str(tmp_path))
+    assert len(runs) == 4 * 2 * 7
+    sizes = [(r.overrides["model.d_model"], r.overrides["model.n_layers"]) for r in runs]
+    assert sizes == sorted(sizes) and set(sizes[42:]) == {(128, 4)}
+    arms = {tuple(sorted((k, v) for k, v in r.overrides.items() if not k.startswith(("model.d", "model.n", "optimizer.lr")))) for r in runs}  # fmt: skip
+    assert len(arms) == 2  # the intervention's two arms, at every size and LR
+
+
+def test_adam_eps_sweep_plans_every_width_epsilon_and_atan2(tmp_path):
+    runs = plan_sweep(ADAM_EPS, str(tmp_path))
+    assert len(runs) == 4 * 2 * 4 + 4
+    atan2 = [r for r in runs if r.overrides.get("optimizer.name") == "adam_atan2"]
+    assert sorted(r.overrides["model.d_model"] for r in atan2) == [32, 64, 128, 256]
+
+
+def test_quick_proxy_scaling_study_draws_its_figures_and_counts_parameters(tmp_path):
+    _lm_align("sweep", "--config", f"{PROXY}:quick", "--workdir", str(tmp_path))
+    rows = load_summary(str(tmp_path))
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
+    for r in rows:
+        d, layers = r["model.d_model"], r["model.n_layers"]
+        assert r["params_non_embedding"] == _non_embedding(d, layers, r["model.qk_layernorm"])
+        assert math.isfinite(r["log_z_final"]) and math.isfinite(r["output_logit_mean_final"])
+    out = _lm_align(
+        "plot", "--sweep", str(tmp_path), "--group", "params_non_embedding",
+        "--predict", "1000000",
+    )  # fmt: skip
+    assert "fewer than 3 groups below it" in out  # two sizes: nothing to extrapolate from
+    for name in ("loss_vs_lr.png", "max_attn_logit_vs_lr.png", "lr_sensitivity.csv"):
+        assert os.path.getsize(tmp_path / name) > 0
+    out = _lm_align(
+        "plot", "--sweep", str(tmp_path), "--lines", "--x", "optimizer.lr",
+        "--group", "params_non_embedding", "--compare", "model.qk_layernorm",
+        "--metric", "log_z_final",
+    )  # fmt: skip
+    assert os.path.getsize(tmp_path / "log_z_final_vs_lr.png") > 0
+    assert (
+        len([line for line in out.splitlines() if line.strip().startswith(("True", "False"))]) == 8
+    )
+
+
+def test_quick_adam_eps_study_scales_epsilon_only_away_from_the_base_width(tmp_path):
+    """At the base width per-layer epsilon IS the fixed one (the same run, bit for bit);
+    one width up, with eps 1e-4 about the size of the gradients, it is not."""
+    _lm_align("sweep", "--config", f"{ADAM_EPS}:quick", "--workdir", str(tmp_path))
+    rows = load_summary(str(tmp_path))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"finished"}
+    loss = {
+        (r["model.d_model"], r.get("param.per_layer_eps"), r.get("optimizer.name")): r["eval_loss"]
+        for r in rows
+    }
+    assert loss[(16, True, None)] == loss[(16, False, None)]
+    assert loss[(32, True, None)] != loss[(32, False, None)]
+    assert math.isfinite(loss[(32, None, "adam_atan2")])
+    _lm_align(
+        "plot", "--sweep", str(tmp_path), "--lines", "--x", "model.d_model",
+        "--group", "optimizer.eps", "--compare", "param.per_layer_eps",
+    )  # fmt: skip
+    assert os.path.getsize(tmp_path / "eval_loss_vs_d_model.png") > 0
