@@ -36,11 +36,9 @@ def _lm_align(*args):
     return proc.stdout
 
 
-def _non_embedding(d, layers, qk_ln):
-    """GeLU MLP of width 4d, no biases, LayerNorm scales only: per layer q, k, v, out
-    (4 d^2), w_in and w_out (8 d^2), two norm scales (2d), qk-layernorm scales
-    (2 * head_dim 16); plus the final norm (d)."""
-    return layers * (12 * d * d + 2 * d + (32 if qk_ln else 0)) + d
+def _non_embedding(d, layers):
+    """Kaplan's N: per layer q, k, v, out (4 d^2) and the GeLU MLP's w_in, w_out (8 d^2)."""
+    return layers * 12 * d * d
 
 
 @pytest.mark.parametrize("study", ["qk_ln", "z_loss", "warmup", "decay"])
@@ -68,7 +66,7 @@ def test_quick_proxy_scaling_study_draws_its_figures_and_counts_parameters(tmp_p
     assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
     for r in rows:
         d, layers = r["model.d_model"], r["model.n_layers"]
-        assert r["params_non_embedding"] == _non_embedding(d, layers, r["model.qk_layernorm"])
+        assert r["params_non_embedding"] == _non_embedding(d, layers)
         assert math.isfinite(r["log_z_final"]) and math.isfinite(r["output_logit_mean_final"])
     out = _lm_align(
         "plot", "--sweep", str(tmp_path), "--group", "params_non_embedding",

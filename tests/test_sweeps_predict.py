@@ -120,15 +120,17 @@ def test_run_metrics_log_z_and_non_embedding_params(tmp_path):
     assert m["params_non_embedding"] is None  # no config.json yet
     model = {"vocab_size": 259, "d_model": 64, "n_layers": 3, "n_heads": 4, "d_ff": 256}
     (tmp_path / "config.json").write_text(json.dumps({"model": model, "train": {"steps": 10}}))
-    # Per layer: q, k, v, out 4 d^2 + MLP d -> 4d -> d 8 d^2 = 12 * 64^2 = 49152, plus two
-    # layernorm scales (no biases) 2 * 64 = 128; 3 layers, then the final norm's 64:
-    # 3 * 49280 + 64 = 147904. Embeddings and readout do not count.
-    assert run_metrics(str(tmp_path))["params_non_embedding"] == 147_904
-    # qk-layernorm: a scale of head_dim 64 / 4 = 16 on q and on k per layer, + 3 * 32; the
-    # vocabulary changes nothing.
+    # Per layer: q, k, v, out 4 d^2 + MLP d -> 4d -> d 8 d^2 = 12 * 64^2 = 49152; 3 layers:
+    # 147456. Embeddings, readout and the layernorm scales do not count (Kaplan's N).
+    assert run_metrics(str(tmp_path))["params_non_embedding"] == 147_456
+    # qk-layernorm adds only norm scales and the vocabulary only embeddings: the same N.
     model.update(vocab_size=1000, qk_layernorm=True)
     (tmp_path / "config.json").write_text(json.dumps({"model": model}))
-    assert run_metrics(str(tmp_path))["params_non_embedding"] == 148_000
+    assert run_metrics(str(tmp_path))["params_non_embedding"] == 147_456
+    # SwiGLU: three d x d_ff matrices: 3 * (4 * 64^2 + 3 * 64 * 256) = 196608.
+    model.update(activation="swiglu")
+    (tmp_path / "config.json").write_text(json.dumps({"model": model}))
+    assert run_metrics(str(tmp_path))["params_non_embedding"] == 196_608
 
 
 def test_plot_command_predict(tmp_path, capsys):

@@ -178,14 +178,17 @@ class TransformerConfig:
 
     def num_params(self, *, matmul_only: bool = False, non_embedding: bool = False) -> int:
         """Parameter count; `matmul_only` counts weights used in matmuls (the 6N of FLOPs);
-        `non_embedding` leaves out the embeddings and the readout (the N of scaling studies:
-        12 d^2 per layer for a GeLU MLP of width 4d, plus the norms)."""
+        `non_embedding` counts the blocks' matmul weights only, without embeddings, readout,
+        norms and biases (the N of Kaplan et al. 2020: 12 d^2 per layer for a GeLU MLP of
+        width 4d)."""
         D, F, V, N = self.d_model, self.d_ff, self.vocab_size, self.n_layers
         HK = self.n_heads * self.resolved_head_dim
         qkv = HK + 2 * self.resolved_kv_heads * self.resolved_head_dim  # q, k, v outputs
         n_in = 1 if self.activation == "gelu" else 2
         per_layer = D * qkv + HK * D + n_in * D * F + F * D
         readout = V * D
+        if non_embedding:
+            return N * per_layer
         if matmul_only:
             return N * per_layer + readout
         vec = D * (2 if self.use_bias else 1)
@@ -195,8 +198,6 @@ class TransformerConfig:
             per_layer += qkv
         if self.use_bias:
             per_layer += D + n_in * F + D
-        if non_embedding:
-            return N * per_layer + vec
         embed = V * D + (self.max_len * D if self.position == "learned" else 0)
         return N * per_layer + embed + (0 if self.tie_embeddings else readout) + vec
 

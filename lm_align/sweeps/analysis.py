@@ -182,11 +182,14 @@ def prediction_table(
                 for (c, g), v in values.items()
                 if c == cmp_value and v is not None and math.isfinite(v) and v > 0
             }
-            train = sorted((g, v) for g, v in known.items() if g < at)
+            # Within 1% is the same size: e.g. qk-layernorm's scales add 2 * head_dim
+            # parameters per layer to one arm's count.
+            same = [v for g, v in known.items() if abs(math.log(g / at)) < 0.01]
+            train = sorted((g, v) for g, v in known.items() if g < at and not math.log(at / g) < 0.01)
             fit = None
             if len(train) >= 3:
                 fit = power_law([g for g, _ in train], [v for _, v in train])
-            measured = known.get(float(at))
+            measured = same[0] if same else None
             predicted = float(fit(at)) if fit else None
             out.append(
                 {

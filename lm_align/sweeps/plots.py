@@ -34,8 +34,15 @@ def short(key: str | None) -> str:
     return key.rsplit(".", 1)[-1] if key else ""
 
 
+def _value(value: Any) -> str:
+    """A group or compare value for a label: floats in %g (1.2e+04, 0.003, 128)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def _label(key: str | None, value: Any) -> str:
-    return f"{short(key)}={value}" if key else "all runs"
+    return f"{short(key)}={_value(value)}" if key else "all runs"
 
 
 def _figure(ncols: int):
@@ -163,7 +170,7 @@ def _plot_sensitivity_panel(ax, sensitivity, group, compare, styles) -> None:
     if numeric and all(v > 0 for v in values) and len(values) > 1:
         ax.set_xscale("log")
         ax.minorticks_off()
-    ax.set_xticks([position[v] for v in values], [str(v) for v in values])
+    ax.set_xticks([position[v] for v in values], [_value(v) for v in values])
     ax.set_xlabel(group)
     ax.set_ylabel("LR sensitivity")
     ax.grid(True, which="both", alpha=0.3)

@@ -14,7 +14,7 @@ not set it), then the metrics below (None / empty where a run has none yet).
 | `max_attn_logit_peak` | max over all rows and layers of `max_attn_logit` |
 | `log_z_final` | `log_z_mean` of the last `metrics.jsonl` row: the mean log-normaliser of the output softmax (what z-loss pushes toward 0) |
 | `output_logit_mean_final` | `output_logit_mean` of the last `metrics.jsonl` row |
-| `params_non_embedding` | the model's parameters without embeddings and readout (`config.json`'s `model`; `TransformerConfig.num_params(non_embedding=True)`) |
+| `params_non_embedding` | the blocks' matmul weights (without embeddings, readout, norms and biases; 12 d^2 per layer for a GeLU MLP of width 4d, Kaplan et al.'s N), from `config.json`'s `model` (`TransformerConfig.num_params(non_embedding=True)`) |
 | `steps` | `step` of the last `metrics.jsonl` row |
 | `wall_s` | seconds the run's processes ran, summed over attempts |
 
