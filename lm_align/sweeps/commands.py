@@ -6,7 +6,7 @@
                     [--num-slices N] [--project P] [--max-retries K] [--spot] [--bucket B]
                     [--skip-fit-check]]
     lm-align plot --sweep DIR [--x optimizer.lr] [--group KEY] [--compare KEY]
-                  [--metric eval_loss] [--out DIR] [--lines | --curves]
+                  [--metric eval_loss] [--out DIR] [--lines | --curves] [--predict N]
 
 `sweep` exits 0 when no run failed (every run finished or diverged, or was
 left for a later call by --max-runs), 1 when a run failed, 2 on a config
