@@ -15,9 +15,13 @@ Variants (the `param` group; widths 32, 64, 128 with head_dim 16, d_ff = 4 d):
   (embedding 0, hidden 1, readout 1), base width 32.
 - `mup`, `ntk`, `mfp`: those parameterizations with their table LR exponents,
   base width 32 (the smallest model is the tuned proxy).
-Any optimizer can be swept the same way, e.g. `--config.optimizer.name=adam_atan2`.
+Any optimizer can be swept the same way, e.g. `--config.optimizer.name=adam_atan2`
+or `--config.optimizer.name=muon` (Muon on the hidden matrices at LR scale 1 at
+every width, Adam at the variant's scales on the rest; docs/optim.md, "Muon").
 The variant is the `variant` option of `lm_align.config.parse_arg` (`:mup` is
-`:variant=mup`; docs/configs.md, "Variants"); the default is `mup`.
+`:variant=mup`; docs/configs.md, "Variants"); the default is `mup`. The
+`quick` option (`:mup,quick`) is the test suite's version: widths 16 and 32
+(base width 16), two LRs, 10 steps.
 """
 
 from lm_align.config import OneOf, parse_arg
@@ -28,10 +32,17 @@ WIDTHS = (32, 64, 128)
 LR_GRID = tuple(round(1e-3 * 2**k, 6) for k in range(8))  # 0.001 ... 0.128
 HEAD_DIM = 16
 VARIANTS = ("sp", "sp_per_layer", "mup", "ntk", "mfp")
+QUICK_WIDTHS = (16, 32)
+QUICK_LR_GRID = (0.004, 0.032)
+
+
+def _options(arg):
+    return parse_arg(arg, variant=OneOf("mup", VARIANTS), quick=False)
 
 
 def get_config(arg=None):
-    variant = parse_arg(arg, variant=OneOf("mup", VARIANTS)).variant
+    opts = _options(arg)
+    variant, widths = opts.variant, (QUICK_WIDTHS if opts.quick else WIDTHS)
     cfg = base_config()
 
     cfg.train.steps = 200
@@ -43,11 +54,11 @@ def get_config(arg=None):
     cfg.train.answer_eval_examples = 0
     cfg.train.z_loss_coef = 1e-4
 
-    cfg.model.d_model = WIDTHS[0]
+    cfg.model.d_model = widths[0]
     cfg.model.n_layers = 2
     cfg.model.head_dim = HEAD_DIM
-    cfg.model.n_heads = WIDTHS[0] // HEAD_DIM
-    cfg.model.d_ff = 4 * WIDTHS[0]
+    cfg.model.n_heads = widths[0] // HEAD_DIM
+    cfg.model.d_ff = 4 * widths[0]
     cfg.model.qk_layernorm = True
 
     cfg.optimizer.name = "adamw"
@@ -67,11 +78,18 @@ def get_config(arg=None):
         cfg.param.base_width = None
     else:
         cfg.param.name = "standard" if variant == "sp_per_layer" else variant
-        cfg.param.base_width = WIDTHS[0]
+        cfg.param.base_width = widths[0]
+    if opts.quick:
+        cfg.train.steps = 10
+        cfg.train.log_every = 5
+        cfg.train.eval_batches = 1
+        cfg.optimizer.warmup_steps = 2
     return cfg
 
 
 def get_sweep(arg=None):
+    quick = _options(arg).quick
+    widths, grid = (QUICK_WIDTHS, QUICK_LR_GRID) if quick else (WIDTHS, LR_GRID)
     return [
         {
             "model.d_model": w,
@@ -79,6 +97,6 @@ def get_sweep(arg=None):
             "model.d_ff": 4 * w,
             "optimizer.lr": lr,
         }
-        for w in WIDTHS
-        for lr in LR_GRID
+        for w in widths
+        for lr in grid
     ]

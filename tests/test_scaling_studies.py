@@ -6,11 +6,14 @@ and `lm-align plot`, checking the numbers the figures are drawn from.
 
     lm-align sweep --config experiments/proxy_scaling.py:quick --workdir DIR
     lm-align plot  --sweep DIR --group params_non_embedding --predict N
+    lm-align sweep --config experiments/transfer.py:mup,quick --workdir DIR \
+        --config.optimizer.name=muon
     lm-align sweep --config experiments/adam_eps.py:quick --workdir DIR
     lm-align plot  --sweep DIR --lines --x model.d_model --group optimizer.eps \
         --compare param.per_layer_eps
 """
 
+import json
 import math
 import os
 import subprocess
@@ -24,6 +27,7 @@ from tests.helpers import REPO, env_with_devices
 
 PROXY = os.path.join(REPO, "experiments", "proxy_scaling.py")
 ADAM_EPS = os.path.join(REPO, "experiments", "adam_eps.py")
+TRANSFER = os.path.join(REPO, "experiments", "transfer.py")
 
 
 def _lm_align(*args):
@@ -104,3 +108,27 @@ def test_quick_adam_eps_study_scales_epsilon_only_away_from_the_base_width(tmp_p
         "--group", "optimizer.eps", "--compare", "param.per_layer_eps",
     )  # fmt: skip
     assert os.path.getsize(tmp_path / "eval_loss_vs_d_model.png") > 0
+
+
+@pytest.mark.parametrize("variant", ["ntk", "mfp"])
+def test_transfer_sweeps_of_ntk_and_mfp_are_valid(tmp_path, variant):
+    runs = plan_sweep(f"{TRANSFER}:{variant}", str(tmp_path))
+    assert len(runs) == 3 * 8
+
+
+def test_quick_muon_transfer_sweep_trains_with_muon_and_draws_its_figure(tmp_path):
+    """The Muon-vs-AdamW transfer study is `transfer.py:mup` with the optimizer overridden."""
+    _lm_align(
+        "sweep", "--config", f"{TRANSFER}:mup,quick", "--workdir", str(tmp_path),
+        "--config.optimizer.name=muon",
+    )  # fmt: skip
+    rows = load_summary(str(tmp_path))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
+    for r in rows:
+        with open(os.path.join(tmp_path, r["name"], "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        assert cfg["optimizer"]["name"] == "muon" and cfg["param"]["name"] == "mup"
+        assert r["init_loss"] > r["eval_loss"]  # it learns at both LRs
+    out = _lm_align("plot", "--sweep", str(tmp_path))
+    assert "optimal-LR shift across d_model" in out
+    assert os.path.getsize(tmp_path / "loss_vs_lr.png") > 0
