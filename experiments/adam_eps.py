@@ -22,6 +22,8 @@ per-layer runs are the same run (a check: their losses must agree exactly).
         --group model.d_model --compare param.per_layer_eps
 
 Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
+`width` (int): only that width's runs (the seed repeats:
+`lm-align sweep --config experiments/adam_eps.py:width=256 --config.train.seed=1`);
 `quick` (bool): the test suite's version (widths 16 and 32, eps 1e-4,
 10 steps).
 """
@@ -41,7 +43,7 @@ LR = 0.02
 
 
 def _options(arg):
-    return parse_arg(arg, quick=False)
+    return parse_arg(arg, quick=False, width=0)
 
 
 def get_config(arg=None):
@@ -61,8 +63,9 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    quick = _options(arg).quick
-    widths, grid = (QUICK_WIDTHS, QUICK_EPS_GRID) if quick else (WIDTHS, EPS_GRID)
+    opts = _options(arg)
+    widths, grid = (QUICK_WIDTHS, QUICK_EPS_GRID) if opts.quick else (WIDTHS, EPS_GRID)
+    widths = [w for w in widths if w == opts.width] if opts.width else widths
     size = [
         {"model.d_model": w, "model.n_heads": w // HEAD_DIM, "model.d_ff": 4 * w} for w in widths
     ]

@@ -9,7 +9,7 @@ and `lm-align plot`, checking the numbers the figures are drawn from.
     lm-align sweep --config experiments/transfer.py:mup,quick --workdir DIR \
         --config.optimizer.name=muon
     lm-align sweep --config experiments/adam_eps.py:quick --workdir DIR
-    lm-align plot  --sweep DIR --lines --x model.d_model --group optimizer.eps \
+    lm-align plot  --sweep DIR --lines --x optimizer.eps --group model.d_model \
         --compare param.per_layer_eps
 """
 
@@ -104,10 +104,10 @@ def test_quick_adam_eps_study_scales_epsilon_only_away_from_the_base_width(tmp_p
     assert loss[(32, True, None)] != loss[(32, False, None)]
     assert math.isfinite(loss[(32, None, "adam_atan2")])
     _lm_align(
-        "plot", "--sweep", str(tmp_path), "--lines", "--x", "model.d_model",
-        "--group", "optimizer.eps", "--compare", "param.per_layer_eps",
+        "plot", "--sweep", str(tmp_path), "--lines", "--x", "optimizer.eps",
+        "--group", "model.d_model", "--compare", "param.per_layer_eps",
     )  # fmt: skip
-    assert os.path.getsize(tmp_path / "eval_loss_vs_d_model.png") > 0
+    assert os.path.getsize(tmp_path / "eval_loss_vs_eps.png") > 0
 
 
 @pytest.mark.parametrize("variant", ["ntk", "mfp"])
