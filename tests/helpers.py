@@ -81,6 +81,17 @@ def run_cli(workdir, overrides, *, devices=1, timeout=300, check=True):
     return proc
 
 
+def lm_align_command(*args, timeout=600) -> str:
+    """Runs `python -m lm_align.cli ARGS` (one device, from the repository root), asserts
+    it exits 0 (its output in the message), and returns its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_align.cli", *args], check=False, capture_output=True,
+        text=True, env=env_with_devices(1), cwd=REPO, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
 def read_rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -16,28 +16,16 @@ and `lm-align plot`, checking the numbers the figures are drawn from.
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
 from lm_align.sweeps.runner import plan_sweep
 from lm_align.sweeps.summary import load_summary
-from tests.helpers import REPO, env_with_devices
+from tests.helpers import REPO, lm_align_command
 
 PROXY = os.path.join(REPO, "experiments", "proxy_scaling.py")
 ADAM_EPS = os.path.join(REPO, "experiments", "adam_eps.py")
 TRANSFER = os.path.join(REPO, "experiments", "transfer.py")
-
-
-def _lm_align(*args):
-    cmd = [sys.executable, "-m", "lm_align.cli", *args]
-    proc = subprocess.run(
-        cmd, check=False, capture_output=True, text=True, env=env_with_devices(1), cwd=REPO,
-        timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 def _non_embedding(d, layers):
@@ -65,21 +53,21 @@ def test_adam_eps_sweep_plans_every_width_epsilon_and_atan2(tmp_path):
 
 
 def test_quick_proxy_scaling_study_draws_its_figures_and_counts_parameters(tmp_path):
-    _lm_align("sweep", "--config", f"{PROXY}:quick", "--workdir", str(tmp_path))
+    lm_align_command("sweep", "--config", f"{PROXY}:quick", "--workdir", str(tmp_path))
     rows = load_summary(str(tmp_path))
     assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
     for r in rows:
         d, layers = r["model.d_model"], r["model.n_layers"]
         assert r["params_non_embedding"] == _non_embedding(d, layers)
         assert math.isfinite(r["log_z_final"]) and math.isfinite(r["output_logit_mean_final"])
-    out = _lm_align(
+    out = lm_align_command(
         "plot", "--sweep", str(tmp_path), "--group", "params_non_embedding",
         "--predict", "1000000",
     )  # fmt: skip
     assert "fewer than 3 groups below it" in out  # two sizes: nothing to extrapolate from
     for name in ("loss_vs_lr.png", "max_attn_logit_vs_lr.png", "lr_sensitivity.csv"):
         assert os.path.getsize(tmp_path / name) > 0
-    out = _lm_align(
+    out = lm_align_command(
         "plot", "--sweep", str(tmp_path), "--lines", "--x", "optimizer.lr",
         "--group", "params_non_embedding", "--compare", "model.qk_layernorm",
         "--metric", "log_z_final",
@@ -93,7 +81,7 @@ def test_quick_proxy_scaling_study_draws_its_figures_and_counts_parameters(tmp_p
 def test_quick_adam_eps_study_scales_epsilon_only_away_from_the_base_width(tmp_path):
     """At the base width per-layer epsilon IS the fixed one (the same run, bit for bit);
     one width up, with eps 1e-4 about the size of the gradients, it is not."""
-    _lm_align("sweep", "--config", f"{ADAM_EPS}:quick", "--workdir", str(tmp_path))
+    lm_align_command("sweep", "--config", f"{ADAM_EPS}:quick", "--workdir", str(tmp_path))
     rows = load_summary(str(tmp_path))
     assert len(rows) == 6 and {r["status"] for r in rows} == {"finished"}
     loss = {
@@ -103,7 +91,7 @@ def test_quick_adam_eps_study_scales_epsilon_only_away_from_the_base_width(tmp_p
     assert loss[(16, True, None)] == loss[(16, False, None)]
     assert loss[(32, True, None)] != loss[(32, False, None)]
     assert math.isfinite(loss[(32, None, "adam_atan2")])
-    _lm_align(
+    lm_align_command(
         "plot", "--sweep", str(tmp_path), "--lines", "--x", "optimizer.eps",
         "--group", "model.d_model", "--compare", "param.per_layer_eps",
     )  # fmt: skip
@@ -118,7 +106,7 @@ def test_transfer_sweeps_of_ntk_and_mfp_are_valid(tmp_path, variant):
 
 def test_quick_muon_transfer_sweep_trains_with_muon_and_draws_its_figure(tmp_path):
     """The Muon-vs-AdamW transfer study is `transfer.py:mup` with the optimizer overridden."""
-    _lm_align(
+    lm_align_command(
         "sweep", "--config", f"{TRANSFER}:mup,quick", "--workdir", str(tmp_path),
         "--config.optimizer.name=muon",
     )  # fmt: skip
@@ -129,6 +117,6 @@ def test_quick_muon_transfer_sweep_trains_with_muon_and_draws_its_figure(tmp_pat
             cfg = json.load(f)
         assert cfg["optimizer"]["name"] == "muon" and cfg["param"]["name"] == "mup"
         assert r["init_loss"] > r["eval_loss"]  # it learns at both LRs
-    out = _lm_align("plot", "--sweep", str(tmp_path))
+    out = lm_align_command("plot", "--sweep", str(tmp_path))
     assert "optimal-LR shift across d_model" in out
     assert os.path.getsize(tmp_path / "loss_vs_lr.png") > 0

@@ -12,8 +12,6 @@ Muon: under muP (Adam's parameters) and Muon's own width-invariant update
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ import pytest
 import lm_align.optim as lo
 from lm_align.config import apply_overrides, load_config
 from lm_align.coordcheck import coord_check
-from tests.helpers import DEFAULT_EXPERIMENT, REPO, env_with_devices, read_rows
+from tests.helpers import DEFAULT_EXPERIMENT, REPO, lm_align_command, read_rows
 
 WSD_QUICK = os.path.join(REPO, "experiments", "wsd.py") + ":quick"
 
@@ -40,22 +38,12 @@ def test_wsd_holds_exactly_the_constant_lr_until_its_cooldown(peak, end):
     np.testing.assert_allclose(float(wsd(100)), end, rtol=1e-6, atol=1e-7 * peak)
 
 
-def _lm_align(*args):
-    cmd = [sys.executable, "-m", "lm_align.cli", *args]
-    proc = subprocess.run(
-        cmd, check=False, capture_output=True, text=True, env=env_with_devices(1), cwd=REPO,
-        timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 def test_quick_wsd_study_branches_off_the_constant_run_and_draws_its_figure(tmp_path):
     """The quick study (3 runs of 300 steps: constant, cosine, WSD with a linear cooldown)."""
     cfg = load_config(WSD_QUICK)
     n, w = cfg.train.steps, cfg.optimizer.warmup_steps
     stable_end = n - round(cfg.optimizer.cooldown_fraction * (n - w))  # S: the last update at peak
-    _lm_align("sweep", "--config", WSD_QUICK, "--workdir", str(tmp_path))
+    lm_align_command("sweep", "--config", WSD_QUICK, "--workdir", str(tmp_path))
     runs = {name.split("_", 1)[1]: read_rows(tmp_path / name) for name in os.listdir(tmp_path)
             if name[:3].isdigit()}  # fmt: skip
     constant = {r["step"]: r for r in runs[f"schedule=constant_steps={n}"]}
@@ -82,7 +70,7 @@ def test_quick_wsd_study_branches_off_the_constant_run_and_draws_its_figure(tmp_
     assert final["wsd"] <= final["cosine"] + tol, final
     assert final["constant"] - final["wsd"] > tol, final
 
-    out = _lm_align("plot", "--sweep", str(tmp_path), "--curves", "--group", "train.steps")
+    out = lm_align_command("plot", "--sweep", str(tmp_path), "--curves", "--group", "train.steps")
     png = tmp_path / "eval_loss_vs_step.png"
     assert png.stat().st_size > 10_000 and f"eval_loss@{n}" in out, out
     assert (tmp_path / "curves.csv").read_text().count("\n") == 4  # a header and 3 runs
