@@ -106,10 +106,14 @@ def list_files(root: str, pattern: str = "*.py", include_tests: bool = False) ->
 
 
 @functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def _read_files(
     root: str, pattern: str, include_tests: bool
 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """((path, text) of every readable file, paths skipped as not UTF-8)."""
+    """((path, text) of every readable file, paths skipped as not UTF-8).
+
+    Cached per process, like `_split_index`: a sweep validates every run's config
+    (each builds the source) and a run builds both splits, from the same files."""
     texts, skipped = [], []
     for path in list_files(root, pattern, include_tests):
         with open(os.path.join(root, path), "rb") as f:
@@ -119,6 +123,25 @@ def _read_files(
         except UnicodeDecodeError:
             skipped.append(path)
     return tuple(texts), tuple(skipped)
+
+
+@functools.lru_cache(maxsize=8)
+def _split_index(
+    root: str, pattern: str, include_tests: bool, eval_fraction: float, split: str,
+    chunk_bytes: int,
+) -> tuple[tuple[tuple[str, str], ...], np.ndarray]:
+    """(the split's (path, text) files, its read-only [records, 4] table of (file index,
+    start, end, first line)): the chunking of every file, done once per process."""
+    files, _ = _read_files(root, pattern, include_tests)
+    files = tuple((p, t) for p, t in files if split_of(p, eval_fraction) == split)
+    spans = [
+        (file_index, *span)
+        for file_index, (_, text) in enumerate(files)
+        for span in chunk_spans(text, chunk_bytes)
+    ]
+    table = np.asarray(spans, dtype=np.int64).reshape(-1, 4)
+    table.flags.writeable = False
+    return files, table  # fmt: skip
 
 
 def _utf8_len(text: str) -> int:
@@ -198,21 +221,16 @@ class StdlibSource:
         self.split, self.pattern, self.include_tests = split, pattern, include_tests
         self.eval_fraction, self.chunk_bytes = eval_fraction, chunk_bytes
         self.root = stdlib_dir() if root is None else root
-        files, self.skipped_files = _read_files(self.root, pattern, include_tests)
-        if not files:
+        self.all_files, self.skipped_files = _read_files(self.root, pattern, include_tests)
+        if not self.all_files:
             raise DataError(
                 f"no readable *.py file of the standard library at {self.root} matches "
                 f"{pattern!r} (include_tests={include_tests}); use a pattern such as "
                 "'email/*' or '*' (fnmatch, relative to that directory)."
             )
-        self.all_files = files
-        self.files = [(p, t) for p, t in files if split_of(p, eval_fraction) == split]
-        spans = [
-            (file_index, *span)
-            for file_index, (_, text) in enumerate(self.files)
-            for span in chunk_spans(text, chunk_bytes)
-        ]
-        table = np.asarray(spans, dtype=np.int64).reshape(-1, 4)
+        self.files, table = _split_index(
+            self.root, pattern, include_tests, eval_fraction, split, chunk_bytes
+        )
         self._file, self._start, self._end, self._line = table.T
 
     def __len__(self) -> int:
