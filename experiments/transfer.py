@@ -21,7 +21,9 @@ every width, Adam at the variant's scales on the rest; docs/optim.md, "Muon").
 The variant is the `variant` option of `lm_align.config.parse_arg` (`:mup` is
 `:variant=mup`; docs/configs.md, "Variants"); the default is `mup`. The
 `quick` option (`:mup,quick`) is the test suite's version: widths 16 and 32
-(base width 16), two LRs, 10 steps.
+(base width 16), two LRs, 10 steps. `extend=K` adds K factor-2 LRs above the
+grid (0.256, ...) for an optimum at the grid's edge, after the grid's runs: the
+same workdir then runs only the new ones.
 """
 
 from lm_align.config import OneOf, parse_arg
@@ -37,7 +39,7 @@ QUICK_LR_GRID = (0.004, 0.032)
 
 
 def _options(arg):
-    return parse_arg(arg, variant=OneOf("mup", VARIANTS), quick=False)
+    return parse_arg(arg, variant=OneOf("mup", VARIANTS), quick=False, extend=0)
 
 
 def get_config(arg=None):
@@ -88,8 +90,11 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    quick = _options(arg).quick
-    widths, grid = (QUICK_WIDTHS, QUICK_LR_GRID) if quick else (WIDTHS, LR_GRID)
+    opts = _options(arg)
+    widths, grid = (QUICK_WIDTHS, QUICK_LR_GRID) if opts.quick else (WIDTHS, LR_GRID)
+    # `extend`: more factor-2 LRs above the grid, appended after the grid's runs so that
+    # rerunning a finished sweep's workdir with it starts only the new runs.
+    above = [round(grid[-1] * 2**k, 6) for k in range(1, opts.extend + 1)]
     return [
         {
             "model.d_model": w,
@@ -97,6 +102,7 @@ def get_sweep(arg=None):
             "model.d_ff": 4 * w,
             "optimizer.lr": lr,
         }
+        for lrs in (grid, above)
         for w in widths
-        for lr in grid
+        for lr in lrs
     ]
