@@ -104,6 +104,19 @@ def test_transfer_sweeps_of_ntk_and_mfp_are_valid(tmp_path, variant):
     assert len(runs) == 3 * 8
 
 
+def test_transfer_extend_appends_higher_lrs_after_the_grid(tmp_path):
+    """`extend=1` keeps the grid's 24 runs (same names) and adds LR 0.256 per width after
+    them, so a finished sweep's directory runs only the three new ones."""
+    grid = plan_sweep(f"{TRANSFER}:mup", str(tmp_path))
+    extended = plan_sweep(f"{TRANSFER}:mup,extend=1", str(tmp_path))
+    assert [r.name for r in extended[:24]] == [r.name for r in grid]
+    assert [(r.overrides["model.d_model"], r.overrides["optimizer.lr"]) for r in extended[24:]] == [
+        (32, 0.256),
+        (64, 0.256),
+        (128, 0.256),
+    ]
+
+
 def test_quick_muon_transfer_sweep_trains_with_muon_and_draws_its_figure(tmp_path):
     """The Muon-vs-AdamW transfer study is `transfer.py:mup` with the optimizer overridden."""
     lm_align_command(
