@@ -286,6 +286,9 @@ def test_sigterm_then_resume_skips_finished_runs_and_records_divergence(experime
         "answer_exact_match",
         "max_attn_logit_final",
         "max_attn_logit_peak",
+        "log_z_final",
+        "output_logit_mean_final",
+        "params_non_embedding",
         "steps",
         "wall_s",
     ]
