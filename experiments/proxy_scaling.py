@@ -30,7 +30,7 @@ smaller ones, docs/scaling.md, was committed before those runs).
 Variant options (`lm_align.config.parse_arg`; docs/configs.md, "Variants"):
 `study` (the sweep above; `:qk_ln` is `:study=qk_ln`), `sizes` (how many of
 SIZES, smallest first, default all), `quick` (bool): the test suite's version
-(two tiny sizes, 2 LRs, 20 steps).
+(two tiny sizes, one LR, 20 steps).
 """
 
 from lm_align.config import OneOf, parse_arg
@@ -41,7 +41,7 @@ SIZES = ((32, 1), (64, 2), (96, 3), (128, 4))
 QUICK_SIZES = ((16, 1), (32, 1))
 HEAD_DIM = 16
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # the paper's peak LRs
-QUICK_LR_GRID = (1e-2, 1e-1)
+QUICK_LR_GRID = (3e-2,)
 STUDIES = ("qk_ln", "z_loss", "warmup", "decay")
 # The intervention each study compares: the overrides of its two arms.
 ARMS = {

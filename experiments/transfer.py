@@ -21,7 +21,7 @@ every width, Adam at the variant's scales on the rest; docs/optim.md, "Muon").
 The variant is the `variant` option of `lm_align.config.parse_arg` (`:mup` is
 `:variant=mup`; docs/configs.md, "Variants"); the default is `mup`. The
 `quick` option (`:mup,quick`) is the test suite's version: widths 16 and 32
-(base width 16), two LRs, 10 steps. `extend=K` adds K factor-2 LRs above the
+(base width 16), one LR, 10 steps. `extend=K` adds K factor-2 LRs above the
 grid (0.256, ...) for an optimum at the grid's edge, after the grid's runs: the
 same workdir then runs only the new ones.
 """
@@ -35,7 +35,7 @@ LR_GRID = tuple(round(1e-3 * 2**k, 6) for k in range(8))  # 0.001 ... 0.128
 HEAD_DIM = 16
 VARIANTS = ("sp", "sp_per_layer", "mup", "ntk", "mfp")
 QUICK_WIDTHS = (16, 32)
-QUICK_LR_GRID = (0.004, 0.032)
+QUICK_LR_GRID = (0.032,)
 
 
 def _options(arg):
