@@ -159,8 +159,8 @@ def prediction_table(
     (`crossing_lr`). Returns one dict per (compare, quantity) with `compare`,
     `quantity`, `fit` (the PowerLawFit or None with fewer than 3 usable
     groups), `groups` (the groups fitted), `predicted`, `predicted_ci` (95%),
-    `measured` (at `at`, None if that group has not run) and `error`
-    (measured / predicted - 1).
+    `measured` (at the group within 1% of `at`, None if it has not run) and
+    `error` (measured / predicted - 1).
     """
     from lm_align.sweeps.fit import power_law
 
@@ -182,10 +182,10 @@ def prediction_table(
                 for (c, g), v in values.items()
                 if c == cmp_value and v is not None and math.isfinite(v) and v > 0
             }
-            # Within 1% is the same size: e.g. qk-layernorm's scales add 2 * head_dim
-            # parameters per layer to one arm's count.
+            # Within 1% is the same size (a size key may count a few more parameters,
+            # e.g. norm scales, in one arm than in the other).
             same = [v for g, v in known.items() if abs(math.log(g / at)) < 0.01]
-            train = sorted((g, v) for g, v in known.items() if g < at and not math.log(at / g) < 0.01)
+            train = sorted((g, v) for g, v in known.items() if math.log(at / g) >= 0.01)
             fit = None
             if len(train) >= 3:
                 fit = power_law([g for g, _ in train], [v for _, v in train])
