@@ -44,6 +44,7 @@ class PowerLawFit:
     num_points: int
     num_bootstrap: int
     bootstrap: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    with_offset: bool = False  # the offset was fitted (one more parameter)
 
     def __call__(self, x):
         return self.coef * np.asarray(x, float) ** self.exponent + self.offset
@@ -57,10 +58,8 @@ class PowerLawFit:
         coef, exponent, offset = self.bootstrap.T
         values = coef * float(x) ** exponent + offset
         lo, hi = np.percentile(values, [2.5, 97.5])
-        est = float(self(x))
-        k = 3 if self.offset_ci[1] > 0 else 2  # fitted with an offset
-        widen = math.sqrt(self.num_points / max(self.num_points - k, 1))
-        return (est - (est - lo) * widen, est + (hi - est) * widen)
+        lo, hi = _widened(float(self(x)), lo, hi, self.num_points, self.with_offset)
+        return (float(lo), float(hi))
 
     def describe(self) -> str:
         lo, hi = self.exponent_ci
@@ -68,6 +67,13 @@ class PowerLawFit:
         if self.offset:
             text += f" + {self.offset:.4g} (95% CI {self.offset_ci[0]:.4g} .. {self.offset_ci[1]:.4g})"
         return text
+
+
+def _widened(est, lo, hi, n: int, offset: bool):
+    """A percentile interval (lo, hi) about `est` widened by sqrt(n / (n - k)), k fitted
+    parameters: the case bootstrap underestimates the spread with few points."""
+    widen = math.sqrt(n / max(n - (3 if offset else 2), 1))
+    return est - (est - lo) * widen, est + (hi - est) * widen
 
 
 def _log_linear(logx_BN, logy_BN):
@@ -138,13 +144,9 @@ def power_law(
     boot = np.stack(_fit_rows(x[idx], y[idx], offset), -1)  # [B, 3]
     boot = boot[np.all(np.isfinite(boot), -1)]  # resamples with one distinct x
     lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-    # The case bootstrap underestimates the spread with few points; widen the
-    # interval about the estimate by sqrt(n / (n - k)), k fitted parameters.
-    est = np.array([coef, exponent, off])
-    widen = np.sqrt(len(x) / (len(x) - (3 if offset else 2)))
-    lo, hi = est - (est - lo) * widen, est + (hi - est) * widen
+    lo, hi = _widened(np.array([coef, exponent, off]), lo, hi, len(x), offset)
     return PowerLawFit(
         float(coef), float(exponent), float(off),
         (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1])), (float(lo[2]), float(hi[2])),
-        len(x), len(boot), boot,
+        len(x), len(boot), boot, offset,
     )  # fmt: skip
